@@ -1,0 +1,147 @@
+"""Flags and helpers every command-line stage shares, so each CLI stays a thin layer.
+
+Every evaluation stage takes ``--ckpt PATH`` (our export, our training checkpoint, an official
+DINO checkpoint or a timm state dict) or ``--random-init VARIANT --arch ARCH`` for an untrained
+baseline, plus ``--device``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .models import ARCHS, VARIANT_HELP, VARIANTS, BackboneSpec, build_model, load_backbone
+
+
+def add_backbone_args(parser: argparse.ArgumentParser, multiple: bool = False) -> None:
+    g = parser.add_argument_group("backbone")
+    src = g.add_mutually_exclusive_group()
+    if multiple:
+        src.add_argument(
+            "--ckpt",
+            action="append",
+            default=None,
+            metavar="PATH",
+            help="checkpoint (repeatable): backbone.pt/.safetensors (+ .json), checkpoint.pt, "
+            "official DINO or timm weights",
+        )
+    else:
+        src.add_argument(
+            "--ckpt",
+            metavar="PATH",
+            help="backbone.pt/.safetensors (+ .json), checkpoint.pt, official DINO or timm weights",
+        )
+    src.add_argument(
+        "--random-init",
+        metavar="VARIANT",
+        choices=VARIANTS,
+        action="append" if multiple else "store",
+        help=f"untrained baseline of this variant ({VARIANT_HELP})",
+    )
+    g.add_argument("--arch", default="vit_small", choices=sorted(ARCHS), help="with --random-init")
+    g.add_argument("--patch-size", type=int, default=16, help="with --random-init")
+    g.add_argument("--depth", type=int, default=None, help="with --random-init (default: arch's)")
+    g.add_argument("--seed", type=int, default=0, help="seed of random inits and sampling")
+    g.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
+    )
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            f"--device {name}: CUDA is not available on this machine; use --device cpu"
+        )
+    return dev
+
+
+def _random_backbone(args, variant: str) -> tuple[torch.nn.Module, BackboneSpec, str]:
+    model = build_model(
+        args.arch, variant, seed=args.seed, patch_size=args.patch_size, depth=args.depth
+    ).eval()
+    return model, model.spec, f"random-{variant}"
+
+
+def backbones_from_args(args) -> list[tuple[torch.nn.Module, BackboneSpec, str]]:
+    """``[(model, spec, label)]`` for every ``--ckpt`` / ``--random-init`` given (eval mode, CPU)."""
+    ckpts = args.ckpt if isinstance(args.ckpt, list) else ([args.ckpt] if args.ckpt else [])
+    inits = args.random_init
+    inits = inits if isinstance(inits, list) else ([inits] if inits else [])
+    if not ckpts and not inits:
+        raise SystemExit("give a backbone: --ckpt PATH or --random-init VARIANT [--arch ARCH]")
+    out = []
+    for path in ckpts:
+        model, spec = load_backbone(path)
+        out.append((model, spec, label_for(path, spec)))
+    for variant in inits:
+        out.append(_random_backbone(args, variant))
+    return out
+
+
+def backbone_from_args(args) -> tuple[torch.nn.Module, BackboneSpec, str]:
+    return backbones_from_args(args)[0]
+
+
+def label_for(path: str | os.PathLike, spec: BackboneSpec) -> str:
+    p = Path(path)
+    name = (
+        p.parent.name
+        if p.name in ("backbone.pt", "backbone.safetensors", "checkpoint.pt")
+        else p.stem
+    )
+    return f"{name} ({spec.variant})" if name else spec.variant
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temporary file + rename so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if (abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-2)) else f"{v:.2f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name, *sys.argv])

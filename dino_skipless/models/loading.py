@@ -1,0 +1,177 @@
+"""Load backbone weights from every checkpoint flavour the evaluation stages accept.
+
+Accepted by :func:`load_backbone` (and so by ``--ckpt`` of every stage):
+
+* our export: ``backbone.pt`` / ``backbone.safetensors`` with ``backbone.json`` beside it (or the
+  folder holding them) — arch, variant, depth and patch size come from the JSON;
+* our training checkpoint ``checkpoint.pt`` (its ``teacher`` is used, spec from ``meta``);
+* an official DINO checkpoint (``teacher``/``student`` dicts, ``module.``/``backbone.``
+  prefixes; ``args`` give arch and patch size) or a bare DINO backbone state dict;
+* a timm ViT state dict (classifier ``head.*`` dropped; pos-embed resampled if its grid differs).
+
+External checkpoints carry no variant: they are residual ViTs, so they load as ``skip``.
+Anything that does not fit fails with the missing, unexpected and mis-shaped keys listed —
+never a silent half-load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from timm.layers import resample_abs_pos_embed
+
+from .vit import ARCHS, BackboneSpec, build_vit
+
+# Heads cannot be read off weights; published ViTs use 64-dim heads except ours (vit_mini).
+_WIDTH_TO_ARCH = {v["embed_dim"]: k for k, v in ARCHS.items()}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded into the requested backbone."""
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^(module\.)?(_orig_mod\.)?(backbone\.)?", "", k)
+        out[k] = v
+    return out
+
+
+def _backbone_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DINO-head and classifier entries, keep the backbone's."""
+    sd = {k: v for k, v in sd.items() if not k.startswith(("module.head.", "head."))}
+    return _strip_prefixes(sd)
+
+
+def infer_spec(sd: dict[str, torch.Tensor], variant: str = "skip") -> BackboneSpec:
+    """Read width, depth and patch size off a ViT state dict."""
+    try:
+        embed_dim = int(sd["cls_token"].shape[-1])
+        patch = int(sd["patch_embed.proj.weight"].shape[-1])
+    except KeyError as e:
+        raise CheckpointError(
+            f"not a ViT backbone state dict: key {e} missing (have e.g. {sorted(sd)[:8]})"
+        ) from None
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    arch = _WIDTH_TO_ARCH.get(embed_dim)
+    if arch is None:
+        raise CheckpointError(
+            f"cannot tell the number of heads of a width-{embed_dim} ViT; known widths: "
+            f"{ {v['embed_dim']: k for k, v in ARCHS.items()} }"
+        )
+    n_pos = int(sd["pos_embed"].shape[1]) - 1
+    grid = int(round(n_pos**0.5))
+    return BackboneSpec(
+        arch=arch, variant=variant, patch_size=patch, img_size=grid * patch, depth=depth
+    )
+
+
+def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str):
+    """Load or raise with every missing, unexpected and mis-shaped key listed."""
+    own = model.state_dict()
+    if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
+        old = sd["pos_embed"]
+        if old.shape[-1] == own["pos_embed"].shape[-1]:
+            n_old, n_new = old.shape[1] - 1, own["pos_embed"].shape[1] - 1
+            g_old, g_new = int(round(n_old**0.5)), int(round(n_new**0.5))
+            if g_old * g_old == n_old and g_new * g_new == n_new:
+                sd = dict(sd)
+                sd["pos_embed"] = resample_abs_pos_embed(
+                    old, new_size=(g_new, g_new), old_size=(g_old, g_old), num_prefix_tokens=1
+                )
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(sd))
+        if sd[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {source} does not match the backbone {model.spec}:"]
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
+            if items:
+                shown = ", ".join(items[:20]) + (
+                    f", ... ({len(items)} in all)" if len(items) > 20 else ""
+                )
+                lines.append(f"  {title}: {shown}")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def _read_weights(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _spec_from_dino_args(args, sd) -> BackboneSpec:
+    """Official DINO saves ``args`` (a Namespace) with ``arch`` and ``patch_size``."""
+    spec = infer_spec(sd)
+    arch = getattr(args, "arch", None)
+    if isinstance(arch, str) and arch in ARCHS:
+        spec = BackboneSpec.from_dict({**spec.to_dict(), "arch": arch, "num_heads": None})
+    return spec
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], BackboneSpec, str]:
+    """Return ``(backbone_state_dict, spec, kind)`` for any accepted checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("backbone.safetensors", "backbone.pt", "checkpoint.pt"):
+            if (path / name).exists():
+                path = path / name
+                break
+        else:
+            raise CheckpointError(
+                f"no backbone.pt, backbone.safetensors or checkpoint.pt in folder {path}"
+            )
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    obj = _read_weights(path)
+    sidecar = path.with_suffix(".json")
+    if isinstance(obj, dict) and "teacher" in obj:
+        sd = _backbone_keys(obj["teacher"])
+        meta = obj.get("meta") or {}
+        if "backbone" in meta:
+            return sd, BackboneSpec.from_dict(meta["backbone"]), "training checkpoint (teacher)"
+        return sd, _spec_from_dino_args(obj.get("args"), sd), "official DINO checkpoint (teacher)"
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors (type {type(obj).__name__})")
+    sd = _backbone_keys(obj)
+    if sidecar.exists():
+        with open(sidecar) as f:
+            return sd, BackboneSpec.from_dict(json.load(f)), "exported backbone"
+    return sd, infer_spec(sd), "bare ViT state dict (assumed residual: variant skip)"
+
+
+def load_backbone(
+    path: str | Path, expect: BackboneSpec | None = None
+) -> tuple[torch.nn.Module, BackboneSpec]:
+    """Build the backbone a checkpoint describes and load its weights (eval mode, CPU).
+
+    ``expect``: if given, the checkpoint must fit this spec (e.g. an official DINO checkpoint
+    loaded into a model the user named), else the error lists what differs.
+    """
+    sd, spec, kind = resolve_checkpoint(path)
+    if expect is not None:
+        spec = expect
+    model = build_vit(spec, seed=None)
+    load_state_dict_strict(model, sd, f"{path} ({kind})")
+    model.eval()
+    model.checkpoint_kind = kind
+    return model, spec
