@@ -1,0 +1,84 @@
+"""Generate-once cache of synthetic datasets (kept apart from ``synthetic`` so that importing
+the package does not import the module that ``python -m`` runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+FORMATS = ("voc", "ade20k", "cocostuff", "coco20k", "imagefolder")
+GENERATOR_VERSION = 1
+MANIFEST = "synthetic.json"
+DEFAULT_N = 100
+DEFAULT_SIZE = 128
+
+
+def cache_key(fmt: str, n: int, size: int, seed: int, vary: bool = False) -> str:
+    return f"{fmt}_n{n}_s{size}_seed{seed}" + ("_vary" if vary else "")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("SKIPLESS_CACHE") or Path.home() / ".cache" / "skipless_dino"
+    return Path(base) / "synthetic"
+
+
+def _is_complete(root: Path, fmt: str, n: int, size: int, seed: int, vary: bool) -> bool:
+    try:
+        m = json.loads((root / MANIFEST).read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    want = {
+        "format": fmt,
+        "n": n,
+        "size": size,
+        "seed": seed,
+        "vary": vary,
+        "generator_version": GENERATOR_VERSION,
+    }
+    return all(m.get(k) == v for k, v in want.items())
+
+
+def synthetic_root(
+    fmt: str,
+    n: int = DEFAULT_N,
+    size: int = DEFAULT_SIZE,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    *,
+    vary: bool = False,
+) -> Path:
+    """Root of a cached synthetic dataset, generated on first use.
+
+    Lives in ``cache_dir/<fmt>_n<n>_s<size>_seed<seed>`` (default cache dir:
+    ``$SKIPLESS_CACHE/synthetic`` or ``~/.cache/skipless_dino/synthetic``). It is written into a
+    temporary sibling and renamed into place, so a killed run never leaves a partial dataset and
+    concurrent callers agree on one copy. A copy made by another generator version is replaced.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    parent = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = parent / cache_key(fmt, n, size, seed, vary)
+    if _is_complete(final, fmt, n, size, seed, vary):
+        return final
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+    try:
+        from .synthetic import generate
+
+        generate(tmp, fmt, n, size, seed, vary=vary, keep_truth=False)
+        if final.exists() and not _is_complete(final, fmt, n, size, seed, vary):
+            stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale-", dir=parent))
+            os.replace(final, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _is_complete(final, fmt, n, size, seed, vary):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
