@@ -1,0 +1,294 @@
+"""DINO's weighted k-NN classifier on frozen CLS features (Caron et al. 2021, ``eval_knn.py``).
+
+    python -m eval.knn --root IMAGENET_LIKE (train/ and val/ ImageFolders) --ckpt ck.pt
+    python -m eval.knn --dataset synthetic --random-init skipless_init --arch vit_mini
+
+Features: the CLS token after the final norm (``model(x)``), L2-normalised; images resized
+(bicubic, short side 256) and centre-cropped to 224, ImageNet-normalised. Each test image takes
+the k most cosine-similar training images; neighbour j votes for its class with weight
+``exp(sim_j / T)``; the classes are ranked by summed votes (top-1 / top-5). Defaults k=20,
+T=0.07 (DINO). Nearest neighbours by faiss when importable (a GPU index on CUDA), else torch.
+A root without ``train/`` and ``val/`` is split per class, deterministically (``val_fraction``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from dino_skipless.cli import (
+    add_backbone_args,
+    atomic_write_text,
+    backbone_from_args,
+    command_line,
+    markdown_table,
+    resolve_device,
+    write_json,
+)
+
+
+@dataclass
+class KNNConfig:
+    """DINO eval_knn defaults."""
+
+    k: tuple[int, ...] = (20,)  # DINO reports 20-NN (and sweeps 10, 20, 100, 200)
+    temperature: float = 0.07
+    resize: int = 256  # short side, bicubic
+    crop: int = 224
+    batch_size: int = 64
+    chunk: int = 256  # test images per similarity chunk
+    val_fraction: float = 0.2  # only when the root has no train/val split
+    split_seed: int = 0
+    num_workers: int = 4
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------- pure math
+
+
+def knn_vote(
+    sims: torch.Tensor, neighbor_labels: torch.Tensor, num_classes: int, temperature: float
+) -> torch.Tensor:
+    """``(B, C)`` class scores: ``sum_j [label_j == c] * exp(sim_j / T)`` over the k neighbours."""
+    weights = (sims / temperature).exp()
+    scores = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype, device=sims.device)
+    return scores.scatter_add_(1, neighbor_labels.long(), weights)
+
+
+def search_torch(
+    train: torch.Tensor, test: torch.Tensor, k: int, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(similarities, indices) ``(B, k)`` of the k largest inner products, in chunks of tests."""
+    sims, idx = [], []
+    for i in range(0, len(test), chunk):
+        s = test[i : i + chunk] @ train.T
+        v, j = s.topk(min(k, train.shape[0]), dim=1, largest=True, sorted=True)
+        sims.append(v)
+        idx.append(j)
+    return torch.cat(sims), torch.cat(idx)
+
+
+def search_faiss(train: torch.Tensor, test: torch.Tensor, k: int):
+    import faiss
+
+    index = faiss.IndexFlatIP(train.shape[1])
+    if train.is_cuda and hasattr(faiss, "StandardGpuResources"):
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, train.device.index or 0, index)
+    index.add(np.ascontiguousarray(train.float().cpu().numpy()))
+    s, j = index.search(np.ascontiguousarray(test.float().cpu().numpy()), min(k, train.shape[0]))
+    return torch.from_numpy(s).to(test.device), torch.from_numpy(j).to(test.device)
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def knn_scores(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    test_f: torch.Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int,
+    backend: str = "auto",
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Weighted k-NN class scores ``(B, C)`` of L2-normalised features."""
+    use_faiss = backend == "faiss" or (backend == "auto" and faiss_available())
+    if use_faiss:
+        sims, idx = search_faiss(train_f, test_f, k)
+    else:
+        sims, idx = search_torch(train_f, test_f, k, chunk)
+    return knn_vote(sims, train_y.to(idx.device)[idx], num_classes, temperature)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """Percent of rows whose label is among the ``k`` best-scored classes."""
+    order = scores.argsort(dim=1, descending=True)
+    hit = order == labels.view(-1, 1).to(order.device)
+    return {f"top{k}": float(hit[:, :k].any(1).double().mean()) * 100 for k in ks}
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def split_indices(targets: Sequence[int], val_fraction: float, seed: int):
+    """Per-class seeded split: (train indices, val indices); every class with >= 2 images gets
+    at least one of each."""
+    rng = np.random.default_rng(seed)
+    targets = np.asarray(targets)
+    tr, va = [], []
+    for c in np.unique(targets):
+        ids = np.flatnonzero(targets == c)
+        ids = ids[rng.permutation(len(ids))]
+        n_val = int(round(len(ids) * val_fraction))
+        if len(ids) >= 2:
+            n_val = min(max(n_val, 1), len(ids) - 1)
+        va += ids[:n_val].tolist()
+        tr += ids[n_val:].tolist()
+    return sorted(tr), sorted(va)
+
+
+def build_splits(root: Path, cfg: KNNConfig, transform):
+    from dino_skipless.data import DatasetError, ImageFolderDataset
+
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train = ImageFolderDataset(root / "train", transform)
+        val = ImageFolderDataset(root / "val", transform)
+        if train.classes != val.classes:
+            raise DatasetError(
+                f"{root}: train/ and val/ have different class folders "
+                f"({len(train.classes)} vs {len(val.classes)})"
+            )
+        return train, val, train.classes, "train/val folders"
+    ds = ImageFolderDataset(root, transform)
+    tr, va = split_indices(ds.targets, cfg.val_fraction, cfg.split_seed)
+    return Subset(ds, tr), Subset(ds, va), ds.classes, f"seeded split {cfg.val_fraction}"
+
+
+def eval_transform(cfg: KNNConfig):
+    from torchvision import transforms as T
+
+    from dino_skipless.features import IMAGENET_MEAN, IMAGENET_STD
+
+    return T.Compose(
+        [
+            T.Resize(cfg.resize, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(cfg.crop),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+@torch.no_grad()
+def extract_cls(model, dataset, cfg: KNNConfig, device, progress=True):
+    """L2-normalised final-norm CLS features ``(N, D)`` and labels ``(N,)``."""
+    model = model.to(device).eval()
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    feats, labels = [], []
+    for x, y in tqdm(loader, desc="features", leave=False, disable=not progress):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            f = model(x.to(device))
+        feats.append(F.normalize(f.float(), dim=1))
+        labels.append(torch.as_tensor(y))
+    return torch.cat(feats), torch.cat(labels).to(device)
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def main(argv=None) -> int:
+    d = KNNConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m eval.knn",
+        description="DINO weighted k-NN classification on frozen CLS features.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--root", default=None, help="ImageFolder root (train/ + val/, or one folder)")
+    p.add_argument("--dataset", choices=("imagefolder", "synthetic"), default="imagefolder")
+    add_backbone_args(p)
+    p.add_argument("--k", type=int, nargs="+", default=list(d.k))
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--resize", type=int, default=d.resize)
+    p.add_argument("--crop", type=int, default=d.crop)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--num-workers", type=int, default=d.num_workers)
+    p.add_argument("--backend", choices=("auto", "faiss", "torch"), default="auto")
+    p.add_argument("--synthetic-n", type=int, default=120)
+    p.add_argument("--synthetic-size", type=int, default=64)
+    p.add_argument("--out", default="results/knn")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    cfg = replace(
+        d,
+        k=tuple(args.k),
+        temperature=args.temperature,
+        resize=args.resize,
+        crop=args.crop,
+        batch_size=args.batch_size,
+        val_fraction=args.val_fraction,
+        split_seed=args.seed,
+        num_workers=args.num_workers,
+    )
+    device = resolve_device(args.device)
+    model, spec, label = backbone_from_args(args)
+    from dino_skipless.features import check_input_size
+
+    try:
+        check_input_size(model, cfg.crop, cfg.crop)
+    except ValueError as e:
+        raise SystemExit(f"{label}: {e} (--crop)") from None
+    if args.dataset == "synthetic":
+        from dino_skipless.data import synthetic_root
+
+        root = synthetic_root(
+            "imagefolder", n=args.synthetic_n, size=args.synthetic_size, seed=0, cache_dir=args.root
+        )
+    elif args.root is None:
+        raise SystemExit("give --root IMAGEFOLDER (or --dataset synthetic)")
+    else:
+        root = Path(args.root)
+    t0 = time.perf_counter()
+    train, val, classes, how = build_splits(Path(root), cfg, eval_transform(cfg))
+    tr_f, tr_y = extract_cls(model, train, cfg, device, not args.quiet)
+    va_f, va_y = extract_cls(model, val, cfg, device, not args.quiet)
+    t1 = time.perf_counter()
+    backend = (
+        "faiss"
+        if args.backend == "faiss" or (args.backend == "auto" and faiss_available())
+        else "torch"
+    )
+    per_k = {}
+    for k in cfg.k:
+        s = knn_scores(tr_f, tr_y, va_f, k, cfg.temperature, len(classes), backend, cfg.chunk)
+        per_k[str(k)] = topk_accuracy(s, va_y, ks=(1, min(5, len(classes))))
+    main_k = str(cfg.k[0])
+    result = {
+        **{"top1": per_k[main_k]["top1"], "top5": list(per_k[main_k].values())[-1]},
+        "k": cfg.k[0],
+        "per_k": per_k,
+        "n_train": len(train),
+        "n_val": len(val),
+        "num_classes": len(classes),
+        "split": how,
+        "root": str(root),
+        "label": label,
+        "checkpoint": args.ckpt or {"random_init": args.random_init, "arch": args.arch},
+        "backbone": spec.to_dict(),
+        "config": cfg.to_dict(),
+        "backend": backend,
+        "device": str(device),
+        "command": command_line() if argv is None else " ".join(["eval.knn", *argv]),
+        "timings": {"features_s": t1 - t0, "total_s": time.perf_counter() - t0},
+    }
+    out = Path(args.out)
+    rows = [[label, k, cfg.temperature, v["top1"], list(v.values())[-1]] for k, v in per_k.items()]
+    table = markdown_table(["ckpt", "k", "T", "top-1", "top-5"], rows)
+    write_json(out / "results.json", result)
+    atomic_write_text(out / "results.md", table + "\n")
+    print(table)
+    print(f"\nwrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,349 @@
+"""Dense linear probing (paper Sec. 6.2.1): a 1x1 linear classifier on frozen patch features.
+
+Protocol (``LinProbeConfig`` holds every default, in one place):
+
+* features: final-LayerNorm'd block outputs (DINO's ``get_intermediate_layers``), one block
+  (default the last) or several concatenated (multiscale, default the last four), from images
+  resized to ``resolution x resolution``; each channel standardised with the training set's
+  mean/std (a fixed BatchNorm, as DINOv2's linear segmentation head uses BN before the 1x1 conv;
+  it is an affine reparametrisation of the classifier, so it changes conditioning, not the model
+  class);
+* classifier: 1x1 conv (weights ``N(0, 0.01)``, bias 0, as DINO's ``LinearClassifier``),
+  logits upsampled bilinearly to label resolution, cross-entropy ignoring 255;
+* optimiser: SGD momentum 0.9, weight decay 0, cosine schedule to 0 over all steps (DINO's linear
+  evaluation recipe), 30 epochs, a sweep of learning rates; the best is reported, all are kept.
+
+Every learning rate of the sweep trains together: one weight tensor ``(L, C, D)`` with a
+per-lr step size, so each epoch reads each cached feature once for all L probes. The lrs share
+the initial weights and the batch order (same seed), so each probe is exactly the one that a
+run with that single lr would train (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .metrics import batched_confusion, mean_iou, per_class_iou, pixel_accuracy
+
+IGNORE_INDEX = 255
+
+
+@dataclass
+class LinProbeConfig:
+    """Defaults of the dense linear probe (paper Sec. 6.2.1 where it says, DINO otherwise)."""
+
+    # Input side in pixels; 448 for /16 backbones gives a 28x28 patch grid (the resolution used
+    # by dense DINO probes; the paper does not state one). Must be a multiple of the patch size.
+    resolution: int = 448
+    epochs: int = 30  # paper: "train for 30 epochs"
+    # Paper: "we sweep over learning rates" (values not given). A log grid with half-decade
+    # steps covering SGD's useful range on standardised features.
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+    batch_size: int = 16  # images per probe step
+    momentum: float = 0.9  # DINO eval_linear: SGD(momentum=0.9, weight_decay=0), cosine
+    weight_decay: float = 0.0
+    init_std: float = 0.01  # DINO LinearClassifier: weight ~ N(0, 0.01), bias 0
+    standardize: bool = True  # per-channel train mean/std on cached features (see module doc)
+    layers: tuple[int, ...] | None = None  # single-block probe; None = last block
+    ms_layers: tuple[int, ...] | None = None  # multiscale probe; None = last four blocks
+    # Paper: "for ADE20k and COCO-Stuff, we randomly sample 3,000 training images".
+    train_subset: int | None = 3000
+    subset_seed: int = 0
+    voc_train_split: str = "train"  # VOC2012 'train' (1,464); 'trainaug' (10,582) needs SBD
+    seed: int = 0  # probe init and batch order
+    extract_batch_size: int = 16
+    num_workers: int = 4
+    # Memory cap on the upsampled logits of one step (elements); lrs are processed in chunks
+    # that fit (the features of a batch are still read once for all lrs).
+    max_logit_elems: int = 2**28
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_layers(depth: int) -> tuple[list[int], list[int]]:
+    """(single, multiscale) defaults: the last block, and the last four."""
+    return [depth - 1], list(range(max(0, depth - 4), depth))
+
+
+# ------------------------------------------------------------------------------- normalisation
+
+
+def channel_stats(
+    feat: torch.Tensor, chunk: int = 64, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over (N, h, w) of a cached ``(N, D, h, w)`` grid (float64 sums)."""
+    n, d = feat.shape[:2]
+    s = torch.zeros(d, dtype=torch.float64)
+    s2 = torch.zeros(d, dtype=torch.float64)
+    count = 0
+    for i in range(0, n, chunk):
+        x = feat[i : i + chunk].double()
+        s += x.sum((0, 2, 3))
+        s2 += (x * x).sum((0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s / count
+    var = (s2 / count - mean * mean).clamp_min(0)
+    return mean.float(), (var.sqrt() + eps).float()
+
+
+@dataclass
+class Normalizer:
+    mean: torch.Tensor  # (D,)
+    std: torch.Tensor  # (D,)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mean.to(x.device).view(1, -1, 1, 1)
+        s = self.std.to(x.device).view(1, -1, 1, 1)
+        return (x - m) / s
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class ProbeWeights:
+    """L probes: ``weight (L, C, D)``, ``bias (L, C)`` for the learning rates ``lrs``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    lrs: list[float]
+    losses: list[list[float]] = field(default_factory=list)  # per epoch, per lr
+
+    @property
+    def diverged(self) -> list[bool]:
+        w = torch.isfinite(self.weight).flatten(1).all(1) & torch.isfinite(self.bias).all(1)
+        return (~w).tolist()
+
+
+def _chunks(n_l: int, per_lr_elems: int, cap: int) -> list[slice]:
+    step = max(1, min(n_l, cap // max(per_lr_elems, 1)))
+    return [slice(i, min(i + step, n_l)) for i in range(0, n_l, step)]
+
+
+def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``x (B, D, h, w)``, ``w (L, C, D)``, ``b (L, C)`` -> ``(B, L, C, h, w)``."""
+    return torch.einsum("bdhw,lcd->blchw", x, w) + b[None, :, :, None, None]
+
+
+def train_probes(
+    features: Callable[[torch.Tensor], torch.Tensor],
+    masks: torch.Tensor,
+    num_classes: int,
+    dim: int,
+    lrs: Sequence[float],
+    cfg: LinProbeConfig,
+    device: torch.device | str = "cpu",
+    normalizer: Callable | None = None,
+    progress: bool = True,
+) -> ProbeWeights:
+    """Train one linear probe per learning rate, all in the same pass over the data.
+
+    ``features(idx) -> (B, dim, h, w)`` float (e.g. reading a FeatureCache), ``masks (N, H, W)``
+    uint8 targets (255 = ignore); logits are upsampled bilinearly to ``(H, W)``. The update is
+    ``torch.optim.SGD(lr, momentum, weight_decay)`` per lr (buffer = grad at the first step),
+    with a per-step cosine decay of every lr to 0.
+    """
+    device = torch.device(device)
+    n = len(masks)
+    lrs = [float(v) for v in lrs]
+    n_l = len(lrs)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    w0 = torch.randn(num_classes, dim, generator=gen) * cfg.init_std
+    weight = w0.expand(n_l, -1, -1).clone().to(device).requires_grad_(True)
+    bias = torch.zeros(n_l, num_classes, device=device, requires_grad=True)
+    bufs = [torch.zeros_like(weight), torch.zeros_like(bias)]
+    lr_vec = torch.tensor(lrs, device=device)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = max(1, cfg.epochs * steps_per_epoch)
+    out = ProbeWeights(weight, bias, lrs)
+    step = 0
+    bar = tqdm(total=total, desc="probe", leave=False, disable=not progress, dynamic_ncols=True)
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        epoch_loss = torch.zeros(n_l, dtype=torch.float64)
+        for i in range(0, n, cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            x = features(idx).to(device, non_blocking=True).float()
+            if normalizer is not None:
+                x = normalizer(x)
+            y = masks[idx].to(device, non_blocking=True).long()
+            bsz, (hh, ww) = y.shape[0], y.shape[-2:]
+            n_valid = max(int((y != IGNORE_INDEX).sum()), 1)
+            weight.grad = None
+            bias.grad = None
+            for sl in _chunks(n_l, bsz * num_classes * hh * ww, cfg.max_logit_elems):
+                lg = _logits(x, weight[sl], bias[sl])
+                nl = lg.shape[1]
+                up = F.interpolate(
+                    lg.flatten(1, 2), size=(hh, ww), mode="bilinear", align_corners=False
+                ).view(bsz, nl, num_classes, hh, ww)
+                ce = F.cross_entropy(
+                    up.transpose(1, 2),
+                    y[:, None].expand(bsz, nl, hh, ww),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="none",
+                )  # (B, nl, H, W); ignored pixels are 0
+                per_lr = ce.sum((0, 2, 3)) / n_valid
+                per_lr.sum().backward()  # each lr's weights get the gradient of its own loss
+                epoch_loss[sl] += per_lr.detach().double().cpu() * bsz
+            scale = 0.5 * (1.0 + math.cos(math.pi * step / total))
+            with torch.no_grad():
+                for p, buf in zip((weight, bias), bufs):
+                    g = p.grad
+                    if cfg.weight_decay:
+                        g = g + cfg.weight_decay * p
+                    if step == 0:
+                        buf.copy_(g)
+                    else:
+                        buf.mul_(cfg.momentum).add_(g)
+                    lr = (lr_vec * scale).view(-1, *([1] * (p.dim() - 1)))
+                    p.sub_(lr * buf)
+            step += 1
+            bar.update(1)
+        out.losses.append((epoch_loss / n).tolist())
+    bar.close()
+    weight.requires_grad_(False)
+    bias.requires_grad_(False)
+    return out
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_probes(
+    probes: ProbeWeights,
+    features: Callable[[torch.Tensor], torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    normalizer: Callable | None = None,
+    batch_size: int = 16,
+    max_logit_elems: int = 2**28,
+    progress: bool = True,
+) -> torch.Tensor:
+    """``(L, C, C)`` confusion matrices over the whole set; logits upsampled bilinearly to each
+    mask's own (label) resolution. Images with the same mask size are batched together."""
+    device = torch.device(device)
+    n_l = probes.weight.shape[0]
+    conf = torch.zeros(n_l, num_classes, num_classes, dtype=torch.long, device=device)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, m in enumerate(masks):
+        by_shape.setdefault(tuple(m.shape), []).append(i)
+    groups = [
+        (shape, ids[j : j + batch_size])
+        for shape, ids in by_shape.items()
+        for j in range(0, len(ids), batch_size)
+    ]
+    w = probes.weight.to(device)
+    b = probes.bias.to(device)
+    for (hh, ww), ids in tqdm(groups, desc="eval", leave=False, disable=not progress):
+        x = features(torch.tensor(ids)).to(device, non_blocking=True).float()
+        if normalizer is not None:
+            x = normalizer(x)
+        y = torch.stack([masks[i] for i in ids]).to(device).long()
+        bsz = len(ids)
+        for sl in _chunks(n_l, bsz * num_classes * hh * ww, max_logit_elems):
+            lg = _logits(x, w[sl], b[sl])
+            nl = lg.shape[1]
+            up = F.interpolate(
+                lg.flatten(1, 2), size=(hh, ww), mode="bilinear", align_corners=False
+            ).view(bsz, nl, num_classes, hh, ww)
+            pred = up.argmax(2).transpose(0, 1)  # (nl, B, H, W)
+            conf[sl] += batched_confusion(pred, y, num_classes, IGNORE_INDEX)
+    return conf.cpu()
+
+
+def summarize(
+    conf: torch.Tensor, lrs: Sequence[float], class_names: Sequence[str], diverged=None
+) -> dict:
+    """Best-lr summary (percent) from the ``(L, C, C)`` confusions of a sweep."""
+    per_lr, per_lr_pacc = {}, {}
+    best, best_i = -1.0, 0
+    for i, lr in enumerate(lrs):
+        m = mean_iou(conf[i]) * 100
+        per_lr[repr(float(lr))] = m
+        per_lr_pacc[repr(float(lr))] = pixel_accuracy(conf[i]) * 100
+        if np.isfinite(m) and m > best:
+            best, best_i = m, i
+    iou = per_class_iou(conf[best_i]) * 100
+    out = {
+        "miou": per_lr[repr(float(lrs[best_i]))],
+        "best_lr": float(lrs[best_i]),
+        "pacc": per_lr_pacc[repr(float(lrs[best_i]))],
+        "per_lr": per_lr,
+        "per_lr_pacc": per_lr_pacc,
+        "per_class_iou": {
+            name: (None if not np.isfinite(v) else float(v)) for name, v in zip(class_names, iou)
+        },
+    }
+    if diverged is not None:
+        out["diverged_lrs"] = [float(lr) for lr, d in zip(lrs, diverged) if d]
+    return out
+
+
+# ------------------------------------------------------------------------------------ pipeline
+
+
+def probe_from_cache(
+    train_cache,
+    val_cache,
+    layers: Sequence[int],
+    num_classes: int,
+    class_names: Sequence[str],
+    cfg: LinProbeConfig,
+    device: torch.device | str = "cpu",
+    stats: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train the lr sweep on ``layers`` of a training FeatureCache and score it on a validation
+    cache. ``stats`` memoises per-block channel statistics across probes sharing the cache."""
+    layers = [int(x) for x in layers]
+    normalizer = None
+    if cfg.standardize:
+        stats = {} if stats is None else stats
+        for layer in layers:
+            if layer not in stats:
+                stats[layer] = channel_stats(train_cache.feats[layer])
+        normalizer = Normalizer(
+            torch.cat([stats[la][0] for la in layers]), torch.cat([stats[la][1] for la in layers])
+        )
+    dim = sum(train_cache.dims[la] for la in layers)
+    # On a GPU, keep the cached blocks resident when they fit: 30 epochs re-read them.
+    train_cache = train_cache.on_device(layers, torch.device(device))
+    probes = train_probes(
+        lambda idx: train_cache.features(idx, layers),
+        train_cache.masks,
+        num_classes,
+        dim,
+        cfg.lrs,
+        cfg,
+        device,
+        normalizer,
+        progress,
+    )
+    conf = evaluate_probes(
+        probes,
+        lambda idx: val_cache.features(idx, layers),
+        val_cache.masks,
+        num_classes,
+        device,
+        normalizer,
+        cfg.batch_size,
+        cfg.max_logit_elems,
+        progress,
+    )
+    out = summarize(conf, cfg.lrs, class_names, probes.diverged)
+    out["layers"] = layers
+    out["train_loss_last_epoch"] = dict(
+        zip((repr(float(v)) for v in cfg.lrs), probes.losses[-1] if probes.losses else [])
+    )
+    return out

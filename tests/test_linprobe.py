@@ -1,0 +1,324 @@
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import confusion_matrix as sk_confusion
+
+from dino_skipless.features import extract
+from dino_skipless.models import build_model
+from eval.feature_cache import build_cache
+from eval.linprobe import build_datasets, main, probe_backbone, validate
+from eval.metrics import mean_iou
+from eval.probe_lib import (
+    LinProbeConfig,
+    ProbeWeights,
+    evaluate_probes,
+    train_probes,
+)
+
+TINY = dict(resolution=64, epochs=3, batch_size=4, num_workers=0, extract_batch_size=4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: thread fan-out only adds overhead (and contention on a shared machine).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    from dino_skipless.data import synthetic_root
+
+    return synthetic_root("voc", n=12, size=64, seed=0, cache_dir=tmp_path_factory.mktemp("syn"))
+
+
+def tiny_model(variant="skipless_init", seed=0):
+    return build_model("vit_mini", variant, seed=seed, patch_size=8, depth=2).eval()
+
+
+def random_problem(n=6, d=8, c=3, h=4, up=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n, d, h, h, generator=g)
+    masks = torch.randint(0, c, (n, h * up, h * up), generator=g)
+    masks[torch.rand(masks.shape, generator=g) < 0.1] = 255
+    return feats, masks.to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------- probe training
+
+
+def test_oracle_features_reach_full_miou():
+    # Features one-hot-encode each patch's class; classes are constant over 2x2-patch blocks
+    # and labels are 4x finer than the grid, so upsampled logits must get (nearly) every pixel.
+    g = torch.Generator().manual_seed(0)
+    c, h, p = 4, 6, 4
+    cls = torch.randint(0, c, (12, h // 2, h // 2), generator=g)
+    cls = cls.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    feats = F.one_hot(cls, c).permute(0, 3, 1, 2).float()
+    masks = cls.repeat_interleave(p, 1).repeat_interleave(p, 2).to(torch.uint8)
+    cfg = LinProbeConfig(epochs=10, batch_size=4, lrs=(0.01, 1.0))
+    probes = train_probes(lambda i: feats[i], masks, c, c, cfg.lrs, cfg, progress=False)
+    up = evaluate_probes(probes, lambda i: feats[i], list(masks), c, progress=False)
+    assert mean_iou(up[1]) * 100 > 97
+    # The tiny lr gets the blocks but not the boundaries in 30 steps: the sweep matters.
+    assert mean_iou(up[0]) < mean_iou(up[1]) - 0.05
+    # At the label resolution of the grid itself there is no interpolation: exactly 100.
+    conf = evaluate_probes(probes, lambda i: feats[i], list(cls.to(torch.uint8)), c, progress=False)
+    assert mean_iou(conf[1]) == 1.0
+
+
+def test_all_lrs_together_equal_each_alone():
+    feats, masks = random_problem()
+    lrs = (0.01, 0.1, 1.0)
+    cfg = LinProbeConfig(epochs=3, batch_size=4, lrs=lrs)
+    together = train_probes(lambda i: feats[i], masks, 3, 8, lrs, cfg, progress=False)
+    for k, lr in enumerate(lrs):
+        alone = train_probes(lambda i: feats[i], masks, 3, 8, [lr], cfg, progress=False)
+        torch.testing.assert_close(together.weight[k], alone.weight[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(together.bias[k], alone.bias[0], rtol=1e-5, atol=1e-6)
+    # ... and the lrs really differ
+    assert not torch.allclose(together.weight[0], together.weight[2])
+
+
+def test_lr_chunking_does_not_change_the_result():
+    feats, masks = random_problem(seed=3)
+    lrs = (0.01, 0.1, 1.0)
+    cfg = LinProbeConfig(epochs=2, batch_size=4, lrs=lrs)
+    full = train_probes(lambda i: feats[i], masks, 3, 8, lrs, cfg, progress=False)
+    one = replace(cfg, max_logit_elems=1)  # one lr per chunk
+    chunked = train_probes(lambda i: feats[i], masks, 3, 8, lrs, one, progress=False)
+    torch.testing.assert_close(full.weight, chunked.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_training_matches_torch_sgd_conv_reference():
+    # Independent reference: nn.Conv2d 1x1 + torch.optim.SGD + per-step cosine + upsampled CE.
+    feats, masks = random_problem(seed=1)
+    lr, c, d = 0.3, 3, 8
+    cfg = LinProbeConfig(epochs=2, batch_size=4, lrs=(lr,), seed=5)
+    ours = train_probes(lambda i: feats[i], masks, c, d, [lr], cfg, progress=False)
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    conv = torch.nn.Conv2d(d, c, 1)
+    with torch.no_grad():
+        conv.weight.copy_((torch.randn(c, d, generator=gen) * cfg.init_std).view(c, d, 1, 1))
+        conv.bias.zero_()
+    opt = torch.optim.SGD(conv.parameters(), lr=lr, momentum=0.9, weight_decay=0)
+    n = len(masks)
+    steps = cfg.epochs * int(np.ceil(n / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / steps)))
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            y = masks[idx].long()
+            logits = F.interpolate(conv(feats[idx]), size=y.shape[-2:], mode="bilinear")
+            loss = F.cross_entropy(logits, y, ignore_index=255)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    torch.testing.assert_close(ours.weight[0], conv.weight.view(c, d), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.bias[0], conv.bias, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluation_upsamples_to_each_label_resolution():
+    g = torch.Generator().manual_seed(2)
+    c, d = 4, 5
+    feats = torch.randn(5, d, 3, 3, generator=g)
+    masks = [
+        torch.randint(0, c, s, generator=g).to(torch.uint8)
+        for s in [(7, 9), (12, 12), (7, 9), (5, 16), (12, 12)]
+    ]
+    probes = ProbeWeights(torch.randn(2, c, d, generator=g), torch.randn(2, c, generator=g), [0, 1])
+    conf = evaluate_probes(probes, lambda i: feats[i], masks, c, batch_size=2, progress=False)
+    for k in range(2):
+        ref = np.zeros((c, c), dtype=np.int64)
+        for i, m in enumerate(masks):
+            lg = F.conv2d(feats[i : i + 1], probes.weight[k].view(c, d, 1, 1), probes.bias[k])
+            pred = F.interpolate(lg, size=m.shape, mode="bilinear").argmax(1)[0]
+            ref += sk_confusion(m.flatten(), pred.flatten(), labels=list(range(c)))
+        np.testing.assert_array_equal(conf[k].numpy(), ref)
+
+
+# ---------------------------------------------------------------------------- cache / pipeline
+
+
+class CountingExtract:
+    def __init__(self):
+        self.calls, self.images, self.layers = 0, 0, []
+
+    def __call__(self, model, images, layers, **kw):
+        self.calls += 1
+        self.images += images.shape[0]
+        self.layers.append(sorted(layers))
+        return extract(model, images, layers, **kw)
+
+
+def test_single_and_multiscale_share_one_backbone_pass(synth_root, tmp_path):
+    cfg = replace(LinProbeConfig(**TINY), lrs=(0.1, 1.0), layers=(1,), ms_layers=(0, 1))
+    train_ds, val_ds, _, _ = build_datasets("voc", synth_root, cfg)
+    model = tiny_model()
+    counter = CountingExtract()
+    run = probe_backbone(
+        model, train_ds, val_ds, cfg, ("single", "multiscale"), extractor=counter, progress=False
+    )
+    n = len(train_ds) + len(val_ds)
+    assert counter.images == n  # exactly one pass per image for both probes
+    assert run["backbone_passes"] == {"train": len(train_ds), "val": len(val_ds)}
+    assert all(ls == [0, 1] for ls in counter.layers)  # union of both probes' blocks
+    assert run["results"]["single"]["layers"] == [1]
+    assert run["results"]["multiscale"]["layers"] == [0, 1]
+
+    # The cache holds exactly what extract() returns for block 1 (final norm, fp16).
+    cache = build_cache(model, val_ds, [1], cfg.resolution, train=False, progress=False)
+    from eval.feature_cache import ResizedSegmentation
+
+    x, _ = ResizedSegmentation(val_ds, cfg.resolution, False)[0]
+    ref = extract(model, x[None], [1], norm=True).patch_grid(1)[0]
+    torch.testing.assert_close(cache.feats[1][0].float(), ref, rtol=2e-3, atol=2e-3)
+    assert tuple(cache.masks[0].shape) == np.asarray(val_ds[0][1]).shape  # label resolution
+
+    # A disk cache is reused: no backbone pass the second time, same numbers.
+    counter2 = CountingExtract()
+    key = {"ckpt": "tiny"}
+    a = probe_backbone(
+        model,
+        train_ds,
+        val_ds,
+        cfg,
+        ("single",),
+        cache_dir=tmp_path,
+        key_parts=key,
+        extractor=counter2,
+        progress=False,
+    )
+    b = probe_backbone(
+        model,
+        train_ds,
+        val_ds,
+        cfg,
+        ("single",),
+        cache_dir=tmp_path,
+        key_parts=key,
+        extractor=counter2,
+        progress=False,
+    )
+    assert counter2.images == n and b["backbone_passes"] == {"train": 0, "val": 0}
+    assert a["results"]["single"]["per_lr"] == b["results"]["single"]["per_lr"]
+
+
+def test_bad_layer_and_resolution_fail_fast_with_valid_range(tmp_path):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"valid indices are 0\.\.1"):
+        validate(model, LinProbeConfig(layers=(2,), resolution=64), ("single",))
+    with pytest.raises(ValueError, match=r"valid indices are 0\.\.1"):
+        validate(model, LinProbeConfig(ms_layers=(0, 5), resolution=64), ("multiscale",))
+    with pytest.raises(ValueError, match="multiple of the patch size 8"):
+        validate(model, LinProbeConfig(resolution=60), ("single",))
+    # CLI: the backbone check comes before the dataset is touched (the root does not exist).
+    base = [
+        "--dataset",
+        "voc",
+        "--root",
+        str(tmp_path / "missing"),
+        "--random-init",
+        "skipless_init",
+        "--arch",
+        "vit_mini",
+        "--depth",
+        "2",
+        "--patch-size",
+        "8",
+    ]
+    with pytest.raises(SystemExit, match=r"valid indices are 0\.\.1"):
+        main(base + ["--layers", "7", "--resolution", "64"])
+    with pytest.raises(SystemExit, match="multiple of the patch size 8"):
+        main(base + ["--resolution", "63"])
+
+
+def test_cli_end_to_end_writes_documented_results(synth_root, tmp_path):
+    out = tmp_path / "lp"
+    argv = [
+        "--dataset", "synthetic", "--root", str(synth_root.parent), "--synthetic-n", "12",
+        "--synthetic-size", "64", "--random-init", "skipless_init", "--arch", "vit_mini",
+        "--depth", "2", "--patch-size", "8", "--resolution", "64", "--epochs", "3",
+        "--lrs", "0.01", "0.1", "1.0", "--mode", "both", "--num-workers", "0",
+        "--batch-size", "4", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    for key in (
+        "miou",
+        "best_lr",
+        "layers",
+        "per_lr",
+        "per_class_iou",
+        "pacc",
+        "config",
+        "checkpoint",
+        "command",
+        "timings",
+        "multiscale",
+        "backbone",
+    ):
+        assert key in res, key
+    assert res["layers"] == [1] and res["multiscale"]["layers"] == [0, 1]
+    assert set(res["per_lr"]) == {"0.01", "0.1", "1.0"}
+    assert res["miou"] == max(res["per_lr"].values())
+    assert res["per_lr"][repr(res["best_lr"])] == res["miou"]
+    assert len(res["per_class_iou"]) == 21 and 0 <= res["pacc"] <= 100
+    assert res["backbone_passes"] == {"train": res["n_train"], "val": res["n_val"]}
+    assert "| synthetic |" in (out / "results.md").read_text()
+
+
+def test_sweep_ckpts_one_table(synth_root, tmp_path):
+    model = tiny_model(seed=3)
+    ck = tmp_path / "run_a"
+    ck.mkdir()
+    torch.save(model.state_dict(), ck / "backbone.pt")
+    model.spec.to_json(ck / "backbone.json")
+    out = tmp_path / "sweep"
+    argv = [
+        "--dataset", "voc", "--root", str(synth_root), "--sweep-ckpts", str(ck / "backbone.pt"),
+        "random:skip", "--arch", "vit_mini", "--depth", "2", "--patch-size", "8",
+        "--resolution", "64", "--epochs", "2", "--lrs", "0.1", "--num-workers", "0",
+        "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [r["ckpt"] for r in sweep["rows"]] == ["run_a (skipless_init)", "random-skip"]
+    assert (out / "run_a_skipless_init" / "results.json").is_file()
+    assert (out / "random-skip" / "results.json").is_file()
+    assert "random-skip" in (out / "sweep.md").read_text()
+
+
+def test_sweep_script_pivots_results_into_one_table(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "sweep_linprobe.py"
+    spec = importlib.util.spec_from_file_location("sweep_linprobe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for i, (ds, label, m) in enumerate(
+        [("voc", "a", 50.0), ("ade20k", "a", 20.0), ("voc", "b", 40.0)]
+    ):
+        res = {
+            "dataset": ds,
+            "label": label,
+            "probe": "single",
+            "miou": m,
+            "layers": [11],
+            "multiscale": {"miou": m + 1, "layers": [8, 9, 10, 11]},
+        }
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "results.json").write_text(json.dumps(res))
+    headers, rows = mod.pivot(mod.collect([tmp_path]))
+    assert headers == ["ckpt", "voc single", "voc multiscale", "ade20k single", "ade20k multiscale"]
+    assert rows == [["a", 50.0, 51.0, 20.0, 21.0], ["b", 40.0, 41.0, "-", "-"]]
