@@ -1,0 +1,131 @@
+"""Training checkpoints: atomic writes, exact-resume state, compatibility checks, export.
+
+``DIR/checkpoint.pt`` holds everything needed to continue a run bit-for-bit on the same
+hardware: student, teacher, optimizer (AdamW or SOAP state), the DINO loss centre, the
+GradScaler, the global step, the RNG states and the config. ``meta["backbone"]`` (a
+``BackboneSpec`` dict) and ``teacher`` (``backbone.*`` keys) are what
+``dino_skipless.models.load_backbone`` reads, so the checkpoint itself is also a backbone.
+The exported ``backbone.pt`` (plain state dict, no prefix) + ``backbone.json`` is the small,
+stable artefact the evaluation stages load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..cli import atomic_write_text
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT_VERSION = 1
+# Settings a resumed run must share with its checkpoint: they fix parameter/optimizer shapes or
+# the meaning of the stored state.
+MUST_MATCH = (
+    "arch",
+    "variant",
+    "optimizer",
+    "patch_size",
+    "depth",
+    "embed_dim",
+    "out_dim",
+    "norm_last_layer",
+    "use_bn_in_head",
+    "n_crops",
+)
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed by this run (the message lists what differs)."""
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` into a temp file in the same folder, fsync, then ``os.replace``.
+
+    A crash at any point leaves either the old file or the new one, never a truncated file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ResumeError(
+            f"--resume: no checkpoint at {path} (a run writes DIR/{CHECKPOINT}; check --out)"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # corrupt/truncated file (cannot happen with atomic writes)
+        raise ResumeError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or "student" not in ckpt or "meta" not in ckpt:
+        raise ResumeError(f"{path} is not a dino_skipless training checkpoint")
+    return ckpt
+
+
+def check_compatible(saved: dict, current: dict, path: str | Path) -> None:
+    """Refuse to resume when any ``MUST_MATCH`` entry of the run meta differs."""
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
+        for k in MUST_MATCH
+        if saved.get(k) != current.get(k)
+    ]
+    if diffs:
+        raise ResumeError(
+            f"cannot resume from {path}: it was trained with different settings:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse the checkpoint's settings, or a new --out to start a fresh run."
+        )
+    if saved.get("niter_per_ep") != current.get("niter_per_ep"):
+        raise ResumeError(
+            f"cannot resume from {path} exactly: it had {saved.get('niter_per_ep')} iterations "
+            f"per epoch (total batch {saved.get('total_batch')}), this run has "
+            f"{current.get('niter_per_ep')} (total batch {current.get('total_batch')}); use the "
+            "same data, batch_size_per_gpu and number of processes"
+        )
+
+
+def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, stem: str = "backbone"):
+    """``DIR/<stem>.pt`` (state dict, unprefixed keys) + ``DIR/<stem>.json`` (BackboneSpec)."""
+    out_dir = Path(out_dir)
+    sd = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    atomic_torch_save(sd, out_dir / f"{stem}.pt")
+    atomic_write_text(out_dir / f"{stem}.json", json.dumps(backbone.spec.to_dict(), indent=2))
+    return out_dir / f"{stem}.pt"

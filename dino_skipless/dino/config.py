@@ -1,0 +1,364 @@
+"""``PretrainConfig``: every value of the DINO pretraining recipe, in one place, with its source.
+
+Defaults = the official DINO code's defaults (facebookresearch/dino ``main_dino.py``) plus the
+published "boosted" ViT-S/16 settings of its README (``--epochs 300 --teacher_temp 0.07
+--warmup_teacher_temp_epochs 30 --norm_last_layer false``), with drop-path 0 as "Cutting the
+Skip" (arXiv 2510.00345) requires, and the paper's skipless initialisation (alpha 1.8, beta 1.0,
+c 3 for DINO ViT-S).
+
+Sources of a config, later wins: the defaults below, a YAML file (nested like the dataclasses),
+then command-line overrides ``key=value`` / ``--key value`` where ``key`` is a dotted path
+(``optim.lr``) or an unambiguous leaf name (``lr``, ``teacher_temp``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..models import ARCHS, VARIANTS
+from ..optim import OPTIMIZERS, AdamWConfig, SOAPConfig
+from .augment import AugConfig
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+ON_NONFINITE = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value (the message says what was expected and where)."""
+
+
+@dataclass
+class ModelConfig:
+    """Backbone (paper Sec. 6: ViT-S/16, 12 blocks; the depth study uses 9-12)."""
+
+    arch: str = "vit_small"  # main_dino.py --arch vit_small (paper: ViT-S/16)
+    variant: str = "skipless_init"  # paper's method; "skip" = baseline, "skipless" = no init
+    patch_size: int = 16  # main_dino.py --patch_size 16
+    depth: int | None = None  # None: the arch's depth (12 for vit_small); paper studies 9-12
+    alpha: float = 1.8  # paper Sec. 5 / App.: DINO ViT-S mimetic W_Q W_K^T = alpha Z + beta I
+    beta: float = 1.0  # paper, DINO ViT-S
+    c: float = 3.0  # paper, DINO ViT-S: W_V, W_O scaled orthonormal with scale c
+    drop_path: float = 0.0  # paper: 0 for every variant (official DINO default is 0.1)
+
+
+@dataclass
+class DINOConfig:
+    """Head, loss and teacher (official DINOHead / DINOLoss / EMA defaults, boosted ViT-S/16)."""
+
+    out_dim: int = 65536  # main_dino.py --out_dim 65536
+    norm_last_layer: bool = False  # README boosted ViT-S/16: --norm_last_layer false
+    use_bn_in_head: bool = False  # main_dino.py --use_bn_in_head False
+    head_nlayers: int = 3  # utils.DINOHead nlayers=3
+    head_hidden_dim: int = 2048  # utils.DINOHead hidden_dim=2048
+    head_bottleneck_dim: int = 256  # utils.DINOHead bottleneck_dim=256
+    momentum_teacher: float = 0.996  # main_dino.py --momentum_teacher 0.996 (cosine -> 1)
+    warmup_teacher_temp: float = 0.04  # main_dino.py --warmup_teacher_temp 0.04
+    teacher_temp: float = 0.07  # README boosted ViT-S/16: --teacher_temp 0.07
+    warmup_teacher_temp_epochs: int = 30  # README boosted ViT-S/16: 30
+    student_temp: float = 0.1  # DINOLoss student_temp=0.1
+    center_momentum: float = 0.9  # DINOLoss center_momentum=0.9
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and per-iteration schedules (main_dino.py defaults)."""
+
+    optimizer: str = "adamw"  # main_dino.py --optimizer adamw; "soap" = Vyas et al. 2025
+    epochs: int = 300  # README boosted ViT-S/16 (official default 100)
+    lr: float = 0.0005  # main_dino.py --lr 0.0005, scaled by total_batch / 256
+    min_lr: float = 1e-6  # main_dino.py --min_lr 1e-6 (cosine target)
+    warmup_epochs: int = 10  # main_dino.py --warmup_epochs 10 (linear lr warm-up)
+    weight_decay: float = 0.04  # main_dino.py --weight_decay 0.04 (cosine start)
+    weight_decay_end: float = 0.4  # main_dino.py --weight_decay_end 0.4
+    clip_grad: float = 3.0  # main_dino.py --clip_grad 3.0 (per-parameter; 0 = off)
+    freeze_last_layer: int = 1  # main_dino.py --freeze_last_layer 1 (epochs)
+    adamw: AdamWConfig = field(default_factory=AdamWConfig)  # torch AdamW defaults, as DINO
+    soap: SOAPConfig = field(default_factory=SOAPConfig)  # official soap.py defaults
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are batched."""
+
+    path: str | None = None  # ImageFolder root (ImageNet train); None: synthetic scenes
+    batch_size_per_gpu: int = 64  # main_dino.py --batch_size_per_gpu 64 (x16 GPUs = 1024)
+    num_workers: int = 10  # main_dino.py --num_workers 10
+    pin_memory: bool = True  # main_dino.py DataLoader(pin_memory=True); CUDA only here
+    synthetic_n: int = 1000  # synthetic fallback: number of scenes (not a published value)
+    synthetic_size: int = 128  # synthetic fallback: image side in px
+    synthetic_seed: int = 0  # synthetic fallback: generator seed
+
+
+@dataclass
+class RunConfig:
+    """Bookkeeping: output, precision, checkpoints, logging. None of it changes the method."""
+
+    out: str | None = None  # None: runs/<config file stem> or runs/pretrain
+    seed: int = 0  # main_dino.py --seed 0
+    device: str = "auto"  # auto: cuda if available (LOCAL_RANK's GPU under torchrun), else cpu
+    # DINO's --use_fp16 True is fp16 + GradScaler; we default to bf16 autocast (no scaler) on
+    # CUDA. On CPU autocast is off (fp32) unless precision is fp32 anyway.
+    precision: str = "bf16"
+    compile: bool = False  # torch.compile the student/teacher forward (GPU; slow to start)
+    cpu_threads: int | None = None  # torch.set_num_threads on CPU (None: torch's default)
+    tf32: bool = True  # allow TF32 matmuls/convs on CUDA (fp32 parts of the step)
+    saveckp_freq: int = 20  # main_dino.py --saveckp_freq 20 (epochs); always at the end too
+    keep_epochs: list[int] = field(default_factory=lambda: [200, 300])  # paper evaluates these
+    ckpt_every_steps: int = 0  # also write checkpoint.pt every N iterations (0 = off)
+    max_steps: int | None = None  # stop (with a checkpoint) after this global step; for tests
+    log_every: int = 10  # one log.jsonl record every N iterations (DINO's MetricLogger: 10)
+    on_nonfinite: str = "stop"  # "stop" as DINO (sys.exit(1)); "skip": count and go on
+    progress: bool = True  # tqdm bar on rank 0
+    tensorboard: bool = True  # write DIR/tb if tensorboard is importable
+    jacobian_every_epochs: int = 0  # paper App. A.7 condition numbers every N epochs (0 = off)
+    jacobian_tokens: int = 16  # tokens of the random input of the condition-number probe
+
+
+@dataclass
+class PretrainConfig:
+    """The whole pretraining recipe; ``aug`` is the multi-crop recipe (``AugConfig``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    name: str = "pretrain"  # run name (the YAML file's stem); default out dir runs/<name>
+
+    def validate(self) -> PretrainConfig:
+        m, o, r = self.model, self.optim, self.run
+        _choice("model.arch", m.arch, tuple(ARCHS))
+        _choice("model.variant", m.variant, VARIANTS)
+        _choice("optim.optimizer", o.optimizer, OPTIMIZERS)
+        _choice("run.precision", r.precision, PRECISIONS)
+        _choice("run.on_nonfinite", r.on_nonfinite, ON_NONFINITE)
+        if m.drop_path != 0:
+            raise ConfigError(
+                f"model.drop_path={m.drop_path}: only 0 is supported (the paper disables "
+                "drop-path in every variant for a fair skip/skipless comparison)"
+            )
+        positive = {
+            "optim.epochs": o.epochs,
+            "data.batch_size_per_gpu": self.data.batch_size_per_gpu,
+            "dino.out_dim": self.dino.out_dim,
+            "model.patch_size": m.patch_size,
+            "run.log_every": r.log_every,
+        }
+        for key, value in positive.items():
+            if int(value) <= 0:
+                raise ConfigError(f"{key} must be a positive integer, got {value}")
+        if o.warmup_epochs > o.epochs:
+            raise ConfigError(
+                f"optim.warmup_epochs ({o.warmup_epochs}) exceeds optim.epochs ({o.epochs})"
+            )
+        for size_key in ("global_size", "local_size"):
+            size = getattr(self.aug, size_key)
+            if size % m.patch_size:
+                raise ConfigError(
+                    f"aug.{size_key}={size} is not a multiple of model.patch_size={m.patch_size}"
+                )
+        if self.data.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
+        return self
+
+    @property
+    def n_crops(self) -> int:
+        return 2 + int(self.aug.n_local)
+
+    def out_dir(self) -> Path:
+        return Path(self.run.out if self.run.out else Path("runs") / self.name)
+
+    def to_dict(self) -> dict:
+        return _plain(asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; expected one of: {', '.join(valid)}")
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples -> lists, recursively, so the dict is YAML/JSON-safe."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from dicts, YAML and overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def leaf_keys(cls=PretrainConfig, prefix: str = "") -> list[str]:
+    """Every settable dotted key, e.g. ``optim.adamw.betas``."""
+    keys = []
+    for name, tp in _hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys.extend(leaf_keys(tp, f"{prefix}{name}."))
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's annotated type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(key, a, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if isinstance(value, str) and tp not in (str, Any):
+        parsed = yaml.safe_load(value) if value.strip() else value
+        if not isinstance(parsed, str):
+            value = parsed
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+                return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if value is None or isinstance(value, dict | list):
+                raise ValueError
+            return str(value)
+        if origin in (tuple, list):
+            if isinstance(value, str):
+                value = [v for v in value.replace("(", "").replace(")", "").split(",") if v]
+            if not isinstance(value, list | tuple):
+                raise ValueError
+            if origin is tuple:
+                if len(args) == 2 and args[1] is Ellipsis:
+                    return tuple(_coerce(key, args[0], v) for v in value)
+                if len(value) != len(args):
+                    raise ValueError
+                return tuple(_coerce(key, a, v) for a, v in zip(args, value))
+            return [_coerce(key, args[0] if args else Any, v) for v in value]
+    except (ValueError, TypeError):
+        name = getattr(tp, "__name__", str(tp))
+        raise ConfigError(f"{key}: expected {name}, got {value!r}") from None
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = "", where: str = "config"):
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise with the valid ones."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: section {prefix.rstrip('.') or '<top>'} must be a mapping")
+    hints = _hints(cls)
+    unknown = [k for k in data if k not in hints]
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(prefix + k for k in unknown)}; valid keys in "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(hints)}"
+        )
+    kwargs = {}
+    for k, v in data.items():
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = from_dict(tp, v or {}, f"{prefix}{k}.", where)
+        else:
+            kwargs[k] = _coerce(prefix + k, tp, v)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # e.g. AugConfig.__post_init__
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def resolve_key(key: str) -> str:
+    """Dotted key, or a unique leaf name (``lr`` -> ``optim.lr``); ``-`` counts as ``_``."""
+    key = key.strip().replace("-", "_")
+    keys = leaf_keys()
+    if key in keys:
+        return key
+    matches = [k for k in keys if k.split(".")[-1] == key or k.endswith("." + key)]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ConfigError(f"ambiguous config key {key!r}: matches {', '.join(matches)}")
+    raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(keys)}")
+
+
+def set_key(cfg: PretrainConfig, key: str, value: Any) -> None:
+    """``set_key(cfg, 'optim.lr', '1e-3')``: coerced to the field's type, validated later."""
+    dotted = resolve_key(key)
+    parts = dotted.split(".")
+    obj = cfg
+    for p in parts[:-1]:
+        obj = getattr(obj, p)
+    tp = _hints(type(obj))[parts[-1]]
+    setattr(obj, parts[-1], _coerce(dotted, tp, value))
+    if isinstance(obj, AugConfig):
+        obj.__post_init__()
+
+
+def load_yaml(path: str | Path) -> PretrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text("utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data.setdefault("name", path.stem)
+    return from_dict(PretrainConfig, data, where=str(path))
+
+
+def build_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | list[tuple[str, Any]] | None = None,
+    base: PretrainConfig | None = None,
+) -> PretrainConfig:
+    """YAML file (or ``base`` or the defaults), then overrides in order, then validation."""
+    if path is not None:
+        cfg = load_yaml(path)
+    elif base is not None:
+        cfg = from_dict(PretrainConfig, base.to_dict())
+    else:
+        cfg = PretrainConfig()
+    items = overrides.items() if isinstance(overrides, dict) else (overrides or [])
+    for k, v in items:
+        set_key(cfg, k, v)
+    return cfg.validate()
+
+
+def config_from_dict(data: dict) -> PretrainConfig:
+    """Inverse of ``PretrainConfig.to_dict`` (e.g. the config stored in a checkpoint)."""
+    return from_dict(PretrainConfig, data, where="checkpoint config")

@@ -1,0 +1,639 @@
+"""The DINO training loop (Caron et al. 2021, official ``main_dino.py``), read top to bottom.
+
+``train(cfg)`` builds the data, the student and the EMA teacher, the loss, the optimizer and the
+schedules, optionally resumes, then runs ``train_one_epoch`` until ``cfg.optim.epochs``.
+One iteration (global step ``it = epoch * niter_per_ep + i``), as the official code:
+
+1. lr / weight decay / teacher momentum of iteration ``it`` (cosine schedules);
+2. teacher on the 2 global crops, student on all crops, ``DINOLoss(epoch)`` (updates the centre
+   with the all-reduced teacher mean);
+3. a non-finite loss stops the run (naming the step; the last checkpoint is left as it was) or,
+   with ``run.on_nonfinite: skip``, is counted and the step is skipped;
+4. backward (GradScaler with fp16), per-parameter gradient clipping, last layer's gradient
+   dropped during the first ``freeze_last_layer`` epochs, optimizer step;
+5. EMA teacher update with the scheduled momentum; logging; checkpoints.
+
+Data order and augmentations are a pure function of ``(seed, epoch, index)``: the sampler is
+DistributedSampler's permutation (seeded by ``seed + epoch``) and each sample's crops are drawn
+from RNGs seeded by ``(seed, epoch, index)``. So a mid-epoch resume replays exactly, any number
+of loader workers gives the same batches, and N processes with batch B/N see the same crops as
+one process with batch B (the official code instead draws augmentations from per-worker RNGs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..models import build_model
+from ..optim import build_optimizer, get_param_groups
+from . import DINOHead, DINOLoss, MultiCropAugmentation, MultiCropWrapper, ema_update_
+from .checkpoint import (
+    CHECKPOINT,
+    FORMAT_VERSION,
+    atomic_torch_save,
+    check_compatible,
+    export_backbone,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from .config import PretrainConfig
+from .distributed import DistEnv, all_reduce_mean, barrier, init_distributed
+from .logging import RunLogger, memory_gb, progress_bar, truncate_jsonl
+from .schedules import (
+    apply_schedules_,
+    build_schedules,
+    cancel_gradients_last_layer,
+    clip_gradients,
+    scaled_lr,
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the checkpoint left intact."""
+
+
+class PretrainOOMError(RuntimeError):
+    """CUDA ran out of memory; the message suggests a per-GPU batch that should fit."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int  # global steps done
+    epoch: int  # epochs fully done
+    final_loss: float | None
+    nonfinite_skipped: int = 0
+    stopped_early: bool = False  # run.max_steps reached
+    losses: list[float] = field(default_factory=list)  # every loss of this process's steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: deterministic order and per-sample deterministic multi-crop augmentation
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_seeds(seed: int, epoch: int, index: int) -> tuple[int, int]:
+    """Two independent 32-bit seeds (torch, python) for sample ``index`` in ``epoch``."""
+    a, b = np.random.SeedSequence([seed, epoch, index]).generate_state(2)
+    return int(a), int(b)
+
+
+class SeededMultiCrop(Dataset):
+    """``ds[(epoch, index)] -> [g1, g2, l1..ln]``: crops depend only on (seed, epoch, index).
+
+    The multi-crop transform draws from torch's and Python's global RNGs (as upstream); they are
+    seeded per sample and restored afterwards, so the caller's RNG streams are untouched.
+    """
+
+    def __init__(self, base: Dataset, transform: MultiCropAugmentation, seed: int):
+        self.base = base
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor]:
+        epoch, index = key
+        img = self.base[index][0]
+        torch_seed, py_seed = sample_seeds(self.seed, epoch, index)
+        torch_state, py_state = torch.get_rng_state(), random.getstate()
+        try:
+            torch.default_generator.manual_seed(torch_seed)
+            random.seed(py_seed)
+            return self.transform(img)
+        finally:
+            torch.set_rng_state(torch_state)
+            random.setstate(py_state)
+
+
+class EpochSampler(Sampler):
+    """``torch.utils.data.DistributedSampler`` (shuffle, pad to a multiple of the world size,
+    rank-strided shard; permutation seeded by ``seed + epoch``) yielding ``(epoch, index)``,
+    with ``skip`` samples dropped from the front for a mid-epoch resume."""
+
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        self.n, self.num_replicas, self.rank, self.seed = n, num_replicas, rank, seed
+        self.num_samples = math.ceil(n / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def indices(self) -> list[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        idx = torch.randperm(self.n, generator=g).tolist()
+        pad = self.total_size - len(idx)
+        if pad > 0:
+            idx += (idx * math.ceil(pad / len(idx)))[:pad]
+        return idx[self.rank : self.total_size : self.num_replicas]
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in self.indices()[self.skip :]])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+def build_dataset(cfg: PretrainConfig, env: DistEnv, log: RunLogger) -> Dataset:
+    """ImageFolder at ``data.path``, or the cached synthetic scenes (announced loudly)."""
+    from ..data import ImageFolderDataset, synthetic_root
+
+    d = cfg.data
+    if d.path:
+        base = ImageFolderDataset(d.path)  # DatasetError if missing / no images
+        log.info(f"data: {len(base)} images in {len(base.classes)} folders under {d.path}")
+    else:
+
+        def make_root():
+            return synthetic_root(
+                "imagefolder", n=d.synthetic_n, size=d.synthetic_size, seed=d.synthetic_seed
+            )
+
+        if env.is_main:
+            root = make_root()  # generated once, cached; other ranks wait and reuse it
+        barrier()
+        if not env.is_main:
+            root = make_root()
+        base = ImageFolderDataset(root)
+        log.info(
+            f"no --data given: training on {len(base)} synthetic scenes at "
+            f"{d.synthetic_size}x{d.synthetic_size} px (cached in {root}); pass --data "
+            "/path/to/imagenet/train for real pretraining"
+        )
+    return SeededMultiCrop(base, MultiCropAugmentation(cfg.aug), cfg.run.seed)
+
+
+def build_loader(dataset: Dataset, cfg: PretrainConfig, env: DistEnv):
+    sampler = EpochSampler(len(dataset), env.world_size, env.rank, cfg.run.seed)
+    batch = cfg.data.batch_size_per_gpu
+    niter_per_ep = sampler.num_samples // batch
+    if niter_per_ep == 0:
+        raise ValueError(
+            f"data: {len(dataset)} images give {sampler.num_samples} per process, fewer than "
+            f"data.batch_size_per_gpu={batch}; lower the batch or add images"
+        )
+    workers = cfg.data.num_workers
+    loader = DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=batch,
+        num_workers=workers,
+        pin_memory=cfg.data.pin_memory and env.device.type == "cuda",
+        drop_last=True,  # as main_dino.py
+        persistent_workers=workers > 0,
+    )
+    return loader, sampler, niter_per_ep
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, precision
+# ---------------------------------------------------------------------------------------------
+
+
+def build_student_teacher(cfg: PretrainConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    """Student = backbone + DINO head; teacher = an exact copy (official: the teacher is loaded
+    with the student's weights), without gradients."""
+    m, d = cfg.model, cfg.dino
+    backbone = build_model(
+        m.arch,
+        m.variant,
+        seed=cfg.run.seed,
+        patch_size=m.patch_size,
+        img_size=cfg.aug.global_size,
+        depth=m.depth,
+        alpha=m.alpha,
+        beta=m.beta,
+        c=m.c,
+    )
+    head = DINOHead(
+        backbone.embed_dim,
+        d.out_dim,
+        use_bn=d.use_bn_in_head,
+        norm_last_layer=d.norm_last_layer,
+        nlayers=d.head_nlayers,
+        hidden_dim=d.head_hidden_dim,
+        bottleneck_dim=d.head_bottleneck_dim,
+    )
+    student = MultiCropWrapper(backbone, head)
+    teacher = copy.deepcopy(student)  # keeps backbone.spec
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+def effective_precision(precision: str, device: torch.device) -> str:
+    """Autocast runs on CUDA only; CPU training is fp32 (fast and exact for tests)."""
+    return precision if device.type == "cuda" else "fp32"
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(precision: str):
+    if precision != "fp16":
+        return None
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()  # pragma: no cover - torch < 2.3
+
+
+def oom_message(batch: int, device: torch.device) -> str:
+    """Suggest a per-GPU batch from the memory in use when the allocation failed."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    peak = max(torch.cuda.max_memory_allocated(device), 1)
+    estimate = int(batch * 0.9 * total / peak)  # peak < need: the estimate is an upper bound
+    suggestion = max(1, min(batch // 2, estimate))
+    return (
+        f"CUDA out of memory with data.batch_size_per_gpu={batch} (peak {peak / 2**30:.1f} "
+        f"of {total / 2**30:.1f} GiB). Try data.batch_size_per_gpu={suggestion} (halve again if "
+        "it still fails) and scale the number of GPUs to keep the total batch, or reduce "
+        "aug.n_local / use precision=bf16."
+    )
+
+
+def run_meta(cfg: PretrainConfig, teacher: MultiCropWrapper, niter: int, env: DistEnv) -> dict:
+    spec = teacher.backbone.spec
+    return {
+        "backbone": spec.to_dict(),
+        "arch": spec.arch,
+        "variant": spec.variant,
+        "optimizer": cfg.optim.optimizer,
+        "patch_size": spec.patch_size,
+        "depth": spec.depth,
+        "embed_dim": spec.embed_dim,
+        "out_dim": cfg.dino.out_dim,
+        "norm_last_layer": cfg.dino.norm_last_layer,
+        "use_bn_in_head": cfg.dino.use_bn_in_head,
+        "n_crops": cfg.n_crops,
+        "niter_per_ep": niter,
+        "world_size": env.world_size,
+        "total_batch": cfg.data.batch_size_per_gpu * env.world_size,
+        "format_version": FORMAT_VERSION,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """Everything ``train_one_epoch`` touches (built once by ``train``)."""
+
+    cfg: PretrainConfig
+    env: DistEnv
+    log: RunLogger
+    loader: DataLoader
+    sampler: EpochSampler
+    niter_per_ep: int
+    student: MultiCropWrapper  # unwrapped (state dicts, EMA source)
+    teacher: MultiCropWrapper
+    student_fwd: nn.Module  # DDP and/or compiled student
+    teacher_fwd: nn.Module
+    loss_fn: DINOLoss
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    schedules: object
+    precision: str
+    meta: dict
+    out_dir: Path
+    step: int = 0  # global step of the next iteration
+    nonfinite_skipped: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def save_checkpoint(r: _Run, path: Path) -> None:
+    """Rank 0 writes the full state for an exact resume at ``r.step`` (atomically)."""
+    if not r.env.is_main:
+        return
+    state = {
+        "student": r.student.state_dict(),
+        "teacher": r.teacher.state_dict(),
+        "optimizer": r.optimizer.state_dict(),
+        "dino_loss": r.loss_fn.state_dict(),
+        "scaler": r.scaler.state_dict() if r.scaler is not None else None,
+        "step": r.step,
+        "epoch": r.step // r.niter_per_ep,
+        "sampler": {"epoch": r.step // r.niter_per_ep, "skip_batches": r.step % r.niter_per_ep},
+        "nonfinite_skipped": r.nonfinite_skipped,
+        "rng": rng_state(),
+        "config": r.cfg.to_dict(),
+        "meta": r.meta,
+    }
+    atomic_torch_save(state, path)
+
+
+def resume(r: _Run) -> None:
+    path = r.out_dir / CHECKPOINT
+    ckpt = load_checkpoint(path)
+    check_compatible(ckpt["meta"], r.meta, path)
+    r.student.load_state_dict(ckpt["student"])
+    r.teacher.load_state_dict(ckpt["teacher"])
+    r.optimizer.load_state_dict(ckpt["optimizer"])
+    r.loss_fn.load_state_dict(ckpt["dino_loss"])
+    if r.scaler is not None and ckpt.get("scaler"):
+        r.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    r.step = int(ckpt["step"])
+    r.nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0))
+    if r.env.is_main:
+        dropped = truncate_jsonl(r.out_dir / "log.jsonl", r.step)
+        extra = f"; dropped {dropped} log records written after it" if dropped else ""
+        r.log.info(
+            f"resumed from {path} at step {r.step} (epoch {r.step // r.niter_per_ep}, "
+            f"iteration {r.step % r.niter_per_ep}/{r.niter_per_ep}){extra}"
+        )
+
+
+def condition_numbers(r: _Run, epoch: int) -> None:
+    """Paper App. A.7: kappa of each self-attention map of the teacher backbone."""
+    try:
+        from ..jacobian import layer_condition_numbers
+    except ImportError as e:
+        r.log.warn(f"run.jacobian_every_epochs set but dino_skipless.jacobian unavailable: {e}")
+        return
+    records = layer_condition_numbers(r.teacher.backbone, n_tokens=r.cfg.run.jacobian_tokens)
+    r.log.append("jacobian.jsonl", [{"epoch": epoch, "step": r.step, **x} for x in records])
+
+
+def _grad_norm(model: nn.Module, norms: torch.Tensor | None) -> float:
+    if norms is None:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norms = torch.stack([g.norm(2) for g in grads]) if grads else torch.zeros(0)
+    return float(norms.float().norm(2)) if norms.numel() else 0.0
+
+
+def _max_steps_reached(cfg: PretrainConfig, step: int) -> bool:
+    return cfg.run.max_steps is not None and step >= cfg.run.max_steps
+
+
+def train_one_epoch(r: _Run, epoch: int) -> bool:
+    """One epoch from ``r.step``; returns False when ``run.max_steps`` stopped the run."""
+    cfg, env, dev = r.cfg, r.env, r.env.device
+    start_i = r.step - epoch * r.niter_per_ep  # > 0 only right after a mid-epoch resume
+    r.sampler.set_epoch(epoch, skip=start_i * cfg.data.batch_size_per_gpu)
+    total_batch = cfg.data.batch_size_per_gpu * env.world_size
+    bar = progress_bar(
+        r.niter_per_ep,
+        start_i,
+        f"epoch {epoch + 1}/{cfg.optim.epochs}",
+        env.is_main and cfg.run.progress,
+    )
+    t_window, n_window = time.perf_counter(), 0
+    for i, crops in enumerate(r.loader, start=start_i):
+        it = epoch * r.niter_per_ep + i  # global training iteration
+        sched = r.schedules.at(it)
+        apply_schedules_(r.optimizer, sched["lr"], sched["wd"])
+        crops = [c.to(dev, non_blocking=True) for c in crops]
+
+        # --- forward: teacher on the 2 global crops, student on all crops --------------------
+        center_before = r.loss_fn.center.clone() if cfg.run.on_nonfinite == "skip" else None
+        try:
+            with autocast(r.precision, dev):
+                with torch.no_grad():
+                    teacher_out = r.teacher_fwd(crops[:2])
+                student_out = r.student_fwd(crops)
+                loss = r.loss_fn(student_out, teacher_out, epoch)
+            loss_value = all_reduce_mean(loss.detach()).item()  # the logged, all-rank mean
+
+            if not math.isfinite(loss_value):
+                if cfg.run.on_nonfinite == "stop":
+                    raise NonFiniteLossError(
+                        f"loss is {loss_value} at step {it} (epoch {epoch}, iteration {i}); "
+                        f"stopping. The last good checkpoint {r.out_dir / CHECKPOINT} is left "
+                        "unchanged. Lower optim.lr, check the data, or set "
+                        "run.on_nonfinite=skip to skip such steps."
+                    )
+                r.loss_fn.center.copy_(center_before)  # the NaN batch must not poison it
+                r.nonfinite_skipped += 1
+                r.log.warn(f"non-finite loss at step {it}: step skipped ({r.nonfinite_skipped})")
+                r.optimizer.zero_grad(set_to_none=True)
+                r.step = it + 1
+                bar.update(1)
+                continue
+
+            # --- backward, clipping, last-layer freeze, optimizer step ----------------------
+            r.optimizer.zero_grad(set_to_none=True)
+            norms = None
+            if r.scaler is not None:
+                r.scaler.scale(loss).backward()
+                if cfg.optim.clip_grad:
+                    r.scaler.unscale_(r.optimizer)  # clip the true gradients
+                    norms = clip_gradients(r.student, cfg.optim.clip_grad)
+                cancel_gradients_last_layer(epoch, r.student, cfg.optim.freeze_last_layer)
+                r.scaler.step(r.optimizer)
+                r.scaler.update()
+            else:
+                loss.backward()
+                if cfg.optim.clip_grad:
+                    norms = clip_gradients(r.student, cfg.optim.clip_grad)
+                cancel_gradients_last_layer(epoch, r.student, cfg.optim.freeze_last_layer)
+                r.optimizer.step()
+
+            # --- EMA teacher ----------------------------------------------------------------
+            ema_update_(r.teacher, r.student, sched["momentum"])
+        except torch.cuda.OutOfMemoryError:
+            raise PretrainOOMError(oom_message(cfg.data.batch_size_per_gpu, dev)) from None
+
+        r.step = it + 1
+        r.losses.append(loss_value)
+        n_window += 1
+        bar.update(1)
+
+        # --- logging -------------------------------------------------------------------------
+        if r.step % cfg.run.log_every == 0 or i == r.niter_per_ep - 1:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            dt = time.perf_counter() - t_window
+            img_s = total_batch * n_window / max(dt, 1e-9)
+            record = {
+                "step": it,
+                "epoch": epoch,
+                "loss": loss_value,
+                "lr": sched["lr"],
+                "wd": sched["wd"],
+                "momentum": sched["momentum"],
+                "teacher_temp": r.loss_fn.teacher_temp_at(epoch),
+                "grad_norm": _grad_norm(r.student, norms),
+                "img_per_s": img_s,
+                "mem_gb": memory_gb(dev),
+                "nonfinite_skipped": r.nonfinite_skipped,
+            }
+            r.log.log(record)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{sched['lr']:.2e}", img_s=f"{img_s:.1f}")
+            t_window, n_window = time.perf_counter(), 0
+
+        if cfg.run.ckpt_every_steps and r.step % cfg.run.ckpt_every_steps == 0:
+            save_checkpoint(r, r.out_dir / CHECKPOINT)
+        if _max_steps_reached(cfg, r.step) and i < r.niter_per_ep - 1:
+            bar.close()
+            return False  # mid-epoch stop; at an epoch's end ``train`` finishes the epoch first
+    bar.close()
+    return True
+
+
+def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
+    """Pretrain with DINO as ``cfg`` says; writes into ``cfg.out_dir()`` (see module doc)."""
+    cfg.validate()
+    env = init_distributed(cfg.run.device)
+    out_dir = cfg.out_dir()
+    if not resume_run and (out_dir / CHECKPOINT).exists():
+        raise FileExistsError(
+            f"{out_dir / CHECKPOINT} exists: pass --resume to continue that run, or another --out"
+        )
+    log = RunLogger(out_dir, enabled=env.is_main, tensorboard=cfg.run.tensorboard)
+    dev = env.device
+    if dev.type == "cpu" and cfg.run.cpu_threads:
+        torch.set_num_threads(cfg.run.cpu_threads)
+    if dev.type == "cuda" and cfg.run.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    # official utils.fix_random_seeds (the model init is seeded separately in build_model)
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+
+    # ============ data ============
+    dataset = build_dataset(cfg, env, log)
+    loader, sampler, niter_per_ep = build_loader(dataset, cfg, env)
+
+    # ============ student and teacher ============
+    student, teacher = build_student_teacher(cfg)
+    student.to(dev)
+    teacher.to(dev)
+    student_fwd: nn.Module = student
+    if env.distributed:
+        student_fwd = nn.parallel.DistributedDataParallel(
+            student, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
+    teacher_fwd: nn.Module = teacher  # no BatchNorm: the teacher needs no DDP wrapper
+    if cfg.run.compile:
+        student_fwd = torch.compile(student_fwd)
+        teacher_fwd = torch.compile(teacher_fwd)
+
+    # ============ loss, optimizer, schedules ============
+    d = cfg.dino
+    loss_fn = DINOLoss(
+        d.out_dim,
+        cfg.n_crops,
+        warmup_teacher_temp=d.warmup_teacher_temp,
+        teacher_temp=d.teacher_temp,
+        warmup_teacher_temp_epochs=d.warmup_teacher_temp_epochs,
+        n_epochs=cfg.optim.epochs,
+        student_temp=d.student_temp,
+        center_momentum=d.center_momentum,
+    ).to(dev)
+    o = cfg.optim
+    optimizer = build_optimizer(o.optimizer, get_param_groups(student), adamw=o.adamw, soap=o.soap)
+    precision = effective_precision(cfg.run.precision, dev)
+    scaler = make_grad_scaler(precision)
+    total_batch = cfg.data.batch_size_per_gpu * env.world_size
+    schedules = build_schedules(
+        lr=o.lr,
+        min_lr=o.min_lr,
+        warmup_epochs=o.warmup_epochs,
+        weight_decay=o.weight_decay,
+        weight_decay_end=o.weight_decay_end,
+        momentum_teacher=d.momentum_teacher,
+        epochs=o.epochs,
+        niter_per_ep=niter_per_ep,
+        total_batch=total_batch,
+    )
+    r = _Run(
+        cfg, env, log, loader, sampler, niter_per_ep, student, teacher, student_fwd, teacher_fwd,
+        loss_fn, optimizer, scaler, schedules, precision,
+        run_meta(cfg, teacher, niter_per_ep, env), out_dir,
+    )  # fmt: skip
+
+    if resume_run:
+        resume(r)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        from ..cli import atomic_write_text
+
+        atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+    n_params = sum(p.numel() for p in student.parameters())
+    log.info(
+        f"DINO pretraining: {cfg.model.arch}/{cfg.model.patch_size} variant={cfg.model.variant} "
+        f"depth={teacher.backbone.spec.depth} optimizer={o.optimizer} | {n_params / 1e6:.2f}M "
+        f"student params | device={dev} x{env.world_size} precision={precision} | total batch "
+        f"{total_batch} ({cfg.data.batch_size_per_gpu}/process), {cfg.n_crops} crops "
+        f"({cfg.aug.global_size}px/{cfg.aug.local_size}px) | lr {scaled_lr(o.lr, total_batch):.3g} "
+        f"(= {o.lr} x {total_batch}/256) | {o.epochs} epochs x {niter_per_ep} it | out {out_dir}"
+    )
+
+    # ============ training ============
+    t0 = time.time()
+    start_epoch = r.step // niter_per_ep
+    finished = True
+    for epoch in range(start_epoch, o.epochs):
+        finished = train_one_epoch(r, epoch)
+        if not finished:
+            save_checkpoint(r, out_dir / CHECKPOINT)
+            if env.is_main:
+                export_backbone(teacher.backbone, out_dir)
+            log.info(f"stopped at step {r.step} (run.max_steps); checkpoint {out_dir / CHECKPOINT}")
+            break
+        done = epoch + 1
+        save_checkpoint(r, out_dir / CHECKPOINT)  # every epoch, as main_dino.py
+        if env.is_main:
+            export_backbone(teacher.backbone, out_dir)
+            snapshot = (cfg.run.saveckp_freq and done % cfg.run.saveckp_freq == 0) or (
+                done in cfg.run.keep_epochs
+            )
+            if snapshot:
+                save_checkpoint(r, out_dir / f"checkpoint_epoch{done:04d}.pt")
+                export_backbone(teacher.backbone, out_dir, f"backbone_epoch{done:04d}")
+            if cfg.run.jacobian_every_epochs and done % cfg.run.jacobian_every_epochs == 0:
+                condition_numbers(r, done)
+        window = r.losses[-niter_per_ep:]
+        mean_loss = sum(window) / max(len(window), 1)
+        log.info(
+            f"epoch {done}/{o.epochs}: mean loss {mean_loss:.4f} (step {r.step}, "
+            f"{time.time() - t0:.0f}s)"
+        )
+        if _max_steps_reached(cfg, r.step) and done < o.epochs:
+            finished = False
+            log.info(f"stopped at step {r.step} (run.max_steps); checkpoint {out_dir / CHECKPOINT}")
+            break
+    barrier()
+    final = r.losses[-1] if r.losses else None
+    if env.is_main:
+        from ..cli import write_json
+
+        summary = {
+            "final_loss": final,
+            "step": r.step,
+            "epoch": r.step // niter_per_ep,
+            "finished": finished,
+            "time_s": time.time() - t0,
+            "nonfinite_skipped": r.nonfinite_skipped,
+            "backbone": str(out_dir / "backbone.pt"),
+        }
+        write_json(out_dir / "summary.json", summary)
+        if finished:
+            log.info(f"done: teacher backbone exported to {out_dir / 'backbone.pt'} (+ .json)")
+    log.close()
+    return TrainResult(
+        out_dir, r.step, r.step // niter_per_ep, final, r.nonfinite_skipped, not finished, r.losses
+    )

@@ -1,0 +1,124 @@
+"""``python -m dino_skipless.pretrain``: DINO pretraining of a (skipless) ViT.
+
+    python -m dino_skipless.pretrain --config configs/quickstart_cpu.yaml
+    python -m dino_skipless.pretrain --config configs/dino_vits16_skipless_init_adamw.yaml \\
+        --data /path/to/imagenet/train --out runs/vits16 [optim.lr=1e-3 --teacher_temp 0.04]
+    torchrun --nproc_per_node=8 -m dino_skipless.pretrain --config ... --data ...
+    python -m dino_skipless.pretrain --out runs/vits16 --resume     # continue exactly
+
+Settings: defaults (``dino_skipless.dino.config.PretrainConfig``, the published recipe), then
+``--config YAML``, then overrides in order: ``key=value``, ``--key value`` or ``--key=value``
+with a dotted key (``optim.lr``) or an unambiguous leaf (``lr``); shortcuts ``--data``
+(data.path), ``--out`` (run.out), ``--batch-size`` (data.batch_size_per_gpu). ``--resume``
+continues ``OUT/checkpoint.pt``; without ``--config`` it reuses the checkpoint's config.
+Writes OUT/{checkpoint.pt, log.jsonl, log.txt, config.yaml, backbone.pt, backbone.json,
+summary.json}.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from .dino.config import ConfigError, build_config, config_from_dict, leaf_keys
+
+ALIASES = {
+    "data": "data.path",
+    "out": "run.out",
+    "batch_size": "data.batch_size_per_gpu",
+    "batch": "data.batch_size_per_gpu",
+    "local_crops_number": "aug.n_local",
+    "use_fp16": None,  # refused with a pointer to run.precision
+}
+USAGE = __doc__
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str | None, bool, bool, list[tuple[str, str]]]:
+    """-> (config path, resume, print_config, [(key, value), ...]) in command-line order."""
+    config, resume, show, overrides = None, False, False, []
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if tok in ("-h", "--help"):
+            print(USAGE)
+            print("config keys:\n  " + "\n  ".join(leaf_keys()))
+            raise SystemExit(0)
+        if tok == "--resume":
+            resume = True
+            continue
+        if tok == "--print-config":
+            show = True
+            continue
+        if tok.startswith("--"):
+            key, eq, value = tok[2:].partition("=")
+            if not eq:
+                nxt = argv[i] if i < len(argv) else None
+                if nxt is None or nxt.startswith("--") or ("=" in nxt and "/" not in nxt):
+                    value = "true"  # a bare flag: --compile
+                else:
+                    value = nxt
+                    i += 1
+        elif "=" in tok:
+            key, _, value = tok.partition("=")
+        else:
+            raise ConfigError(
+                f"unexpected argument {tok!r}: use key=value, --key value, --config FILE or "
+                "--resume (see --help)"
+            )
+        key = key.replace("-", "_")
+        if key == "config":
+            config = value
+            continue
+        if key in ALIASES:
+            if ALIASES[key] is None:
+                raise ConfigError("--use_fp16: use run.precision=fp16|bf16|fp32 instead")
+            key = ALIASES[key]
+        overrides.append((key, value))
+    return config, resume, show, overrides
+
+
+def resolve_config(argv: Sequence[str]):
+    config_path, resume, show, overrides = parse_args(argv)
+    cfg = build_config(config_path, overrides)
+    if resume and config_path is None:
+        # continue with the checkpoint's own recipe (the user named only --out)
+        from .dino.checkpoint import CHECKPOINT, load_checkpoint
+
+        ckpt = load_checkpoint(cfg.out_dir() / CHECKPOINT)
+        base = config_from_dict(ckpt["config"])
+        base.run.max_steps = None  # a test/debug stop is not part of the recipe
+        base.run.out = str(cfg.out_dir())
+        cfg = build_config(base=base, overrides=overrides)
+    return cfg, resume, show
+
+
+def main(argv: Sequence[str] | None = None):
+    from .data import DatasetError
+    from .dino.checkpoint import ResumeError
+    from .dino.distributed import cleanup
+    from .dino.trainer import NonFiniteLossError, PretrainOOMError, train
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, resume, show = resolve_config(argv)
+        if show:
+            print(cfg.to_yaml())
+            return cfg
+        return train(cfg, resume_run=resume)
+    except (
+        ConfigError,
+        ResumeError,
+        DatasetError,
+        NonFiniteLossError,
+        PretrainOOMError,
+        FileExistsError,
+    ) as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

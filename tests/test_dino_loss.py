@@ -1,0 +1,136 @@
+"""DINO loss vs an explicit numpy double loop; centre EMA and teacher-temperature schedule."""
+
+import numpy as np
+import pytest
+import torch
+
+from dino_skipless.dino import DINOLoss, dino_loss
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def reference_loss(s, t, center, t_temp, s_temp, n_crops, n_global):
+    """Upstream's loop, in float64 numpy: returns (loss, number of pairs)."""
+    b = s.shape[0] // n_crops
+    s_views = [s[v * b : (v + 1) * b] / s_temp for v in range(n_crops)]
+    t_views = [_softmax((t[i * b : (i + 1) * b] - center) / t_temp) for i in range(n_global)]
+    total, pairs = 0.0, 0
+    for iq, q in enumerate(t_views):
+        for v, sv in enumerate(s_views):
+            if v == iq:
+                continue
+            logp = np.log(_softmax(sv))
+            per_sample = [-sum(q[n, k] * logp[n, k] for k in range(q.shape[1])) for n in range(b)]
+            total += sum(per_sample) / b
+            pairs += 1
+    return total / pairs, pairs
+
+
+@pytest.mark.parametrize("n_crops,n_global", [(10, 2), (4, 2), (3, 1)])
+def test_dino_loss_matches_double_loop(n_crops, n_global):
+    rng = np.random.default_rng(0)
+    b, k = 3, 7
+    s = rng.normal(size=(n_crops * b, k)) * 2
+    t = rng.normal(size=(n_global * b, k)) * 2
+    center = rng.normal(size=(1, k))
+    ref, pairs = reference_loss(s, t, center, 0.05, 0.1, n_crops, n_global)
+    assert pairs == n_global * n_crops - n_global
+    got = dino_loss(
+        torch.tensor(s, dtype=torch.float32),
+        torch.tensor(t, dtype=torch.float32),
+        torch.tensor(center, dtype=torch.float32),
+        teacher_temp=0.05,
+        student_temp=0.1,
+        n_crops=n_crops,
+        n_global=n_global,
+    )
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_pair_count_is_18_and_same_view_pairs_skipped():
+    # One-hot teacher targets and a student that puts all mass on a different class in view v
+    # make each pair's loss a known constant; only the 18 cross-view pairs may contribute.
+    b, k, n_crops = 2, 5, 10
+    s = torch.zeros(n_crops * b, k)
+    # student view v, sample n: logit 0 everywhere, so log p = -log k for every class
+    t = torch.full((2 * b, k), -1e4)
+    t[:, 0] = 0.0  # teacher q = one-hot(0)
+    # Make student view 0 and 1 (the teacher's own views) wildly wrong on class 0: if the
+    # same-view pairs (0,0) and (1,1) were counted the loss would blow up.
+    s[0 : 2 * b, 0] = -1e3
+    loss = dino_loss(s, t, torch.zeros(1, k), teacher_temp=0.04, n_crops=n_crops)
+    # Pairs: teacher 0 with student 1 (huge) + 8 locals (log k); teacher 1 with student 0 (huge)
+    # + 8 locals. Each huge term is -log p_0 with logit -1e4 (= -1e3/0.1) vs 0 elsewhere.
+    huge = -torch.log_softmax(torch.tensor([-1e4, 0, 0, 0, 0]), 0)[0].item()
+    expected = (2 * huge + 16 * np.log(k)) / 18
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_center_shifts_teacher_targets():
+    rng = np.random.default_rng(1)
+    s = torch.tensor(rng.normal(size=(4 * 2, 6)), dtype=torch.float32)
+    t = torch.tensor(rng.normal(size=(2 * 2, 6)), dtype=torch.float32)
+    c = torch.tensor(rng.normal(size=(1, 6)), dtype=torch.float32)
+    with_c = dino_loss(s, t, c, 0.04, n_crops=4)
+    # Subtracting the centre from the teacher logits by hand gives the same value ...
+    assert with_c.item() == pytest.approx(
+        dino_loss(s, t - c, torch.zeros(1, 6), 0.04, n_crops=4).item(), rel=1e-6
+    )
+    # ... and differs from the uncentred loss.
+    assert abs(with_c.item() - dino_loss(s, t, torch.zeros(1, 6), 0.04, n_crops=4).item()) > 1e-3
+
+
+def test_gradient_flows_to_student_only():
+    s = torch.randn(6 * 2, 5, requires_grad=True)
+    t = torch.randn(2 * 2, 5, requires_grad=True)
+    dino_loss(s, t, torch.zeros(1, 5), 0.04, n_crops=6).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError, match="multiple of n_crops"):
+        dino_loss(torch.zeros(7, 4), torch.zeros(2, 4), torch.zeros(1, 4), 0.04, n_crops=10)
+    with pytest.raises(ValueError, match="n_global"):
+        dino_loss(torch.zeros(20, 4), torch.zeros(2, 4), torch.zeros(1, 4), 0.04, n_crops=10)
+
+
+def test_teacher_temp_schedule_matches_linspace():
+    crit = DINOLoss(out_dim=4, n_crops=10)  # 0.04 -> 0.07 over 30 of 300 epochs
+    warm = np.linspace(0.04, 0.07, 30)
+    for epoch, expected in [(0, 0.04), (15, warm[15]), (29, 0.07), (30, 0.07), (100, 0.07)]:
+        assert crit.teacher_temp_at(epoch) == pytest.approx(expected, abs=1e-12)
+    assert crit.teacher_temp_at(15) == pytest.approx(0.04 + 15 * 0.03 / 29, abs=1e-12)
+    assert len(crit.teacher_temp_schedule) == 300
+    assert crit.teacher_temp_at(1000) == pytest.approx(0.07)  # past the end: last value
+
+
+def test_teacher_temp_schedule_short_run_truncates():
+    crit = DINOLoss(out_dim=4, n_crops=4, warmup_teacher_temp_epochs=30, n_epochs=5)
+    np.testing.assert_allclose(crit.teacher_temp_schedule, np.linspace(0.04, 0.07, 30)[:5])
+
+
+def test_forward_uses_old_center_then_updates_it():
+    torch.manual_seed(0)
+    k, b, m = 6, 3, 0.9
+    crit = DINOLoss(
+        out_dim=k, n_crops=4, center_momentum=m, n_epochs=10, warmup_teacher_temp_epochs=5
+    )
+    c0 = torch.randn(1, k)
+    crit.center.copy_(c0)
+    s, t = torch.randn(4 * b, k), torch.randn(2 * b, k)
+    loss = crit(s.to(torch.bfloat16), t.to(torch.bfloat16), epoch=2)
+    assert loss.dtype == torch.float32
+    expected = dino_loss(
+        s.bfloat16().float(), t.bfloat16().float(), c0, crit.teacher_temp_at(2), n_crops=4
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    # Hand formula: m * c + (1 - m) * mean over teacher rows.
+    t_rows = t.bfloat16().double().numpy()
+    want = m * c0.double().numpy() + (1 - m) * t_rows.mean(axis=0, keepdims=True)
+    np.testing.assert_allclose(crit.center.double().numpy(), want, rtol=1e-5, atol=1e-6)
+    assert "center" in crit.state_dict()

@@ -1,0 +1,276 @@
+"""End-to-end DINO trainer on CPU: export, schedules in the log, exact resume, refusals, NaN."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dino_skipless.dino import trainer as trainer_mod
+from dino_skipless.dino.config import build_config
+from dino_skipless.dino.logging import read_jsonl
+from dino_skipless.dino.trainer import (
+    EpochSampler,
+    NonFiniteLossError,
+    SeededMultiCrop,
+    build_student_teacher,
+    train,
+)
+from dino_skipless.models import load_backbone
+from dino_skipless.pretrain import main
+
+N_IMAGES, BATCH, EPOCHS = 16, 4, 2  # 4 iterations per epoch, 8 steps
+TINY = {
+    "model.arch": "vit_mini",
+    "model.depth": 2,
+    "model.patch_size": 8,
+    "aug.global_size": 32,
+    "aug.local_size": 16,
+    "aug.n_local": 2,
+    "dino.out_dim": 256,
+    "dino.head_hidden_dim": 64,
+    "dino.head_bottleneck_dim": 32,
+    "data.batch_size_per_gpu": BATCH,
+    "data.num_workers": 0,
+    "optim.epochs": EPOCHS,
+    "optim.warmup_epochs": 1,
+    "optim.lr": 0.02,  # scaled to 0.02 * 4 / 256: big enough for the weights to move
+    "run.precision": "fp32",
+    "run.log_every": 1,
+    "run.progress": False,
+    "run.tensorboard": False,
+    "run.keep_epochs": [1],
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and LAPACK (paper init's SVDs) can crawl with two
+    threads on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """16 smooth random RGB images in two class folders."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(N_IMAGES):
+        d = root / f"class{i % 2}"
+        d.mkdir(exist_ok=True)
+        small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((40, 40), Image.BICUBIC).save(d / f"{i:02d}.png")
+    return root
+
+
+def tiny_cfg(out, data, **extra):
+    return build_config(None, {**TINY, "data.path": str(data), "run.out": str(out), **extra})
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, image_dir):
+    """The uninterrupted reference run (8 steps)."""
+    out = tmp_path_factory.mktemp("full")
+    result = train(tiny_cfg(out, image_dir))
+    return out, result
+
+
+def test_end_to_end_exports_loadable_backbone(full_run):
+    out, result = full_run
+    assert result.step == N_IMAGES // BATCH * EPOCHS and not result.stopped_early
+    for name in ("checkpoint.pt", "backbone.pt", "backbone.json", "config.yaml", "log.jsonl"):
+        assert (out / name).exists(), name
+    assert (out / "checkpoint_epoch0001.pt").exists() and (out / "backbone_epoch0001.pt").exists()
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    cfg = tiny_cfg(out, "unused")
+    _, teacher = build_student_teacher(cfg)
+    teacher.load_state_dict(ckpt["teacher"])
+    teacher.eval()
+    model, spec = load_backbone(out)
+    assert spec.variant == "skipless_init" and spec.depth == 2 and spec.patch_size == 8
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), teacher.backbone(x))
+        # the checkpoint itself is a backbone too (teacher keys + meta)
+        from_ckpt, _ = load_backbone(out / "checkpoint.pt")
+        assert torch.equal(from_ckpt(x), model(x))
+    # training moved the teacher away from its initialisation
+    init_student, _ = build_student_teacher(cfg)
+    assert not torch.equal(
+        init_student.backbone.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight
+    )
+
+
+def test_log_follows_dino_schedules(full_run):
+    """lr/wd/momentum/teacher temp of every logged step equal the published formulas."""
+    out, result = full_run
+    recs = read_jsonl(out / "log.jsonl")
+    assert [r["step"] for r in recs] == list(range(8))
+    assert [r["loss"] for r in recs] == pytest.approx(result.losses, abs=0)
+    niter, total = 4, 8
+    base = 0.02 * BATCH / 256  # linear scaling rule
+    warm = np.linspace(0, base, niter)  # 1 warm-up epoch, np.linspace as DINO
+    for r in recs:
+        it = r["step"]
+        if it < niter:
+            lr = warm[it]
+        else:
+            j, n = it - niter, total - niter
+            lr = 1e-6 + 0.5 * (base - 1e-6) * (1 + math.cos(math.pi * j / n))
+        wd = 0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * it / total))
+        mom = 1 + 0.5 * (0.996 - 1) * (1 + math.cos(math.pi * it / total))
+        assert r["lr"] == pytest.approx(lr, rel=1e-12, abs=1e-15)
+        assert r["wd"] == pytest.approx(wd, rel=1e-12)
+        assert r["momentum"] == pytest.approx(mom, rel=1e-12)
+        # 30 warm-up epochs truncated to 2: np.linspace(0.04, 0.07, 30)[epoch]
+        assert r["teacher_temp"] == pytest.approx(0.04 + 0.03 * r["epoch"] / 29)
+        assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
+        assert r["img_per_s"] > 0 and r["mem_gb"] > 0
+
+
+def test_exact_resume_mid_epoch(tmp_path, image_dir, full_run):
+    """Killed after 3 steps (mid epoch 0, last layer still frozen) and resumed == uninterrupted."""
+    ref_out, ref = full_run
+    out = tmp_path / "resumed"
+    first = train(tiny_cfg(out, image_dir, **{"run.max_steps": 3, "run.ckpt_every_steps": 2}))
+    assert first.stopped_early and first.step == 3
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
+    # resume through the CLI: the checkpoint's config is reused (max_steps dropped)
+    second = main(["--out", str(out), "--resume"])
+    assert second.step == 8
+    assert second.losses == ref.losses[3:]  # bit-exact on CPU/fp32
+    assert [r["loss"] for r in read_jsonl(out / "log.jsonl")] == ref.losses
+    a = torch.load(ref_out / "checkpoint.pt", weights_only=False)
+    b = torch.load(out / "checkpoint.pt", weights_only=False)
+    for part in ("teacher", "student"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), (part, k)
+    assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+
+
+def test_resume_refuses_other_variant(full_run, capsys):
+    out, _ = full_run
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(out), "--resume", "--variant", "skip", "--optimizer", "soap"])
+    msg = str(e.value)
+    assert "variant: checkpoint 'skipless_init' vs this run 'skip'" in msg
+    assert "optimizer: checkpoint 'adamw' vs this run 'soap'" in msg
+
+
+def test_fresh_run_refuses_existing_checkpoint(full_run, image_dir):
+    out, _ = full_run
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_cfg(out, image_dir))
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        main(["--out", str(tmp_path / "nothing"), "--resume"])
+
+
+class _NaNAt:
+    """Patch DINOLoss so its n-th call (0-based, counted across the patch) returns NaN."""
+
+    def __init__(self, monkeypatch, n):
+        real = trainer_mod.DINOLoss
+        calls = {"n": 0}
+
+        class NaNLoss(real):
+            def forward(self, s, t, epoch):
+                loss = super().forward(s, t, epoch)
+                calls["n"] += 1
+                return loss * float("nan") if calls["n"] - 1 == n else loss
+
+        monkeypatch.setattr(trainer_mod, "DINOLoss", NaNLoss)
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, image_dir, full_run, monkeypatch):
+    out = tmp_path / "nan"
+    out.mkdir()
+    # the reference run's epoch-1 snapshot is a full checkpoint at step 4
+    shutil.copy(full_run[0] / "checkpoint_epoch0001.pt", out / "checkpoint.pt")
+    digest = hashlib.sha256((out / "checkpoint.pt").read_bytes()).hexdigest()
+    _NaNAt(monkeypatch, 2)  # third step after resuming: global step 6
+    cfg = tiny_cfg(out, image_dir)
+    with pytest.raises(NonFiniteLossError, match=r"at step 6 \(epoch 1, iteration 2\)"):
+        train(cfg, resume_run=True)
+    assert hashlib.sha256((out / "checkpoint.pt").read_bytes()).hexdigest() == digest
+
+
+def test_nonfinite_skip_mode_counts_and_continues(tmp_path, image_dir, monkeypatch):
+    out = tmp_path / "skip"
+    _NaNAt(monkeypatch, 1)
+    cfg = tiny_cfg(
+        out,
+        image_dir,
+        **{"run.on_nonfinite": "skip", "run.jacobian_every_epochs": 2, "run.jacobian_tokens": 4},
+    )
+    result = train(cfg)
+    assert result.nonfinite_skipped == 1 and result.step == 8 and len(result.losses) == 7
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert torch.isfinite(ckpt["dino_loss"]["center"]).all()
+    assert all(torch.isfinite(v).all() for v in ckpt["teacher"].values())
+    assert 1 not in [r["step"] for r in read_jsonl(out / "log.jsonl")]
+    # condition numbers of the teacher's attention maps after epoch 2 (paper App. A.7)
+    jac = read_jsonl(out / "jacobian.jsonl")
+    assert [r["epoch"] for r in jac] and {r["epoch"] for r in jac} == {2}
+    assert all(r["kappa"] >= 1 for r in jac)
+
+
+def test_empty_data_folder_says_so(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no images"):
+        main([f"data.path={tmp_path / 'empty'}", f"--out={tmp_path / 'o'}", "model.arch=vit_mini"])
+
+
+def test_sampler_shards_are_the_single_process_batches():
+    """2 ranks with batch B/2 see exactly the images of 1 process with batch B, every step."""
+    single = EpochSampler(20, 1, 0, seed=3)
+    ranks = [EpochSampler(20, 2, r, seed=3) for r in range(2)]
+    for epoch in range(2):
+        for s in (single, *ranks):
+            s.set_epoch(epoch)
+        one = [i for _, i in single]
+        two = [[i for _, i in s] for s in ranks]
+        for step in range(5):
+            got = set(two[0][step * 2 : step * 2 + 2]) | set(two[1][step * 2 : step * 2 + 2])
+            assert got == set(one[step * 4 : step * 4 + 4])
+        # same permutation as torch's DistributedSampler
+        ref = torch.utils.data.DistributedSampler(range(20), num_replicas=2, rank=1, seed=3)
+        ref.set_epoch(epoch)
+        assert two[1] == list(ref)
+    single.set_epoch(1, skip=8)
+    assert [i for _, i in single] == one[8:]
+
+
+def test_augmentation_depends_only_on_seed_epoch_index(image_dir):
+    from dino_skipless.data import ImageFolderDataset
+    from dino_skipless.dino import AugConfig, MultiCropAugmentation
+
+    aug = MultiCropAugmentation(AugConfig(global_size=32, local_size=16, n_local=2))
+    ds = SeededMultiCrop(ImageFolderDataset(image_dir), aug, seed=0)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = ds[(1, 5)]
+    torch.rand(7)  # global RNG use in between must not matter
+    b = ds[(1, 5)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(ds[(2, 5)][0], a[0])  # another epoch: other crops
+    torch.manual_seed(123)
+    ds[(0, 0)]
+    assert torch.equal(torch.get_rng_state(), state)  # caller's RNG untouched
+
+
+def test_cli_config_written(full_run):
+    out, _ = full_run
+    saved = (out / "config.yaml").read_text()
+    assert "vit_mini" in saved and json.loads((out / "backbone.json").read_text())["depth"] == 2

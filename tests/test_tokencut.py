@@ -1,0 +1,190 @@
+"""TokenCut's pure parts against hand-built cases and the official scipy path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tokencut.corloc import box_iou, corloc
+from tokencut.ncut import (
+    TokenCutConfig,
+    affinity,
+    component_box,
+    second_eigvec_torch,
+    seed_and_bipartition,
+    seed_component,
+    tokencut_batch,
+)
+from tokencut.scipy_ref import ncut_official, second_eigvec_scipy
+
+SOLVERS = ("torch", "lobpcg", "scipy")
+
+
+def two_group_feats(h, w, rows, cols, noise=0.02, seed=0, dim=16):
+    """Block ``rows x cols`` of the grid has feature a, the rest b (orthogonal), plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.zeros(dim)
+    a[0] = 1.0
+    b = torch.zeros(dim)
+    b[1] = 1.0
+    fg = torch.zeros(h, w, dtype=torch.bool)
+    fg[rows[0] : rows[1], cols[0] : cols[1]] = True
+    f = torch.where(fg.reshape(-1, 1), a, b) + noise * torch.randn(h * w, dim, generator=g)
+    return f, fg.numpy()
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_two_groups_give_the_block_and_its_box(solver):
+    # 6x6 grid, object = rows 1..2, cols 2..4 -> pixels x 32..80, y 16..48 at patch 16.
+    f, fg = two_group_feats(6, 6, (1, 3), (2, 5))
+    r = tokencut_batch(f[None], (6, 6), 16, [(96, 96)], TokenCutConfig(solver=solver))[0]
+    assert not r.degenerate
+    np.testing.assert_array_equal(r.mask, fg)
+    np.testing.assert_array_equal(r.bipartition, fg)
+    assert r.box == [32.0, 16.0, 80.0, 48.0]
+    off = ncut_official(f, (6, 6), 16, (96, 96))
+    np.testing.assert_array_equal(off["mask"], fg)
+    assert off["box"] == r.box
+
+
+def test_box_is_clipped_to_the_unpadded_image():
+    # Object in the bottom-right corner; the original image is 90x85 (padded to 96x96).
+    f, fg = two_group_feats(6, 6, (4, 6), (3, 6), seed=1)
+    r = tokencut_batch(f[None], (6, 6), 16, [(90, 85)])[0]
+    np.testing.assert_array_equal(r.mask, fg)
+    assert r.box == [48.0, 64.0, 85.0, 90.0]
+
+
+def test_only_the_seed_component_is_kept_with_4_connectivity():
+    bip = np.zeros((5, 5), bool)
+    bip[0:2, 0:2] = True  # component A
+    bip[2, 2] = True  # touches A only diagonally -> separate component
+    bip[3:5, 3:5] = True  # component C
+    comp = seed_component(bip, seed=0)
+    want = np.zeros((5, 5), bool)
+    want[0:2, 0:2] = True
+    np.testing.assert_array_equal(comp, want)
+    assert component_box(comp, 10, (50, 50)) == [0.0, 0.0, 20.0, 20.0]
+    comp = seed_component(bip, seed=3 * 5 + 4)
+    assert component_box(comp, 10, (45, 47)) == [30.0, 30.0, 47.0, 45.0]
+    with pytest.raises(ValueError):
+        seed_component(bip, seed=4)
+
+
+def test_flip_rule():
+    # Largest |x| is negative: the side below the mean becomes the foreground, x is negated.
+    x = torch.tensor([[0.1, 0.2, -0.9, 0.3, -0.1]], dtype=torch.float64)
+    bip, seed, xf = seed_and_bipartition(x)
+    assert seed.item() == 2
+    # mean = -0.08: x > mean is [T, T, F, T, F]; flipped -> [F, F, T, F, T]
+    assert bip[0].tolist() == [False, False, True, False, True]
+    torch.testing.assert_close(xf, -x)
+    # Seed already positive: nothing changes.
+    bip, seed, xf = seed_and_bipartition(-x)
+    assert seed.item() == 2 and bip[0].tolist() == [False, False, True, False, True]
+    torch.testing.assert_close(xf, -x)
+
+
+def test_affinity_is_the_binarised_cosine():
+    f = torch.tensor([[[1.0, 0.0], [2.0, 0.1], [0.0, 3.0], [0.15, 1.0]]])
+    a = affinity(f, tau=0.2, eps=1e-5)
+    fn = f[0] / f[0].norm(dim=1, keepdim=True)
+    cos = (fn @ fn.T).numpy()
+    np.testing.assert_array_equal(a[0].numpy(), np.where(cos > 0.2, 1.0, 1e-5))
+    assert a.dtype == torch.float64
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_torch_and_scipy_solvers_agree_on_random_features(seed):
+    g = torch.Generator().manual_seed(seed)
+    h, w = 7, 9
+    feats = torch.randn(3, h * w, 32, generator=g) + 0.5 * torch.randn(3, 1, 32, generator=g)
+    a = affinity(feats)
+    xt, lt = second_eigvec_torch(a)
+    xs, ls = second_eigvec_scipy(a)
+    torch.testing.assert_close(lt, ls, rtol=0, atol=1e-10)
+    # Same eigenvector up to sign, both D-normalised (x^T D x = 1).
+    d = a.sum(-1)
+    torch.testing.assert_close((xt * xt * d).sum(-1), torch.ones(3, dtype=torch.float64))
+    sign = torch.sign((xt * xs).sum(-1, keepdim=True))
+    torch.testing.assert_close(xt * sign, xs, rtol=0, atol=1e-8)
+    # After the flip rule: identical bipartitions, seeds and boxes, also vs the official code.
+    sizes = [(h * 16 - 5, w * 16 - 3)] * 3
+    res = {s: tokencut_batch(feats, (h, w), 16, sizes, TokenCutConfig(solver=s)) for s in SOLVERS}
+    for i in range(3):
+        off = ncut_official(feats[i], (h, w), 16, sizes[i])
+        for s in SOLVERS:
+            r = res[s][i]
+            np.testing.assert_array_equal(r.bipartition, off["bipartition"])
+            assert r.seed == off["seed"] and r.box == off["box"]
+            assert abs(r.eigval - off["eigval"]) < 1e-8
+            tol = 1e-5 if s == "lobpcg" else 1e-8  # iterative solver: its own tolerance
+            np.testing.assert_allclose(r.eigvec, off["eigvec"], atol=tol)
+
+
+def test_batched_equals_one_by_one():
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(4, 30, 8, generator=g)
+    sizes = [(80, 96), (75, 90), (80, 81), (66, 96)]
+    batch = tokencut_batch(feats, (5, 6), 16, sizes)
+    for i in range(4):
+        one = tokencut_batch(feats[i : i + 1], (5, 6), 16, sizes[i : i + 1])[0]
+        assert one.box == batch[i].box
+        np.testing.assert_array_equal(one.mask, batch[i].mask)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("kind", ["identical", "zero", "orthogonal", "collinear"])
+def test_degenerate_graph_predicts_the_whole_image(kind, solver):
+    base = torch.randn(1, 1, 24)
+    feats = {
+        "identical": base.expand(1, 20, 24).clone(),
+        "zero": torch.zeros(1, 20, 24),
+        "orthogonal": torch.eye(24)[None, :20],  # no pair above tau
+        "collinear": base + 0.01 * torch.randn(1, 20, 24),  # every pair above tau
+    }[kind]
+    g = torch.Generator().manual_seed(0)
+    normal = torch.randn(1, 20, 24, generator=g)
+    res = tokencut_batch(
+        torch.cat([feats, normal]), (4, 5), 8, [(30, 37), (32, 40)], TokenCutConfig(solver=solver)
+    )
+    assert res[0].degenerate and res[0].box == [0.0, 0.0, 37.0, 30.0] and res[0].mask.all()
+    assert not res[1].degenerate  # the other image of the batch is unaffected
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="grid"):
+        tokencut_batch(torch.randn(1, 10, 4), (3, 3), 16, [(48, 48)])
+    with pytest.raises(ValueError, match="at least 2"):
+        tokencut_batch(torch.randn(1, 1, 4), (1, 1), 16, [(16, 16)])
+    with pytest.raises(ValueError, match="solver"):
+        tokencut_batch(torch.randn(1, 4, 4), (2, 2), 16, [(32, 32)], TokenCutConfig(solver="x"))
+
+
+def test_iou_hand_values():
+    gt = np.array([[0, 0, 10, 10], [5, 5, 15, 15], [20, 20, 30, 30], [0, 0, 10, 20]], float)
+    iou = box_iou([0, 0, 10, 10], gt, eps=0)
+    np.testing.assert_allclose(iou, [1.0, 25 / 175, 0.0, 0.5])
+    # The official eps (1e-7 on heights and union) only nudges values, pushing exact 0.5 below.
+    iou_off = box_iou([0, 0, 10, 10], gt)
+    np.testing.assert_allclose(iou_off, iou, atol=1e-7)
+    assert iou_off[3] < 0.5
+    assert box_iou([0, 0, 10, 10], np.zeros((0, 4))).shape == (0,)
+
+
+def test_corloc_matches_a_hand_count():
+    preds = [[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 4, 10]]
+    gts = [
+        np.array([[0, 0, 10, 10]]),  # IoU 1 -> hit
+        np.array([[5, 0, 15, 10], [0, 0, 10, 18]]),  # 1/3 and 100/180 = 0.556 -> hit
+        np.array([[20, 20, 30, 30]]),  # 0 -> miss
+        np.array([[0, 0, 10, 10]]),  # 40/100 = 0.4 -> miss
+    ]
+    best = [box_iou(p, g, eps=0).max() for p, g in zip(preds, gts)]
+    np.testing.assert_allclose(best, [1.0, 100 / 180, 0.0, 0.4])
+    assert corloc(best) == 50.0
+    with pytest.raises(ValueError):
+        corloc([])
+    with pytest.raises(ValueError):
+        corloc([0.7, float("nan")])

@@ -1,0 +1,50 @@
+"""IoU and CorLoc as the TokenCut/LOST evaluation computes them.
+
+Boxes are ``[x0, y0, x1, y1]`` in continuous pixel coordinates (no ``+1`` in widths). The official
+``bbox_iou`` (from YOLOv5) adds ``eps = 1e-7`` to both heights and to the union; ``box_iou`` keeps
+that by default so that IoUs of exactly 0.5 fail as they do in the official evaluation
+(``eps=0`` gives the exact IoU). It computes in float64 where the official one ends up in
+float32; the two differ by ~1e-7 at most.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+OFFICIAL_IOU_EPS = 1e-7
+
+
+def box_iou(box: Sequence[float], gt: np.ndarray, eps: float = OFFICIAL_IOU_EPS) -> np.ndarray:
+    """IoU of one box with each of ``gt`` ``(K, 4)``; returns ``(K,)`` (empty for K = 0)."""
+    b = np.asarray(box, dtype=np.float64).reshape(4)
+    g = np.asarray(gt, dtype=np.float64).reshape(-1, 4)
+    iw = (np.minimum(b[2], g[:, 2]) - np.maximum(b[0], g[:, 0])).clip(min=0)
+    ih = (np.minimum(b[3], g[:, 3]) - np.maximum(b[1], g[:, 1])).clip(min=0)
+    inter = iw * ih
+    a1 = (b[2] - b[0]) * (b[3] - b[1] + eps)
+    a2 = (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1] + eps)
+    union = a1 + a2 - inter + eps
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    return iou
+
+
+def best_iou(box: Sequence[float], gt: np.ndarray, eps: float = OFFICIAL_IOU_EPS) -> float:
+    """Largest IoU of ``box`` with any ground-truth box (``nan`` when there is none)."""
+    ious = box_iou(box, gt, eps)
+    return float(ious.max()) if len(ious) else float("nan")
+
+
+def corloc(best_ious: Sequence[float], threshold: float = 0.5) -> float:
+    """Percentage of images whose box has IoU >= ``threshold`` with at least one GT box.
+
+    ``best_ious``: one value per evaluated image (images without GT must not be passed).
+    """
+    v = np.asarray(best_ious, dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("CorLoc of zero images is undefined")
+    if np.isnan(v).any():
+        raise ValueError("an image without ground-truth boxes was passed to corloc()")
+    return float(100.0 * np.mean(v >= threshold))

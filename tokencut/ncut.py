@@ -1,0 +1,287 @@
+"""TokenCut (Wang et al., TPAMI 2023) as pure functions, batched in torch.
+
+The algorithm follows the official code (github.com/YangtaoWANG95/TokenCut, ``object_discovery.py``,
+itself adapted from LOST): patch features (cls dropped) are L2-normalised, the cosine affinity is
+binarised (``> tau -> 1``, else ``eps``), and the second-smallest generalised eigenvector of
+``(D - A) x = lambda D x`` is split at its mean. The side holding ``argmax |x|`` (the seed) is the
+foreground; the box is the extent of the 4-connected foreground component containing the seed,
+times the patch size, clipped to the original (unpadded) image.
+
+The official code calls ``scipy.linalg.eigh(D - A, D)`` per image on the CPU. Here the
+generalised problem is reduced to the symmetric standard problem of the normalised Laplacian,
+``L = I - D^-1/2 A D^-1/2``, ``L y = lambda y``, ``x = D^-1/2 y`` (same eigenvalues; ``x`` has
+``x^T D x = 1`` like scipy's), solved for a whole batch of equally sized images at once with
+``torch.linalg.eigh`` on the model's device. ``tokencut.scipy_ref`` keeps the official path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+SOLVERS = ("torch", "lobpcg", "scipy")
+SEED_RTOL = 1e-8  # |x| values this close to the max count as ties for the seed (see below)
+
+
+@dataclass(frozen=True)
+class TokenCutConfig:
+    """Published TokenCut defaults (official ``main_tokencut.py`` argparse defaults).
+
+    - ``tau=0.2``: ``--tau`` (affinity threshold), ``eps=1e-5``: ``--eps`` (weight of the
+      non-edges, which keeps the graph connected), ``feature='k'``: ``--which_features`` (keys of
+      the last block's attention, heads concatenated), ``layer=-1``: the official code hooks
+      ``blocks[-1]``; ``no_hard=False``: ``--no_hard`` off (every VOC box is ground truth);
+      ``binary_graph=True``: ``--no-binary-graph`` off; ``iou_threshold=0.5``: CorLoc's criterion.
+    - The patch size is always the model's own (official: ``--patch_size``, default 16).
+    - ``solver``/``eig_dtype`` are ours: the torch solver runs in float64 by default so that it
+      matches scipy's float64 LAPACK solve (the bipartition is a threshold of the eigenvector, so
+      precision matters only near ties).
+    - ``min_grid=2``: an image needs at least 2 patch rows and 2 patch columns (after padding);
+      smaller images are skipped and counted (ours; the official code has no such case on VOC).
+    """
+
+    tau: float = 0.2
+    eps: float = 1e-5
+    feature: str = "k"
+    layer: int = -1
+    no_hard: bool = False
+    binary_graph: bool = True
+    iou_threshold: float = 0.5
+    solver: str = "torch"
+    eig_dtype: torch.dtype = field(default=torch.float64)
+    min_grid: int = 2
+
+
+@dataclass
+class NCutResult:
+    """TokenCut's output for one image (all arrays on the CPU, numpy)."""
+
+    box: list[float]  # [x0, y0, x1, y1] in original-image pixels (continuous coordinates)
+    mask: np.ndarray  # (h, w) bool: the seed's connected component (the discovered object)
+    bipartition: np.ndarray  # (h, w) bool: foreground side of the cut, after the flip rule
+    seed: int  # flat patch index of argmax |eigenvector|
+    eigvec: (
+        np.ndarray
+    )  # (h, w) second-smallest generalised eigenvector, sign-flipped like the official code
+    eigval: float
+    degenerate: bool = (
+        False  # affinity with no structure (all entries equal): whole image predicted
+    )
+
+
+def affinity(
+    feats: torch.Tensor,
+    tau: float = 0.2,
+    eps: float = 1e-5,
+    binary: bool = True,
+    out_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """``(B, N, D)`` patch features -> ``(B, N, N)`` TokenCut graph.
+
+    Cosine similarity of L2-normalised features; binary: ``> tau -> 1`` else ``eps`` (official
+    default); non-binary (the official ``--no-binary-graph`` ablation): similarities ``< tau``
+    replaced by ``eps``, the rest kept.
+
+    The similarity is computed in float32 and compared with ``tau`` there (as the official code
+    does); the binary graph is returned in ``out_dtype`` so that ``eps`` is exactly 1e-5.
+    """
+    if feats.dim() != 3:
+        raise ValueError(f"expected features of shape (B, N, D), got {tuple(feats.shape)}")
+    f = F.normalize(feats.float(), p=2, dim=-1)
+    a = f @ f.transpose(1, 2)
+    if binary:
+        one = torch.ones((), dtype=out_dtype, device=a.device)
+        return torch.where(a > tau, one, torch.full_like(one, eps))
+    return torch.where(a < tau, torch.full_like(a, eps), a).to(out_dtype)
+
+
+def is_degenerate(a: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+    """``(B,)`` bool: graphs whose edge weights (off the diagonal) are all equal.
+
+    With the binary graph this happens whenever *every* pair of patches has cosine > tau (or none
+    has): identical features, but also the near-collinear tokens of a rank-collapsed network
+    (e.g. the last block of a randomly initialised skipless ViT).
+
+    Such a graph is uniform: ``D - A = w (N I - 1 1^T)`` has the eigenvalue ``N w``
+    with multiplicity ``N - 1``, so "the" second eigenvector is arbitrary and any cut would be
+    noise. The caller predicts the whole image instead (documented in ``tokencut_batch``).
+    """
+    # Self-loops do not shape the cut (D - A ignores the diagonal): compare pairs only.
+    off = ~torch.eye(a.shape[-1], dtype=torch.bool, device=a.device)
+    hi = torch.where(off, a, -torch.inf).amax(dim=(-1, -2))
+    lo = torch.where(off, a, torch.inf).amin(dim=(-1, -2))
+    return (hi - lo) <= rtol * hi.abs().clamp_min(1e-30)
+
+
+def second_eigvec_torch(
+    a: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Second-smallest solution of ``(D - A) x = lambda D x`` for a batch ``(B, N, N)``.
+
+    Returns ``(x (B, N), lambda (B,))`` with ``x^T D x = 1`` (scipy's normalisation; sign
+    arbitrary, fixed later by the seed rule).
+    """
+    a = a.to(dtype)
+    d = a.sum(-1)
+    dis = d.rsqrt()
+    m = dis.unsqueeze(-1) * a * dis.unsqueeze(-2)
+    lap = torch.eye(a.shape[-1], dtype=dtype, device=a.device) - m
+    lap = 0.5 * (lap + lap.transpose(-1, -2))  # exact symmetry for eigh
+    vals, vecs = torch.linalg.eigh(lap)
+    return dis * vecs[..., 1], vals[..., 1]
+
+
+def second_eigvec_lobpcg(
+    a: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    tol: float | None = None,
+    niter: int = 500,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same as ``second_eigvec_torch`` with LOBPCG (two extreme eigenpairs only; for large grids).
+
+    Works on ``M = D^-1/2 A D^-1/2`` (eigenvalues ``1 - lambda``) and asks LOBPCG for its two
+    largest pairs, starting from the known top eigenvector ``sqrt(d)``. LOBPCG needs
+    ``N >= 3 k = 6`` (smaller graphs use the dense solver). Images are solved one by one
+    (``torch.lobpcg`` has no batch dimension).
+    """
+    a = a.to(dtype)
+    b, n, _ = a.shape
+    if tol is None:  # residual tolerance reachable in the working precision
+        tol = 1e-9 if dtype == torch.float64 else 1e-4
+    if n < 6:
+        return second_eigvec_torch(a, dtype)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    xs, ls = [], []
+    for i in range(b):
+        d = a[i].sum(-1)
+        dis = d.rsqrt()
+        m = dis.unsqueeze(-1) * a[i] * dis.unsqueeze(0)
+        m = 0.5 * (m + m.T)
+        # A block larger than k (up to 8 vectors) converges in far fewer iterations.
+        x0 = torch.randn(n, min(8, n // 3), generator=gen, dtype=dtype).to(a.device)
+        x0[:, 0] = d.sqrt()  # the exact top eigenvector as a start
+        vals, vecs = torch.lobpcg(m, k=2, X=x0, largest=True, tol=tol, niter=niter)
+        order = torch.argsort(vals, descending=True)
+        xs.append(dis * vecs[:, order[1]])
+        ls.append(1.0 - vals[order[1]])
+    return torch.stack(xs), torch.stack(ls)
+
+
+def seed_and_bipartition(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Official split and flip rule for ``(B, N)`` eigenvectors.
+
+    ``bip = x > mean(x)``; ``seed = argmax |x|`` (first of near-ties); if the seed is not in
+    ``bip`` the eigenvector is negated and ``bip`` replaced by its complement (``logical_not``,
+    so entries equal to the mean join the foreground, exactly as in the official code).
+    Returns ``(bip, seed, x_flipped)``.
+    """
+    avg = x.mean(-1, keepdim=True)
+    bip = x > avg
+    mag = x.abs()
+    # Binarised graphs make exact ties in |x| common (patches with identical neighbourhoods have
+    # identical entries); np.argmax takes the first of exact ties, but round-off decides which
+    # of them comes out largest. Treating values within SEED_RTOL of the max as ties and taking
+    # the first makes the seed independent of the solver's round-off.
+    top = mag.amax(-1, keepdim=True)
+    n = x.shape[-1]
+    idx = torch.arange(n, device=x.device).expand_as(x)
+    seed = torch.where(mag >= top * (1 - SEED_RTOL), idx, n).amin(-1)
+    in_fg = bip.gather(-1, seed.unsqueeze(-1)).squeeze(-1)
+    bip = torch.where(in_fg.unsqueeze(-1), bip, ~bip)
+    x = torch.where(in_fg.unsqueeze(-1), x, -x)
+    return bip, seed, x
+
+
+def seed_component(bipartition: np.ndarray, seed: int) -> np.ndarray:
+    """``(h, w)`` bool: the 4-connected component of ``bipartition`` that contains ``seed``.
+
+    ``scipy.ndimage.label``'s default structuring element is the 4-neighbourhood cross, as used
+    by the official ``detect_box``.
+    """
+    labels, _ = ndimage.label(bipartition)
+    lab = labels.flat[seed]
+    if lab == 0:
+        raise ValueError("the seed patch is not in the bipartition (flip rule not applied?)")
+    return labels == lab
+
+
+def component_box(mask: np.ndarray, patch: int, image_hw: tuple[int, int]) -> list[float]:
+    """Extent of ``mask`` (patch grid) in pixels, ``[x0, y0, x1, y1]``, clipped to the image.
+
+    ``x1 = (xmax + 1) * patch`` (exclusive end); only x1/y1 can exceed the image (padding), so
+    only they are clipped, as in the official code.
+    """
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        raise ValueError("empty component")
+    h, w = image_hw
+    x0, y0 = int(xs.min()) * patch, int(ys.min()) * patch
+    x1, y1 = (int(xs.max()) + 1) * patch, (int(ys.max()) + 1) * patch
+    return [float(x0), float(y0), float(min(x1, w)), float(min(y1, h))]
+
+
+def tokencut_batch(
+    feats: torch.Tensor,
+    grid: tuple[int, int],
+    patch: int,
+    image_sizes: list[tuple[int, int]],
+    cfg: TokenCutConfig = TokenCutConfig(),
+) -> list[NCutResult]:
+    """TokenCut on a batch of images sharing one patch grid.
+
+    ``feats``: ``(B, h*w, D)`` patch features (cls already dropped); ``image_sizes``: the original
+    ``(H, W)`` of each image (before padding), used to clip the boxes.
+
+    Degenerate graphs (all weights equal, see ``is_degenerate``) get the whole image as box and
+    mask, flagged ``degenerate=True``; they still count in CorLoc (the method found no object).
+    """
+    h, w = grid
+    b, n, _ = feats.shape
+    if n != h * w:
+        raise ValueError(f"{n} patch features do not fill a {h}x{w} grid")
+    if len(image_sizes) != b:
+        raise ValueError(f"{len(image_sizes)} image sizes for a batch of {b}")
+    if n < 2:
+        raise ValueError("TokenCut needs at least 2 patches")
+    dtype = torch.float64 if cfg.solver == "scipy" else cfg.eig_dtype
+    a = affinity(feats, cfg.tau, cfg.eps, cfg.binary_graph, out_dtype=dtype)
+    degen = is_degenerate(a)
+    solve = _SOLVE.get(cfg.solver)
+    if solve is None:
+        raise ValueError(f"unknown solver {cfg.solver!r}; expected one of {SOLVERS}")
+    keep = (~degen).nonzero().squeeze(-1)
+    out: list[NCutResult | None] = [None] * b
+    if len(keep):
+        # Degenerate graphs are left out of the solve (their eigenproblem has no answer).
+        x, lam = solve(a[keep], dtype)
+        bip, seed, x = seed_and_bipartition(x)
+        bip, seed, x, lam = (t.cpu().numpy() for t in (bip, seed, x, lam))
+        for j, i in enumerate(keep.tolist()):
+            bp = bip[j].reshape(h, w)
+            comp = seed_component(bp, int(seed[j]))
+            box = component_box(comp, patch, image_sizes[i])
+            out[i] = NCutResult(box, comp, bp, int(seed[j]), x[j].reshape(h, w), float(lam[j]))
+    for i in degen.nonzero().squeeze(-1).tolist():
+        hh, ww = image_sizes[i]
+        full = np.ones((h, w), bool)
+        box = [0.0, 0.0, float(ww), float(hh)]
+        out[i] = NCutResult(box, full, full, 0, np.zeros((h, w)), 0.0, degenerate=True)
+    return out
+
+
+def _solve_scipy(a: torch.Tensor, dtype: torch.dtype):
+    from .scipy_ref import second_eigvec_scipy  # the official per-image CPU path
+
+    return second_eigvec_scipy(a)
+
+
+_SOLVE = {
+    "torch": second_eigvec_torch,
+    "lobpcg": second_eigvec_lobpcg,
+    "scipy": _solve_scipy,
+}
