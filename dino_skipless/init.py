@@ -69,18 +69,14 @@ def mimetic_qk(
     if d % num_heads:
         raise ValueError(f"embed dim {d} is not divisible by num_heads {num_heads}")
     dh = d // num_heads
-    wq = torch.empty(d, d, dtype=dtype)
-    wk = torch.empty(d, d, dtype=dtype)
-    targets = torch.empty(num_heads, d, d, dtype=dtype)
     eye = torch.eye(d, dtype=dtype)
-    for i in range(num_heads):
-        z = torch.randn(d, d, generator=generator, dtype=dtype) / math.sqrt(d)
-        target = alpha * z + beta * eye
-        u, s, vh = torch.linalg.svd(target)
-        root = s[:dh].sqrt()
-        wq[:, i * dh : (i + 1) * dh] = u[:, :dh] * root
-        wk[:, i * dh : (i + 1) * dh] = vh[:dh].T * root
-        targets[i] = target
+    z = torch.randn(num_heads, d, d, generator=generator, dtype=dtype) / math.sqrt(d)
+    targets = alpha * z + beta * eye
+    u, s, vh = torch.linalg.svd(targets)  # batched over heads: one LAPACK call per model block
+    root = s[:, :dh].sqrt().unsqueeze(1)  # (h, 1, dh)
+    # (h, d, dh) factors -> heads side by side in columns, the paper's (d, d) layout
+    wq = (u[:, :, :dh] * root).permute(1, 0, 2).reshape(d, d)
+    wk = (vh[:, :dh].transpose(1, 2) * root).permute(1, 0, 2).reshape(d, d)
     return wq, wk, targets
 
 
@@ -135,7 +131,14 @@ def apply_paper_init(model: nn.Module, cfg: InitConfig | None = None, seed: int 
     """
     cfg = cfg or InitConfig()
     gen = torch.Generator().manual_seed(seed)
-    for block in model.blocks:
-        init_attention_(block.attn, cfg, gen)
-        init_mlp_(block.mlp, gen)
+    # Many small float64 SVD/QR calls run several times faster on one thread than contended
+    # across a busy CPU's threads; the result does not depend on the thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for block in model.blocks:
+            init_attention_(block.attn, cfg, gen)
+            init_mlp_(block.mlp, gen)
+    finally:
+        torch.set_num_threads(threads)
     return model

@@ -170,7 +170,7 @@ def load_backbone(
     sd, spec, kind = resolve_checkpoint(path)
     if expect is not None:
         spec = expect
-    model = build_vit(spec, seed=None)
+    model = build_vit(spec, seed=None, init_weights=False)
     load_state_dict_strict(model, sd, f"{path} ({kind})")
     model.eval()
     model.checkpoint_kind = kind

@@ -114,13 +114,16 @@ def get_arch(name: str) -> dict[str, int]:
     return ARCHS[name]
 
 
-def build_vit(spec: BackboneSpec, seed: int | None = 0) -> VisionTransformer:
+def build_vit(
+    spec: BackboneSpec, seed: int | None = 0, init_weights: bool = True
+) -> VisionTransformer:
     """Build the backbone described by ``spec`` (``num_classes=0``: features, no classifier).
 
     ``dynamic_img_size`` interpolates the positional embedding for other input sizes (96 px
     DINO local crops, TokenCut at the image's own size). Drop-path is 0 in every variant, as in
     the paper. ``seed`` makes timm's default init (and the paper's) reproducible; ``None``
-    leaves the global RNG alone.
+    leaves the global RNG alone. ``init_weights=False`` skips the paper's init (its SVDs are
+    wasted work when a checkpoint overwrites every weight right after).
     """
     if seed is not None:
         torch.manual_seed(seed)
@@ -139,7 +142,7 @@ def build_vit(spec: BackboneSpec, seed: int | None = 0) -> VisionTransformer:
         drop_path_rate=0.0,
         block_fn=partial(Block, skip=spec.skip),
     )
-    if spec.variant == "skipless_init":
+    if init_weights and spec.variant == "skipless_init":
         apply_paper_init(model, InitConfig(**spec.init), seed=0 if seed is None else seed)
     model.spec = spec  # travels with the module so features/exports know what they hold
     return model
