@@ -22,7 +22,8 @@ from .models import ARCHS, VARIANT_HELP, VARIANTS, BackboneSpec, build_model, lo
 
 def add_backbone_args(parser: argparse.ArgumentParser, multiple: bool = False) -> None:
     g = parser.add_argument_group("backbone")
-    src = g.add_mutually_exclusive_group()
+    # One figure or table may mix trained checkpoints with random-init baselines.
+    src = g if multiple else g.add_mutually_exclusive_group()
     if multiple:
         src.add_argument(
             "--ckpt",
