@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=("auto", "faiss", "torch"), default="auto")
     p.add_argument("--synthetic-n", type=int, default=120)
     p.add_argument("--synthetic-size", type=int, default=64)
-    p.add_argument("--out", default="results/knn")
+    p.add_argument("--out", default="runs/knn")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     cfg = replace(

@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-n", type=int, default=40, help="--dataset synthetic: scenes")
     p.add_argument("--synthetic-size", type=int, default=128, help="--dataset synthetic: side")
     p.add_argument("--synthetic-seed", type=int, default=0, help="--dataset synthetic: seed")
-    p.add_argument("--out", default="results/linprobe", help="output folder")
+    p.add_argument("--out", default="runs/linprobe", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

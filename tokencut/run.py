@@ -2,7 +2,7 @@
 
     python -m tokencut.run --dataset voc07 --root datasets/VOC2007 --ckpt run/backbone.pt
     python -m tokencut.run --dataset synthetic --random-init skipless_init --arch vit_small \\
-        --sweep-layers --out results/tokencut
+        --sweep-layers --out runs/tokencut
 
 Each image is read at its own size, ImageNet-normalised, zero-padded bottom/right to a multiple
 of the patch size (padding after normalisation, as the official code); images with the same
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--synthetic-vary", action="store_true", help="--dataset synthetic: sides vary +-25%%"
     )
-    p.add_argument("--out", default="results/tokencut", help="output folder")
+    p.add_argument("--out", default="runs/tokencut", help="output folder")
     p.add_argument("--save-vis", default=None, metavar="DIR", help="write PNGs of predictions")
     p.add_argument("--vis-max", type=int, default=50, help="images visualised (0 = all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
