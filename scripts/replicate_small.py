@@ -65,9 +65,9 @@ def load_json(path: Path) -> dict:
         return json.load(f)
 
 
-def final_loss(run_dir: Path) -> float:
+def last_record(run_dir: Path) -> dict:
     lines = (run_dir / "log.jsonl").read_text().splitlines()
-    return float(json.loads(lines[-1])["loss"])
+    return json.loads(lines[-1])
 
 
 def kappas(jac_json: Path) -> dict[str, float]:
@@ -94,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-resolution", type=int, default=None, help="linear-probe resolution")
     p.add_argument("--probe-epochs", type=int, default=None)
     p.add_argument("--pca-images", type=int, default=None)
+    p.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip the random-init rows (the same evaluations on untrained models)",
+    )
+    p.add_argument(
+        "--jacobian-every",
+        type=int,
+        default=None,
+        help="condition numbers during pretraining every N epochs (default 2; quick 1)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument(
         "pretrain_overrides", nargs="*", help="extra key=value for every pretraining run"
@@ -113,10 +124,34 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = list(QUICK_PRETRAIN if quick else []) + list(args.pretrain_overrides)
     if args.data:
         overrides.append(f"data.path={args.data}")
-    res = args.eval_resolution or (32 if quick else 64)
+    # identical for every variant: a diverging skipless run skips its non-finite steps (and
+    # counts them) instead of stopping, so it still yields a model to evaluate
+    overrides += [
+        f"run.jacobian_every_epochs={args.jacobian_every or (1 if quick else 2)}",
+        "run.on_nonfinite=skip",
+    ]
+    # 96 px = 12x12 patches of 8 px for the synthetic scenes (64 px was too coarse for the
+    # thin objects); 448 for real data and /16 models
+    res = args.eval_resolution or (32 if quick else 448 if roots else 96)
     probe_epochs = args.probe_epochs or (2 if quick else 30)
     n_pca = args.pca_images or (4 if quick else 10)
     synth = ["--synthetic-n", "12" if quick else "200", "--synthetic-size", "48" if quick else "96"]
+    det_synth = [
+        "--synthetic-n",
+        "12" if quick else "100",
+        "--synthetic-size",
+        "48" if quick else "96",
+    ]
+    # k-NN on dominant-object scenes (6 classes): the standard DINO pretraining monitor
+    knn_args = (
+        ["--dataset", "synthetic", "--synthetic-n", "60", "--synthetic-size", "48",
+         "--resize", "32", "--crop", "32"]
+        if quick
+        else ["--root", roots["knn"]]
+        if "knn" in roots
+        else ["--dataset", "synthetic", "--synthetic-n", "2000", "--synthetic-size", "96",
+              "--resize", "64", "--crop", "64"]
+    )  # fmt: skip
 
     def seg_data() -> list[str]:
         return (
@@ -129,13 +164,49 @@ def main(argv: list[str] | None = None) -> dict:
         return (
             ["--dataset", name, "--root", roots[name]]
             if name in roots
-            else ["--dataset", "synthetic", *synth]
+            else ["--dataset", "synthetic", *det_synth]
         )
 
     det_sets = [n for n in ("voc12", "coco20k") if n in roots] or ["synthetic"]
     results: dict = {"config": args.config, "quick": quick, "overrides": overrides, "runs": {}}
+    results["baselines"] = {}
     timings: dict[str, float] = {}
     run_dirs: dict[str, Path] = {}
+
+    def evaluate(name: str, src: list[str], rec: dict) -> None:
+        """k-NN, linear probe (single + multiscale), TokenCut (every block) of one model."""
+        logs = out / "logs" / name
+        logs.mkdir(parents=True, exist_ok=True)
+        kn = out / "knn" / name
+        timings[f"{name}/knn"] = run(
+            [py, "-m", "eval.knn", *knn_args, *src, "--num-workers", "0", "--out", str(kn),
+             "--quiet", *dev],
+            logs / "knn.txt",
+        )  # fmt: skip
+        rec["knn_top1"] = load_json(kn / "results.json")["top1"]
+        lp = out / "linprobe" / name
+        timings[f"{name}/linprobe"] = run(
+            [py, "-m", "eval.linprobe", *seg_data(), *src, "--mode", "both",
+             "--resolution", str(res), "--epochs", str(probe_epochs), "--num-workers", "0",
+             "--out", str(lp), "--quiet", *dev],
+            logs / "linprobe.txt",
+        )  # fmt: skip
+        lpr = load_json(lp / "results.json")
+        rec["linprobe_single_miou"] = lpr["miou"]
+        rec["linprobe_multiscale_miou"] = lpr["multiscale"]["miou"]
+        for det in det_sets:
+            tc = out / "tokencut" / det / name
+            timings[f"{name}/tokencut_{det}"] = run(
+                [py, "-m", "tokencut.run", *det_data(det), *src, "--sweep-layers",
+                 "--num-workers", "0", "--out", str(tc), "--quiet", *dev],
+                logs / f"tokencut_{det}.txt",
+            )  # fmt: skip
+            tcr = load_json(tc / "results.json")
+            rec[f"tokencut_{det}"] = {
+                "corloc": tcr["per_layer"][str(tcr["best_layer"])],
+                "best_layer": tcr["best_layer"],
+                "per_layer": tcr["per_layer"],
+            }
 
     for opt in args.optimizers:
         for variant in args.variants:
@@ -151,16 +222,13 @@ def main(argv: list[str] | None = None) -> dict:
                      "--optimizer", opt, "--out", str(rdir), *overrides],
                     logs / "pretrain.txt",
                 )  # fmt: skip
-            rec["final_loss"] = final_loss(rdir)
+            last = last_record(rdir)
+            rec["final_loss"] = float(last["loss"])
+            rec["nonfinite_skipped"] = int(last.get("nonfinite_skipped", 0))
+            rec["steps"] = int(last["step"]) + 1
             spec = load_json(rdir / "backbone.json")
-            arch = [
-                "--arch",
-                spec["arch"],
-                "--depth",
-                str(spec["depth"]),
-                "--patch-size",
-                str(spec["patch_size"]),
-            ]
+            arch = ["--arch", spec["arch"], "--depth", str(spec["depth"]),
+                    "--patch-size", str(spec["patch_size"])]  # fmt: skip
             tokens = ["--tokens", "8" if quick else "16"]
             # kappa at init (same spec, the variant's initialisation) and after training
             for when, src in (
@@ -173,32 +241,12 @@ def main(argv: list[str] | None = None) -> dict:
                     logs / f"jacobian_{when}.txt",
                 )
                 rec[f"kappa_{when}"] = kappas(jdir / "jacobian.json")
-            lp = out / "linprobe" / name
-            timings[f"{name}/linprobe"] = run(
-                [py, "-m", "eval.linprobe", *seg_data(), "--ckpt", str(rdir), "--mode", "both",
-                 "--resolution", str(res), "--epochs", str(probe_epochs), "--num-workers", "0",
-                 "--out", str(lp), "--quiet", *dev],
-                logs / "linprobe.txt",
-            )  # fmt: skip
-            lpr = load_json(lp / "results.json")
-            rec["linprobe_single_miou"] = lpr["miou"]
-            rec["linprobe_multiscale_miou"] = lpr["multiscale"]["miou"]
-            for det in det_sets:
-                tc = out / "tokencut" / det / name
-                timings[f"{name}/tokencut_{det}"] = run(
-                    [py, "-m", "tokencut.run", *det_data(det), "--ckpt", str(rdir), "--sweep-layers",
-                     "--num-workers", "0", "--out", str(tc), "--quiet", *dev],
-                    logs / f"tokencut_{det}.txt",
-                )  # fmt: skip
-                tcr = load_json(tc / "results.json")
-                rec[f"tokencut_{det}"] = {
-                    "corloc": tcr["per_layer"][str(tcr["best_layer"])]
-                    if str(tcr["best_layer"]) in tcr["per_layer"]
-                    else tcr["corloc"],
-                    "best_layer": tcr["best_layer"],
-                    "per_layer": tcr["per_layer"],
-                }
+            evaluate(name, ["--ckpt", str(rdir)], rec)
             results["runs"][name] = rec
+            if not args.no_baselines and variant not in results["baselines"]:
+                base: dict = {"variant": variant}
+                evaluate(f"random_{variant}", ["--random-init", variant, *arch], base)
+                results["baselines"][variant] = base
 
     ckpts = [a for d in run_dirs.values() for a in ("--ckpt", str(d))]
     pca_png = out / "pca.png"
@@ -223,20 +271,43 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def plot_curves(run_dirs: dict[str, Path], path: Path) -> Path:
+    """Loss, teacher entropy (the collapse monitor) and per-layer kappa during pretraining."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=150)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), dpi=150)
+    colors = {}
     for name, rdir in run_dirs.items():
-        rows = [json.loads(line) for line in (rdir / "log.jsonl").read_text().splitlines()]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name, lw=1.2)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("DINO loss")
-    ax.legend(fontsize=7, frameon=False)
-    ax.grid(alpha=0.3)
+        rows = read_jsonl(rdir / "log.jsonl")
+        steps = [r["step"] for r in rows]
+        (line,) = axes[0].plot(steps, [r["loss"] for r in rows], label=name, lw=1.2)
+        colors[name] = line.get_color()
+        if rows and "teacher_entropy" in rows[0]:
+            axes[1].plot(steps, [r["teacher_entropy"] for r in rows], color=colors[name], lw=1.2)
+            axes[1].plot(steps, [r["teacher_batch_entropy"] for r in rows], color=colors[name],
+                         lw=0.8, ls="--")  # fmt: skip
+        jac = read_jsonl(rdir / "jacobian.jsonl")
+        for layer in sorted({r["layer"] for r in jac}):
+            pts = [(r["step"], min(r["kappa"], 1e20)) for r in jac if r["layer"] == layer]
+            axes[2].plot(*zip(*pts), color=colors[name], lw=1.0, marker="o", ms=2,
+                         alpha=0.35 + 0.65 * (layer + 1) / (len(pts) and max(r["layer"] for r in jac) + 1))  # fmt: skip
+    axes[0].set_ylabel("DINO loss")
+    axes[0].legend(fontsize=7, frameon=False)
+    axes[1].set_ylabel("teacher entropy (nats)\nsolid: per image, dashed: batch mean")
+    axes[2].set_ylabel("κ(K_l K_lᵀ) per block (darker = deeper)")
+    axes[2].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -245,20 +316,24 @@ def plot_curves(run_dirs: dict[str, Path], path: Path) -> Path:
 
 def check_results(results: dict) -> None:
     """Every stage produced numbers, finite and in range (the quick mode's end-to-end check)."""
-    for name, rec in results["runs"].items():
+    rows = list(results["runs"].items()) + [
+        (f"random_{v}", r) for v, r in results.get("baselines", {}).items()
+    ]
+    for name, rec in rows:
         problems = []
-        if not math.isfinite(rec["final_loss"]):
+        if "final_loss" in rec and not math.isfinite(rec["final_loss"]):
             # a skipless run may diverge: that is a result, not a pipeline failure
             rec["diverged"] = True
-        for key in ("linprobe_single_miou", "linprobe_multiscale_miou"):
+        for key in ("linprobe_single_miou", "linprobe_multiscale_miou", "knn_top1"):
             if not 0.0 <= rec[key] <= 100.0:
                 problems.append(f"{key}={rec[key]}")
         for key, val in rec.items():
             if key.startswith("tokencut_") and not 0.0 <= val["corloc"] <= 100.0:
                 problems.append(f"{key}={val['corloc']}")
         for when in ("init", "end"):
-            if not rec[f"kappa_{when}"] or any(
-                k < 1.0 or k != k for k in rec[f"kappa_{when}"].values()
+            if f"kappa_{when}" in rec and (
+                not rec[f"kappa_{when}"]
+                or any(k < 1.0 or k != k for k in rec[f"kappa_{when}"].values())
             ):
                 problems.append(f"kappa_{when}={rec[f'kappa_{when}']}")
         if problems:
@@ -269,31 +344,107 @@ def _fmt_kappa(k: float) -> str:
     return "∞" if k >= 1e16 else f"{k:.3g}"
 
 
+SINGULAR = 1e10  # kappa above this: numerically singular (the paper's "∞")
+
+
+def paper_claims(results: dict) -> list[tuple[str, str, str]]:
+    """(claim, verdict, evidence) for each of the paper's claims this run can test.
+
+    Verdicts come from the numbers alone, so the page cannot overstate what was measured.
+    """
+    runs, base = results["runs"], results.get("baselines", {})
+    out: list[tuple[str, str, str]] = []
+    by = {r["variant"]: r for r in runs.values() if r["optimizer"] == "adamw"} or {
+        r["variant"]: r for r in runs.values()
+    }
+    det = sorted(k for r in runs.values() for k in r if k.startswith("tokencut_"))
+    det = det[0] if det else None
+
+    def verdict(ok: bool) -> str:
+        return "shown" if ok else "not shown"
+
+    if {"skip", "skipless", "skipless_init"} <= by.keys():
+        k0 = {v: max(by[v]["kappa_init"].values()) for v in by}
+        out.append((
+            "Skipless at the default init is ill-conditioned; the paper's init fixes it "
+            "(Sec. 4, Tables 5-6)",
+            verdict(k0["skipless"] > SINGULAR and k0["skipless_init"] < SINGULAR),
+            f"max κ at init: skip {_fmt_kappa(k0['skip'])}, skipless {_fmt_kappa(k0['skipless'])}, "
+            f"skipless_init {_fmt_kappa(k0['skipless_init'])}",
+        ))  # fmt: skip
+        k1 = {v: max(by[v]["kappa_end"].values()) for v in by}
+        out.append((
+            "After training, skipless_init stays well conditioned; skipless does not (Table 6)",
+            verdict(k1["skipless"] > SINGULAR and k1["skipless_init"] < SINGULAR),
+            f"max κ at the end: skip {_fmt_kappa(k1['skip'])}, skipless "
+            f"{_fmt_kappa(k1['skipless'])}, skipless_init {_fmt_kappa(k1['skipless_init'])}",
+        ))  # fmt: skip
+    if {"skip", "skipless_init"} <= by.keys():
+        s, n = by["skip"], by["skipless_init"]
+        for key, what in (("linprobe_single_miou", "single block"),
+                          ("linprobe_multiscale_miou", "multiscale")):  # fmt: skip
+            out.append(
+                (
+                    f"skipless_init beats skip on dense linear probing, {what} (Table 2)",
+                    verdict(n[key] > s[key]),
+                    f"mIoU skipless_init {n[key]:.2f} vs skip {s[key]:.2f}",
+                )
+            )
+        if det:
+            out.append(
+                (
+                    "skipless_init beats skip on TokenCut object discovery by a wide margin (Fig. 3)",
+                    verdict(n[det]["corloc"] > s[det]["corloc"]),
+                    f"CorLoc skipless_init {n[det]['corloc']:.1f} vs skip {s[det]['corloc']:.1f}",
+                )
+            )
+    for v, r in by.items():
+        if v in base:
+            b = base[v]
+            gains = [
+                r["knn_top1"] - b["knn_top1"],
+                r["linprobe_single_miou"] - b["linprobe_single_miou"],
+            ] + ([r[det]["corloc"] - b[det]["corloc"]] if det else [])
+            out.append((
+                f"(precondition, not a paper claim) pretraining taught {v} something: "
+                "it beats its own random init",
+                verdict(all(g > 0 for g in gains)),
+                "gain over random init: k-NN " + f"{gains[0]:+.1f}, mIoU {gains[1]:+.2f}"
+                + (f", CorLoc {gains[2]:+.1f}" if det else ""),
+            ))  # fmt: skip
+    return out
+
+
 def results_markdown(results: dict) -> str:
-    runs = results["runs"]
+    runs, base = results["runs"], results.get("baselines", {})
+    rows = list(runs.items()) + [(f"random init {v}", r) for v, r in base.items()]
     lines = [
         "# Small-scale replication",
         "",
         f"Recipe: `{results['config']}`"
         + (" (quick mode)" if results["quick"] else "")
         + (f", overrides `{' '.join(results['overrides'])}`" if results["overrides"] else "")
-        + ".",
+        + ". Generated by `scripts/replicate_small.py`; every number below is read from the"
+        " stage's own `results.json` under this folder.",
         "",
-        "## Dense linear probing (mIoU, paper Table 2 layout)",
+        "## Dense linear probing (mIoU, paper Table 2 layout) and the k-NN monitor",
         "",
-        "| run | final DINO loss | single block | multiscale |",
-        "|---|---|---|---|",
+        "| run | steps | final DINO loss | k-NN top-1 | single block | multiscale |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, r in runs.items():
+    for name, r in rows:
+        loss = f"{r['final_loss']:.3f}" if "final_loss" in r else "–"
+        if r.get("nonfinite_skipped"):
+            loss += f" ({r['nonfinite_skipped']} non-finite steps skipped)"
         lines.append(
-            f"| {name} | {r['final_loss']:.3f} | {r['linprobe_single_miou']:.2f} | "
-            f"{r['linprobe_multiscale_miou']:.2f} |"
+            f"| {name} | {r.get('steps', '–')} | {loss} | {r['knn_top1']:.1f} | "
+            f"{r['linprobe_single_miou']:.2f} | {r['linprobe_multiscale_miou']:.2f} |"
         )
     det_keys = sorted({k for r in runs.values() for k in r if k.startswith("tokencut_")})
     lines += ["", "## Object discovery (TokenCut CorLoc, best block; paper Fig. 3 layout)", ""]
     lines += ["| run | " + " | ".join(k.removeprefix("tokencut_") for k in det_keys) + " |"]
     lines += ["|---|" + "---|" * len(det_keys)]
-    for name, r in runs.items():
+    for name, r in rows:
         cells = [f"{r[k]['corloc']:.1f} (block {r[k]['best_layer']})" for k in det_keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     layers = sorted({int(k) for r in runs.values() for k in r["kappa_init"]})
@@ -310,13 +461,25 @@ def results_markdown(results: dict) -> str:
             )
     lines += [
         "",
+        "## The paper's claims at this scale",
+        "",
+        "| claim | this run | evidence |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {c} | **{v}** | {e} |" for c, v, e in paper_claims(results)]
+    lines += [
+        "",
         "## Figures",
         "",
         "![PCA of the last block's patch features](pca.png)",
         "",
-        "![DINO training loss](training_curves.png)",
+        "![Training curves: loss, teacher entropy, per-block condition numbers]"
+        "(training_curves.png)",
         "",
     ]
+    if results.get("timings_s"):
+        total = sum(results["timings_s"].values())
+        lines += [f"Wall time of all stages: {total / 60:.1f} min.", ""]
     return "\n".join(lines)
 
 

@@ -134,3 +134,32 @@ def test_forward_uses_old_center_then_updates_it():
     want = m * c0.double().numpy() + (1 - m) * t_rows.mean(axis=0, keepdims=True)
     np.testing.assert_allclose(crit.center.double().numpy(), want, rtol=1e-5, atol=1e-6)
     assert "center" in crit.state_dict()
+
+
+def test_teacher_entropies_hand_cases():
+    from dino_skipless.dino.loss import teacher_entropies
+
+    k = 16
+    zero = torch.zeros(1, k)
+    # identical rows (after centring): every target flat -> both entropies are ln K
+    per_row, of_mean = teacher_entropies(torch.ones(4, k), torch.ones(1, k), 0.04)
+    assert per_row == pytest.approx(np.log(k), abs=1e-6)
+    assert of_mean == pytest.approx(np.log(k), abs=1e-6)
+    # four images, each a sharp one-hot on its own dimension: per-row 0, batch-mean ln 4
+    logits = torch.full((4, k), -1.0)
+    logits[torch.arange(4), torch.arange(4)] = 1.0
+    per_row, of_mean = teacher_entropies(logits, zero, 0.01)
+    assert per_row == pytest.approx(0.0, abs=1e-6)
+    assert of_mean == pytest.approx(np.log(4), abs=1e-6)
+    # a general case against numpy
+    rng = np.random.default_rng(0)
+    t, c = rng.normal(size=(6, k)), rng.normal(size=(1, k))
+    z = (t - c) / 0.07
+    q = np.exp(z - z.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    want_row = float(np.mean(-(q * np.log(q)).sum(1)))
+    m = q.mean(0)
+    want_mean = float(-(m * np.log(m)).sum())
+    per_row, of_mean = teacher_entropies(torch.tensor(t), torch.tensor(c), 0.07)
+    assert per_row == pytest.approx(want_row, rel=1e-5)
+    assert of_mean == pytest.approx(want_mean, rel=1e-5)

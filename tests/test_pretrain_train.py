@@ -134,6 +134,9 @@ def test_log_follows_dino_schedules(full_run):
         # 30 warm-up epochs truncated to 2: np.linspace(0.04, 0.07, 30)[epoch]
         assert r["teacher_temp"] == pytest.approx(0.04 + 0.03 * r["epoch"] / 29)
         assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
+        # entropies of a distribution over out_dim outputs, and H(mean) >= mean H (concavity)
+        assert 0 <= r["teacher_entropy"] <= r["teacher_batch_entropy"] + 1e-6
+        assert r["teacher_batch_entropy"] <= math.log(256) + 1e-6
         assert r["img_per_s"] > 0 and r["mem_gb"] > 0
 
 

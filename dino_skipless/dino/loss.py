@@ -67,6 +67,24 @@ def dino_loss(
     return -(q * others).sum(dim=-1).mean(dim=-1).sum() / n_pairs
 
 
+@torch.no_grad()
+def teacher_entropies(
+    teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float
+) -> tuple[float, float]:
+    """Collapse monitor (DINO paper Sec. 5.3, Fig. 7): ``(mean_b H(q_b), H(mean_b q_b))`` in nats.
+
+    q_b is the centred, sharpened teacher distribution of row b. Both near ln K: uniform
+    collapse (every image gets the same flat target); both near 0: one-dimension collapse;
+    a healthy run keeps the first well below ln K and the second near ln K (the targets are
+    sharp and different images use different dimensions).
+    """
+    q = F.softmax((teacher_out.float() - center.float()) / teacher_temp, dim=-1)
+    per_row = -(q * q.clamp_min(1e-30).log()).sum(dim=-1).mean()
+    mean_q = q.mean(dim=0)
+    of_mean = -(mean_q * mean_q.clamp_min(1e-30).log()).sum()
+    return float(per_row), float(of_mean)
+
+
 def teacher_temp_schedule(
     warmup_teacher_temp: float, teacher_temp: float, warmup_epochs: int, n_epochs: int
 ) -> np.ndarray:
@@ -114,6 +132,8 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        # (per-row teacher entropy, entropy of the batch-mean target) of the last call, this rank
+        self.last_entropies: tuple[float, float] = (float("nan"), float("nan"))
         self.teacher_temp_schedule = teacher_temp_schedule(
             warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, n_epochs
         )
@@ -137,6 +157,9 @@ class DINOLoss(nn.Module):
             self.student_temp,
             self.n_crops,
             self.n_global,
+        )
+        self.last_entropies = teacher_entropies(
+            teacher_out, self.center, self.teacher_temp_at(epoch)
         )
         self.update_center(teacher_out)
         return loss

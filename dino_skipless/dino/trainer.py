@@ -475,6 +475,8 @@ def train_one_epoch(r: _Run, epoch: int) -> bool:
                 "momentum": sched["momentum"],
                 "teacher_temp": r.loss_fn.teacher_temp_at(epoch),
                 "grad_norm": _grad_norm(r.student, norms),
+                "teacher_entropy": r.loss_fn.last_entropies[0],
+                "teacher_batch_entropy": r.loss_fn.last_entropies[1],
                 "img_per_s": img_s,
                 "mem_gb": memory_gb(dev),
                 "nonfinite_skipped": r.nonfinite_skipped,
