@@ -442,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, help="paper init beta (skipless_init)")
     p.add_argument("--c", type=float, help="paper init c (skipless_init)")
     p.add_argument("--depth", type=int)
+    p.add_argument("--embed-dim", type=int, help="override the arch's width")
+    p.add_argument(
+        "--num-heads", type=int, help="override the arch's heads (head dim = embed dim / heads)"
+    )
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     p.add_argument("--out", required=True, help="output folder")
@@ -461,6 +465,7 @@ def _models(args):
     for v in dict.fromkeys(variants):
         m = build_model(
             args.arch, v, seed=args.seed, patch_size=args.patch_size, depth=args.depth,
+            embed_dim=args.embed_dim, num_heads=args.num_heads,
             alpha=args.alpha, beta=args.beta, c=args.c,
         ).eval()  # fmt: skip
         out.append((m, v, m.spec.to_dict()))

@@ -136,9 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
     probe_epochs = args.probe_epochs or (2 if quick else 30)
     n_pca = args.pca_images or (4 if quick else 10)
     synth = ["--synthetic-n", "12" if quick else "200", "--synthetic-size", "48" if quick else "96"]
+    # TokenCut is cheap (~20 ms/image): 400 scenes put one CorLoc s.e. near 2 points
     det_synth = [
         "--synthetic-n",
-        "12" if quick else "100",
+        "12" if quick else "400",
         "--synthetic-size",
         "48" if quick else "96",
     ]
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         if quick
         else ["--root", roots["knn"]]
         if "knn" in roots
-        else ["--dataset", "synthetic", "--synthetic-n", "2000", "--synthetic-size", "96",
+        else ["--dataset", "synthetic", "--synthetic-n", "4000", "--synthetic-size", "96",
               "--resize", "64", "--crop", "64"]
     )  # fmt: skip
 
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
              "--quiet", *dev],
             logs / "knn.txt",
         )  # fmt: skip
-        rec["knn_top1"] = load_json(kn / "results.json")["top1"]
+        knr = load_json(kn / "results.json")
+        rec["knn_top1"], rec["knn_n_val"] = knr["top1"], knr["n_val"]
         lp = out / "linprobe" / name
         timings[f"{name}/linprobe"] = run(
             [py, "-m", "eval.linprobe", *seg_data(), *src, "--mode", "both",
@@ -194,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         lpr = load_json(lp / "results.json")
         rec["linprobe_single_miou"] = lpr["miou"]
         rec["linprobe_multiscale_miou"] = lpr["multiscale"]["miou"]
+        rec["linprobe_n_val"] = lpr.get("n_val")
         for det in det_sets:
             tc = out / "tokencut" / det / name
             timings[f"{name}/tokencut_{det}"] = run(
@@ -205,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
             rec[f"tokencut_{det}"] = {
                 "corloc": tcr["per_layer"][str(tcr["best_layer"])],
                 "best_layer": tcr["best_layer"],
+                "n_images": tcr["n_images"],
                 "per_layer": tcr["per_layer"],
             }
 
@@ -345,12 +349,35 @@ def _fmt_kappa(k: float) -> str:
 
 
 SINGULAR = 1e10  # kappa above this: numerically singular (the paper's "∞")
+# The paper's skipless_init layer kappas are 3-20 (Table 6) against ~1-1.5 for skip: we call a
+# kappa below WELL_CONDITIONED "the same regime", finite but above it only "partly" fixed.
+WELL_CONDITIONED = 1e3
+NOISE_SE = 2.0  # a difference of accuracies within 2 standard errors is called noise
+
+
+def diff_se(p1: float, p2: float, n1: int, n2: int) -> float:
+    """Standard error (percent points) of the difference of two accuracies in percent.
+
+    Binomial, the two evaluations treated as independent: conservative for paired runs on the
+    same images, which is what we have, so "within noise" errs on the side of not claiming.
+    """
+    a, b = p1 / 100.0, p2 / 100.0
+    return 100.0 * math.sqrt(a * (1 - a) / max(n1, 1) + b * (1 - b) / max(n2, 1))
+
+
+def compare(new: float, old: float, se: float | None) -> str:
+    """``shown`` / ``not shown`` / ``within noise`` for the claim ``new > old``."""
+    if se is not None and abs(new - old) < NOISE_SE * se:
+        return "within noise"
+    return "shown" if new > old else "not shown"
 
 
 def paper_claims(results: dict) -> list[tuple[str, str, str]]:
     """(claim, verdict, evidence) for each of the paper's claims this run can test.
 
-    Verdicts come from the numbers alone, so the page cannot overstate what was measured.
+    Verdicts come from the numbers alone, so the page cannot overstate what was measured:
+    accuracy-type differences (k-NN, CorLoc) smaller than ``NOISE_SE`` binomial standard errors
+    are "within noise"; mIoU has no error bar here, so its evidence names the image count.
     """
     runs, base = results["runs"], results.get("baselines", {})
     out: list[tuple[str, str, str]] = []
@@ -360,58 +387,90 @@ def paper_claims(results: dict) -> list[tuple[str, str, str]]:
     det = sorted(k for r in runs.values() for k in r if k.startswith("tokencut_"))
     det = det[0] if det else None
 
-    def verdict(ok: bool) -> str:
-        return "shown" if ok else "not shown"
+    def corloc_se(a: dict, b: dict) -> float | None:
+        if "n_images" not in a[det] or "n_images" not in b[det]:
+            return None
+        return diff_se(a[det]["corloc"], b[det]["corloc"], a[det]["n_images"], b[det]["n_images"])
+
+    def knn_se(a: dict, b: dict) -> float | None:
+        if "knn_n_val" not in a or "knn_n_val" not in b:
+            return None
+        return diff_se(a["knn_top1"], b["knn_top1"], a["knn_n_val"], b["knn_n_val"])
+
+    def pm(se: float | None) -> str:
+        return f" (± {se:.1f} s.e.)" if se is not None else ""
 
     if {"skip", "skipless", "skipless_init"} <= by.keys():
-        k0 = {v: max(by[v]["kappa_init"].values()) for v in by}
-        out.append((
-            "Skipless at the default init is ill-conditioned; the paper's init fixes it "
-            "(Sec. 4, Tables 5-6)",
-            verdict(k0["skipless"] > SINGULAR and k0["skipless_init"] < SINGULAR),
-            f"max κ at init: skip {_fmt_kappa(k0['skip'])}, skipless {_fmt_kappa(k0['skipless'])}, "
-            f"skipless_init {_fmt_kappa(k0['skipless_init'])}",
-        ))  # fmt: skip
-        k1 = {v: max(by[v]["kappa_end"].values()) for v in by}
-        out.append((
-            "After training, skipless_init stays well conditioned; skipless does not (Table 6)",
-            verdict(k1["skipless"] > SINGULAR and k1["skipless_init"] < SINGULAR),
-            f"max κ at the end: skip {_fmt_kappa(k1['skip'])}, skipless "
-            f"{_fmt_kappa(k1['skipless'])}, skipless_init {_fmt_kappa(k1['skipless_init'])}",
-        ))  # fmt: skip
+        for when, claim in (
+            ("init", "Skipless at the default init is ill-conditioned; the paper's init fixes it "
+                     "(Sec. 4, Tables 5-6)"),
+            ("end", "After training, skipless_init stays well conditioned; skipless does not "
+                    "(Table 6)"),
+        ):  # fmt: skip
+            k = {v: max(by[v][f"kappa_{when}"].values()) for v in by}
+            if k["skipless"] > SINGULAR and k["skipless_init"] < WELL_CONDITIONED:
+                verdict = "shown"
+            elif k["skipless"] > SINGULAR and k["skipless_init"] < SINGULAR:
+                verdict = "partly shown"  # finite, but far above the paper's tens
+            else:
+                verdict = "not shown"
+            out.append((
+                claim,
+                verdict,
+                f"max κ at {when}: skip {_fmt_kappa(k['skip'])}, skipless "
+                f"{_fmt_kappa(k['skipless'])}, skipless_init {_fmt_kappa(k['skipless_init'])} "
+                "(paper, ViT-S: skip 1.0-1.6, skipless ∞, skipless_init 2.7-22)",
+            ))  # fmt: skip
     if {"skip", "skipless_init"} <= by.keys():
         s, n = by["skip"], by["skipless_init"]
+        n_val = n.get("linprobe_n_val")
         for key, what in (("linprobe_single_miou", "single block"),
                           ("linprobe_multiscale_miou", "multiscale")):  # fmt: skip
             out.append(
                 (
                     f"skipless_init beats skip on dense linear probing, {what} (Table 2)",
-                    verdict(n[key] > s[key]),
-                    f"mIoU skipless_init {n[key]:.2f} vs skip {s[key]:.2f}",
+                    compare(n[key], s[key], None),
+                    f"mIoU skipless_init {n[key]:.2f} vs skip {s[key]:.2f}"
+                    + (f" ({n_val} val images, no error bar)" if n_val else ""),
                 )
             )
         if det:
+            se = corloc_se(n, s)
             out.append(
                 (
-                    "skipless_init beats skip on TokenCut object discovery by a wide margin (Fig. 3)",
-                    verdict(n[det]["corloc"] > s[det]["corloc"]),
-                    f"CorLoc skipless_init {n[det]['corloc']:.1f} vs skip {s[det]['corloc']:.1f}",
+                    "skipless_init beats skip on TokenCut object discovery (Fig. 3)",
+                    compare(n[det]["corloc"], s[det]["corloc"], se),
+                    f"CorLoc skipless_init {n[det]['corloc']:.1f} vs skip "
+                    f"{s[det]['corloc']:.1f}{pm(se)}",
                 )
             )
     for v, r in by.items():
-        if v in base:
-            b = base[v]
-            gains = [
-                r["knn_top1"] - b["knn_top1"],
-                r["linprobe_single_miou"] - b["linprobe_single_miou"],
-            ] + ([r[det]["corloc"] - b[det]["corloc"]] if det else [])
-            out.append((
-                f"(precondition, not a paper claim) pretraining taught {v} something: "
-                "it beats its own random init",
-                verdict(all(g > 0 for g in gains)),
-                "gain over random init: k-NN " + f"{gains[0]:+.1f}, mIoU {gains[1]:+.2f}"
-                + (f", CorLoc {gains[2]:+.1f}" if det else ""),
-            ))  # fmt: skip
+        if v not in base:
+            continue
+        b = base[v]
+        parts = [("k-NN", compare(r["knn_top1"], b["knn_top1"], knn_se(r, b)),
+                  r["knn_top1"] - b["knn_top1"], knn_se(r, b)),
+                 ("mIoU", compare(r["linprobe_single_miou"], b["linprobe_single_miou"], None),
+                  r["linprobe_single_miou"] - b["linprobe_single_miou"], None)]  # fmt: skip
+        if det:
+            se = corloc_se(r, b)
+            parts.append(("CorLoc", compare(r[det]["corloc"], b[det]["corloc"], se),
+                          r[det]["corloc"] - b[det]["corloc"], se))  # fmt: skip
+        verdicts = {p[1] for p in parts}
+        verdict = (
+            "shown"
+            if verdicts == {"shown"}
+            else "not shown"
+            if "not shown" in verdicts
+            else "within noise"
+        )
+        out.append((
+            f"(precondition, not a paper claim) pretraining taught {v} something: "
+            "it beats its own random init",
+            verdict,
+            "gain over random init: "
+            + ", ".join(f"{name} {g:+.1f}{pm(se)}" for name, _, g, se in parts),
+        ))  # fmt: skip
     return out
 
 

@@ -211,3 +211,19 @@ def test_cli_bad_input(tmp_path):
         main(["--variant", "nope", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="valid"):
         sa_extremes(None, torch.zeros(2, 2), False, method="dense")
+
+
+def test_cli_width_and_heads_overrides(tmp_path):
+    """--embed-dim/--num-heads build the ablation model the CLI says (head dim = d / heads)."""
+    out = tmp_path / "jac"
+    main(["--arch", "vit_mini", "--depth", "1", "--embed-dim", "32", "--num-heads", "2",
+          "--tokens", "3", "--variant", "skipless_init", "--out", str(out)])  # fmt: skip
+    data = json.loads((out / "jacobian.json").read_text())
+    spec = data["specs"]["skipless_init"]
+    assert (spec["embed_dim"], spec["num_heads"]) == (32, 2)
+    rec = data["records"][0]
+    assert rec["d"] == 32 and rec["n_tokens"] == 3
+    # the same numbers as the library on the model the flags describe
+    model = build_model("vit_mini", "skipless_init", depth=1, embed_dim=32, num_heads=2)
+    ref = layer_condition_numbers(model, n_tokens=3, layers=[0], method="exact")[0]
+    assert rec["kappa"] == pytest.approx(ref["kappa"], rel=1e-9)

@@ -57,3 +57,55 @@ def test_quick_replication_produces_every_result(tmp_path, monkeypatch):
     for fig in ("pca.png", "training_curves.png", "RESULTS.md"):
         assert (out / fig).stat().st_size > 0
     assert results["runs"].keys() == saved["runs"].keys()
+
+
+def _run(variant, knn, corloc, miou, kappa_init, kappa_end, n=400):
+    return {
+        "variant": variant,
+        "optimizer": "adamw",
+        "knn_top1": knn,
+        "knn_n_val": n,
+        "linprobe_single_miou": miou,
+        "linprobe_multiscale_miou": miou,
+        "linprobe_n_val": 50,
+        "tokencut_synthetic": {"corloc": corloc, "best_layer": 0, "n_images": n},
+        "kappa_init": {"0": kappa_init},
+        "kappa_end": {"0": kappa_end},
+    }
+
+
+def test_claim_verdicts_follow_the_numbers_and_their_noise():
+    mod = _load_script()
+    # binomial s.e. of a difference of two 50% accuracies on 400 items each: 100*sqrt(2*.25/400)
+    assert mod.diff_se(50.0, 50.0, 400, 400) == pytest.approx(100 * math.sqrt(0.5 / 400))
+    assert mod.compare(30.0, 20.0, 2.0) == "shown"  # 10 points > 2 s.e. of 2
+    assert mod.compare(21.0, 20.0, 2.0) == "within noise"
+    assert mod.compare(10.0, 20.0, 2.0) == "not shown"
+    assert mod.compare(20.1, 20.0, None) == "shown"  # no error bar: the sign decides
+
+    def verdicts(runs, base):
+        res = {"runs": {f"{r['variant']}_adamw": r for r in runs}, "baselines": base}
+        return {c.split(" (")[0]: v for c, v, _ in mod.paper_claims(res)}
+
+    skip = _run("skip", 40.0, 30.0, 20.0, 1.4, 1.4)
+    bad = _run("skipless", 20.0, 10.0, 10.0, 1e17, 1e17)
+    good = _run("skipless_init", 41.0, 50.0, 25.0, 15.0, 2e4)
+    v = verdicts([skip, bad, good], {"skip": _run("skip", 20.0, 10.0, 10.0, 1.4, 1.4)})
+    assert (
+        v["Skipless at the default init is ill-conditioned; the paper's init fixes it"] == "shown"
+    )
+    # finite at the end but far above the paper's tens: only partly
+    assert v["After training, skipless_init stays well conditioned; skipless does not"] == (
+        "partly shown"
+    )
+    assert v["skipless_init beats skip on dense linear probing, single block"] == "shown"
+    # 50 vs 30 CorLoc on 400 images: s.e. ~3.4, a 20-point gap is far outside the noise
+    assert v["skipless_init beats skip on TokenCut object discovery"] == "shown"
+    pre = "(precondition, not a paper claim) pretraining taught skip something"
+    assert v[pre + ": it beats its own random init"] == "shown"
+    # k-NN +1 over random init on 400 items is noise; the other gains are large
+    near = _run("skip", 20.5, 30.0, 20.0, 1.4, 1.4)
+    v = verdicts([near], {"skip": _run("skip", 20.0, 30.5, 19.0, 1.4, 1.4)})
+    assert list(v.values()) == ["within noise"]
+    v = verdicts([near], {"skip": _run("skip", 35.0, 30.0, 19.0, 1.4, 1.4)})
+    assert list(v.values()) == ["not shown"]
