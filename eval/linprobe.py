@@ -47,7 +47,7 @@ from .probe_lib import LinProbeConfig, default_layers, probe_from_cache
 
 DATASETS = ("voc", "ade20k", "cocostuff", "cocostuff27", "synthetic")
 SUBSET_DATASETS = ("ade20k", "cocostuff", "cocostuff27")  # paper: 3,000 training images
-TABLE_HEADERS = ["dataset", "ckpt", "probe", "layers", "best lr", "mIoU", "pAcc"]
+TABLE_HEADERS = ["dataset", "ckpt", "probe", "layers", "best lr", "mIoU", "± s.e.", "pAcc"]
 
 
 # ------------------------------------------------------------------------------------ datasets
@@ -180,7 +180,8 @@ def table_rows(dataset: str, label: str, run: dict) -> list[list]:
     rows = []
     for mode, r in run["results"].items():
         layers = ",".join(str(x) for x in r["layers"])
-        rows.append([dataset, label, mode, layers, r["best_lr"], r["miou"], r["pacc"]])
+        se = r.get("miou_se", float("nan"))
+        rows.append([dataset, label, mode, layers, r["best_lr"], r["miou"], se, r["pacc"]])
     return rows
 
 
@@ -233,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ADE20K/COCO-Stuff training images (seeded subset; 0 = all; VOC uses all)",
     )
     p.add_argument("--subset-seed", type=int, default=d.subset_seed)
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=d.bootstrap,
+        help="resamples of the validation images for the mIoU standard error (0 = none)",
+    )
     p.add_argument("--voc-train-split", default=d.voc_train_split, choices=("train", "trainaug"))
     p.add_argument("--no-standardize", action="store_true", help="skip per-channel standardisation")
     p.add_argument("--extract-batch-size", type=int, default=d.extract_batch_size)
@@ -259,6 +266,7 @@ def config_from_args(args) -> tuple[LinProbeConfig, tuple[str, ...]]:
         ms_layers=tuple(args.ms_layers) if args.ms_layers else None,
         train_subset=args.train_subset if args.train_subset and args.train_subset > 0 else None,
         subset_seed=args.subset_seed,
+        bootstrap=max(0, args.bootstrap),
         voc_train_split=args.voc_train_split,
         standardize=not args.no_standardize,
         seed=args.seed,

@@ -4,9 +4,15 @@ Conventions (mmseg's ``IoUMetric``): pixels labelled ``ignore_index`` are droppe
 class c is ``TP / (TP + FP + FN)``; a class with an empty union (absent from both the ground
 truth and the predictions of the whole set) has IoU NaN and is excluded from the mean
 (``nanmean``). Pixel accuracy is ``trace / total`` over the non-ignored pixels.
+
+Error bars: the per-class TP / FP / FN counts are sums over images, so keeping them per image
+lets a bootstrap over validation images resample the whole-set mIoU exactly as it is computed
+(one pooled confusion per resample), at the cost of ``N x C x 3`` integers.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -67,3 +73,51 @@ def pixel_accuracy(conf: np.ndarray | torch.Tensor) -> float:
     conf = np.asarray(conf.cpu() if isinstance(conf, torch.Tensor) else conf, dtype=np.float64)
     total = conf.sum()
     return float(np.trace(conf) / total) if total > 0 else float("nan")
+
+
+def tp_fp_fn(conf: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``(..., C, 3)`` per-class TP, FP, FN of ``(..., C, C)`` confusions (rows = truth)."""
+    conf = torch.as_tensor(conf)
+    tp = torch.diagonal(conf, dim1=-2, dim2=-1)
+    fp = conf.sum(-2) - tp
+    fn = conf.sum(-1) - tp
+    return torch.stack([tp, fp, fn], dim=-1)
+
+
+def iou_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Per-class IoU ``TP / (TP + FP + FN)`` of ``(..., C, 3)`` counts; NaN for empty unions."""
+    counts = np.asarray(counts.cpu() if isinstance(counts, torch.Tensor) else counts, np.float64)
+    union = counts.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, counts[..., 0] / np.maximum(union, 1), np.nan)
+
+
+def bootstrap_miou(
+    counts: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
+    """Bootstrap over images of the pooled mIoU (in percent) from per-image ``(N, C, 3)`` counts.
+
+    Each resample draws N images with replacement, pools their counts and takes the nanmean
+    IoU, exactly as ``mean_iou`` does on the whole set. Returns the standard error (std of the
+    resampled mIoUs) and the percentile interval at ``level``.
+    """
+    counts = np.asarray(counts.cpu() if isinstance(counts, torch.Tensor) else counts, np.float64)
+    n = counts.shape[0]
+    if n == 0 or n_boot <= 0:
+        return {"se": float("nan"), "lo": float("nan"), "hi": float("nan"), "n_boot": 0}
+    rng = np.random.default_rng(seed)
+    # multiplicity of each image in each resample: pooling is then one matrix product
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+    pooled = (weights @ counts.reshape(n, -1)).reshape(n_boot, *counts.shape[1:])
+    iou = iou_from_counts(pooled)
+    with warnings.catch_warnings():  # a resample may miss every class with a union: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        miou = np.nanmean(iou, axis=-1) * 100
+    miou = miou[np.isfinite(miou)]
+    a = (1 - level) / 2
+    return {
+        "se": float(miou.std(ddof=1)) if miou.size > 1 else float("nan"),
+        "lo": float(np.quantile(miou, a)) if miou.size else float("nan"),
+        "hi": float(np.quantile(miou, 1 - a)) if miou.size else float("nan"),
+        "n_boot": int(miou.size),
+    }

@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="condition numbers during pretraining every N epochs (default 2; quick 1)",
     )
+    p.add_argument(
+        "--reuse-evals",
+        action="store_true",
+        help="keep evaluation stages whose results.json already exists in OUT (resume a killed "
+        "run, or rebuild the page); pretraining is always reused when its backbone exists",
+    )
     p.add_argument("--device", default=None)
     p.add_argument(
         "pretrain_overrides", nargs="*", help="extra key=value for every pretraining run"
@@ -173,36 +179,55 @@ def main(argv: list[str] | None = None) -> dict:
     results["baselines"] = {}
     timings: dict[str, float] = {}
     run_dirs: dict[str, Path] = {}
+    # stages reused from an earlier invocation keep the wall time they took then
+    prev = out / "results.json"
+    prev_timings = load_json(prev).get("timings_s", {}) if prev.exists() else {}
+
+    def stage(key: str, cmd: list[str], log: Path, result: Path) -> None:
+        if args.reuse_evals and result.exists():
+            print(f"reusing {result}", flush=True)
+            timings[key] = float(prev_timings.get(key, 0.0))
+        else:
+            timings[key] = run(cmd, log)
 
     def evaluate(name: str, src: list[str], rec: dict) -> None:
         """k-NN, linear probe (single + multiscale), TokenCut (every block) of one model."""
         logs = out / "logs" / name
         logs.mkdir(parents=True, exist_ok=True)
         kn = out / "knn" / name
-        timings[f"{name}/knn"] = run(
+        stage(
+            f"{name}/knn",
             [py, "-m", "eval.knn", *knn_args, *src, "--num-workers", "0", "--out", str(kn),
              "--quiet", *dev],
             logs / "knn.txt",
+            kn / "results.json",
         )  # fmt: skip
         knr = load_json(kn / "results.json")
         rec["knn_top1"], rec["knn_n_val"] = knr["top1"], knr["n_val"]
         lp = out / "linprobe" / name
-        timings[f"{name}/linprobe"] = run(
+        stage(
+            f"{name}/linprobe",
             [py, "-m", "eval.linprobe", *seg_data(), *src, "--mode", "both",
              "--resolution", str(res), "--epochs", str(probe_epochs), "--num-workers", "0",
              "--out", str(lp), "--quiet", *dev],
             logs / "linprobe.txt",
+            lp / "results.json",
         )  # fmt: skip
         lpr = load_json(lp / "results.json")
         rec["linprobe_single_miou"] = lpr["miou"]
         rec["linprobe_multiscale_miou"] = lpr["multiscale"]["miou"]
         rec["linprobe_n_val"] = lpr.get("n_val")
+        # bootstrap s.e. over validation images (absent when the probe ran with --bootstrap 0)
+        rec["linprobe_single_se"] = lpr.get("miou_se")
+        rec["linprobe_multiscale_se"] = lpr["multiscale"].get("miou_se")
         for det in det_sets:
             tc = out / "tokencut" / det / name
-            timings[f"{name}/tokencut_{det}"] = run(
+            stage(
+                f"{name}/tokencut_{det}",
                 [py, "-m", "tokencut.run", *det_data(det), *src, "--sweep-layers",
                  "--num-workers", "0", "--out", str(tc), "--quiet", *dev],
                 logs / f"tokencut_{det}.txt",
+                tc / "results.json",
             )  # fmt: skip
             tcr = load_json(tc / "results.json")
             rec[f"tokencut_{det}"] = {
@@ -220,7 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
             logs.mkdir(parents=True, exist_ok=True)
             run_dirs[name] = rdir
             rec: dict = {"variant": variant, "optimizer": opt}
-            if not (rdir / "backbone.json").exists():
+            if (rdir / "backbone.json").exists():
+                timings[f"{name}/pretrain"] = float(prev_timings.get(f"{name}/pretrain", 0.0))
+            else:
                 timings[f"{name}/pretrain"] = run(
                     [py, "-m", "dino_skipless.pretrain", "--config", args.config, "--variant", variant,
                      "--optimizer", opt, "--out", str(rdir), *overrides],
@@ -240,9 +267,11 @@ def main(argv: list[str] | None = None) -> dict:
                 ("end", ["--ckpt", str(rdir)]),
             ):
                 jdir = out / "jacobian" / name / when
-                timings[f"{name}/jacobian_{when}"] = run(
+                stage(
+                    f"{name}/jacobian_{when}",
                     [py, "-m", "dino_skipless.jacobian", *src, *tokens, "--out", str(jdir), *dev],
                     logs / f"jacobian_{when}.txt",
+                    jdir / "jacobian.json",
                 )
                 rec[f"kappa_{when}"] = kappas(jdir / "jacobian.json")
             evaluate(name, ["--ckpt", str(rdir)], rec)
@@ -376,8 +405,8 @@ def paper_claims(results: dict) -> list[tuple[str, str, str]]:
     """(claim, verdict, evidence) for each of the paper's claims this run can test.
 
     Verdicts come from the numbers alone, so the page cannot overstate what was measured:
-    accuracy-type differences (k-NN, CorLoc) smaller than ``NOISE_SE`` binomial standard errors
-    are "within noise"; mIoU has no error bar here, so its evidence names the image count.
+    differences smaller than ``NOISE_SE`` standard errors are "within noise" (binomial s.e. for
+    k-NN and CorLoc, the linear probe's bootstrap s.e. over validation images for mIoU).
     """
     runs, base = results["runs"], results.get("baselines", {})
     out: list[tuple[str, str, str]] = []
@@ -396,6 +425,12 @@ def paper_claims(results: dict) -> list[tuple[str, str, str]]:
         if "knn_n_val" not in a or "knn_n_val" not in b:
             return None
         return diff_se(a["knn_top1"], b["knn_top1"], a["knn_n_val"], b["knn_n_val"])
+
+    def miou_se(a: dict, b: dict, mode: str) -> float | None:
+        sa, sb = a.get(f"linprobe_{mode}_se"), b.get(f"linprobe_{mode}_se")
+        if sa is None or sb is None or not (math.isfinite(sa) and math.isfinite(sb)):
+            return None
+        return math.hypot(sa, sb)  # bootstrap s.e. of each, treated as independent
 
     def pm(se: float | None) -> str:
         return f" (± {se:.1f} s.e.)" if se is not None else ""
@@ -423,15 +458,14 @@ def paper_claims(results: dict) -> list[tuple[str, str, str]]:
             ))  # fmt: skip
     if {"skip", "skipless_init"} <= by.keys():
         s, n = by["skip"], by["skipless_init"]
-        n_val = n.get("linprobe_n_val")
-        for key, what in (("linprobe_single_miou", "single block"),
-                          ("linprobe_multiscale_miou", "multiscale")):  # fmt: skip
+        for mode, what in (("single", "single block"), ("multiscale", "multiscale")):
+            key = f"linprobe_{mode}_miou"
+            se = miou_se(n, s, mode)
             out.append(
                 (
                     f"skipless_init beats skip on dense linear probing, {what} (Table 2)",
-                    compare(n[key], s[key], None),
-                    f"mIoU skipless_init {n[key]:.2f} vs skip {s[key]:.2f}"
-                    + (f" ({n_val} val images, no error bar)" if n_val else ""),
+                    compare(n[key], s[key], se),
+                    f"mIoU skipless_init {n[key]:.2f} vs skip {s[key]:.2f}{pm(se)}",
                 )
             )
         if det:
@@ -450,8 +484,10 @@ def paper_claims(results: dict) -> list[tuple[str, str, str]]:
         b = base[v]
         parts = [("k-NN", compare(r["knn_top1"], b["knn_top1"], knn_se(r, b)),
                   r["knn_top1"] - b["knn_top1"], knn_se(r, b)),
-                 ("mIoU", compare(r["linprobe_single_miou"], b["linprobe_single_miou"], None),
-                  r["linprobe_single_miou"] - b["linprobe_single_miou"], None)]  # fmt: skip
+                 ("mIoU", compare(r["linprobe_single_miou"], b["linprobe_single_miou"],
+                                  miou_se(r, b, "single")),
+                  r["linprobe_single_miou"] - b["linprobe_single_miou"],
+                  miou_se(r, b, "single"))]  # fmt: skip
         if det:
             se = corloc_se(r, b)
             parts.append(("CorLoc", compare(r[det]["corloc"], b[det]["corloc"], se),
@@ -488,6 +524,10 @@ def results_markdown(results: dict) -> str:
         "",
         "## Dense linear probing (mIoU, paper Table 2 layout) and the k-NN monitor",
         "",
+        "mIoU ± its bootstrap standard error over the validation images; k-NN top-1 in percent"
+        " (one binomial s.e. is about 100·sqrt(p(1-p)/n)). Differences within two standard"
+        " errors are reported as noise in the claims table below.",
+        "",
         "| run | steps | final DINO loss | k-NN top-1 | single block | multiscale |",
         "|---|---|---|---|---|---|",
     ]
@@ -495,9 +535,14 @@ def results_markdown(results: dict) -> str:
         loss = f"{r['final_loss']:.3f}" if "final_loss" in r else "–"
         if r.get("nonfinite_skipped"):
             loss += f" ({r['nonfinite_skipped']} non-finite steps skipped)"
+        single, multi = (
+            f"{r[f'linprobe_{m}_miou']:.2f}"
+            + (f" ± {r[f'linprobe_{m}_se']:.2f}" if r.get(f"linprobe_{m}_se") is not None else "")
+            for m in ("single", "multiscale")
+        )
         lines.append(
-            f"| {name} | {r.get('steps', '–')} | {loss} | {r['knn_top1']:.1f} | "
-            f"{r['linprobe_single_miou']:.2f} | {r['linprobe_multiscale_miou']:.2f} |"
+            f"| {name} | {r.get('steps', '–')} | {loss} | {r['knn_top1']:.1f} | {single} | "
+            f"{multi} |"
         )
     det_keys = sorted({k for r in runs.values() for k in r if k.startswith("tokencut_")})
     lines += ["", "## Object discovery (TokenCut CorLoc, best block; paper Fig. 3 layout)", ""]

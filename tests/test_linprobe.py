@@ -11,11 +11,12 @@ from dino_skipless.features import extract
 from dino_skipless.models import build_model
 from eval.feature_cache import build_cache
 from eval.linprobe import build_datasets, main, probe_backbone, validate
-from eval.metrics import mean_iou
+from eval.metrics import bootstrap_miou, iou_from_counts, mean_iou, tp_fp_fn
 from eval.probe_lib import (
     LinProbeConfig,
     ProbeWeights,
     evaluate_probes,
+    summarize,
     train_probes,
 )
 
@@ -322,3 +323,71 @@ def test_sweep_script_pivots_results_into_one_table(tmp_path):
     headers, rows = mod.pivot(mod.collect([tmp_path]))
     assert headers == ["ckpt", "voc single", "voc multiscale", "ade20k single", "ade20k multiscale"]
     assert rows == [["a", 50.0, 51.0, 20.0, 21.0], ["b", 40.0, 41.0, "-", "-"]]
+
+
+# ------------------------------------------------------------------------- bootstrap error bars
+
+
+def test_per_image_counts_pool_to_the_whole_set_confusion():
+    feats, masks = random_problem(n=7, c=3)
+    cfg = LinProbeConfig(epochs=1, batch_size=3, lrs=(0.1, 1.0))
+    probes = train_probes(lambda i: feats[i], masks, 3, 8, cfg.lrs, cfg, progress=False)
+    conf = evaluate_probes(probes, lambda i: feats[i], list(masks), 3, progress=False)
+    conf2, counts = evaluate_probes(
+        probes, lambda i: feats[i], list(masks), 3, batch_size=2, progress=False, per_image=True
+    )
+    assert torch.equal(conf, conf2) and counts.shape == (2, 7, 3, 3)
+    assert torch.equal(counts.sum(1), tp_fp_fn(conf))
+    # image 0 by hand, from an independent sklearn confusion of its own prediction
+    x = probes_predict(probes, feats[:1], masks.shape[-2:])
+    m = masks[0].reshape(-1).numpy()
+    keep = m != 255
+    for li in range(2):
+        sk = sk_confusion(m[keep], x[li].reshape(-1).numpy()[keep], labels=[0, 1, 2])
+        tp = np.diag(sk)
+        ref = np.stack([tp, sk.sum(0) - tp, sk.sum(1) - tp], axis=-1)
+        np.testing.assert_array_equal(counts[li, 0].numpy(), ref)
+
+
+def probes_predict(probes, x, size):
+    """Reference prediction of one image batch: 1x1 conv, bilinear upsampling, argmax."""
+    logits = torch.einsum("bdhw,lcd->lbchw", x, probes.weight) + probes.bias[:, None, :, None, None]
+    n_l, b, c = logits.shape[:3]
+    up = F.interpolate(logits.flatten(0, 1), size=tuple(size), mode="bilinear", align_corners=False)
+    return up.view(n_l, b, c, *size).argmax(2)[:, 0]
+
+
+def test_bootstrap_matches_explicit_resampling_and_degenerate_cases():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 50, size=(40, 4, 3))
+    counts[:, 3] = 0  # a class absent everywhere: excluded like in mean_iou
+    pooled = counts.sum(0)
+    conf_iou = iou_from_counts(pooled)
+    assert np.isnan(conf_iou[3])
+    # reference: explicit index resampling, pooled counts, nanmean IoU
+    ref = []
+    for _ in range(3000):
+        idx = rng.integers(0, 40, 40)
+        ref.append(np.nanmean(iou_from_counts(counts[idx].sum(0))) * 100)
+    bs = bootstrap_miou(counts, n_boot=3000, seed=1)
+    assert bs["se"] == pytest.approx(np.std(ref, ddof=1), rel=0.1)
+    assert bs["lo"] < np.nanmean(conf_iou) * 100 < bs["hi"]
+    # identical images: every resample pools to the same counts, so no spread
+    same = np.repeat(counts[:1], 10, axis=0)
+    bs = bootstrap_miou(same, n_boot=50)
+    assert bs["se"] == pytest.approx(0.0, abs=1e-9) and bs["lo"] == pytest.approx(bs["hi"])
+    assert bootstrap_miou(counts[:0], n_boot=10)["n_boot"] == 0
+
+
+def test_summarize_reports_the_best_lr_error_bar():
+    feats, masks = random_problem(n=8, c=3)
+    cfg = LinProbeConfig(epochs=2, batch_size=4, lrs=(0.01, 1.0))
+    probes = train_probes(lambda i: feats[i], masks, 3, 8, cfg.lrs, cfg, progress=False)
+    conf, counts = evaluate_probes(
+        probes, lambda i: feats[i], list(masks), 3, progress=False, per_image=True
+    )
+    out = summarize(conf, cfg.lrs, ["a", "b", "c"], counts=counts, n_boot=200, seed=0)
+    best = cfg.lrs.index(out["best_lr"])
+    ref = bootstrap_miou(counts[best], 200, 0)
+    assert out["miou_se"] == ref["se"] > 0 and out["miou_ci95"] == [ref["lo"], ref["hi"]]
+    assert "miou_se" not in summarize(conf, cfg.lrs, ["a", "b", "c"])

@@ -57,6 +57,19 @@ def test_quick_replication_produces_every_result(tmp_path, monkeypatch):
     for fig in ("pca.png", "training_curves.png", "RESULTS.md"):
         assert (out / fig).stat().st_size > 0
     assert results["runs"].keys() == saved["runs"].keys()
+    # the probe's bootstrap error bars travel into the page
+    assert all(r["linprobe_single_se"] >= 0 for r in saved["runs"].values())
+
+    # rebuilding the page reuses every stage: nothing re-runs, the numbers are the same
+    log = out / "logs" / "skip_adamw" / "linprobe.txt"
+    before = log.stat().st_mtime_ns
+    again = _load_script().main(["--quick", "--out", str(out), "--reuse-evals"])
+    assert log.stat().st_mtime_ns == before
+    assert again["runs"] == saved["runs"] and again["baselines"] == saved["baselines"]
+    # reused stages keep the wall time they took (only the PCA figure is redrawn)
+    for key, seconds in saved["timings_s"].items():
+        if key != "pca":
+            assert again["timings_s"][key] == seconds, key
 
 
 def _run(variant, knn, corloc, miou, kappa_init, kappa_end, n=400):
@@ -109,3 +122,9 @@ def test_claim_verdicts_follow_the_numbers_and_their_noise():
     assert list(v.values()) == ["within noise"]
     v = verdicts([near], {"skip": _run("skip", 35.0, 30.0, 19.0, 1.4, 1.4)})
     assert list(v.values()) == ["not shown"]
+    # mIoU with bootstrap error bars: +1 mIoU with s.e. 1.0 each is noise, not a gain
+    a, b = _run("skip", 20.5, 30.0, 21.0, 1.4, 1.4), _run("skip", 20.0, 30.5, 20.0, 1.4, 1.4)
+    a["linprobe_single_se"] = b["linprobe_single_se"] = 1.0
+    assert list(verdicts([a], {"skip": b}).values()) == ["within noise"]
+    a["linprobe_single_miou"] = 10.0  # 10 points below: more than 2 s.e. of the difference
+    assert list(verdicts([a], {"skip": b}).values()) == ["not shown"]
