@@ -54,6 +54,25 @@ def batched_confusion(
     )
 
 
+def per_image_confusion(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> torch.Tensor:
+    """``(L, B, C, C)`` confusions of L predictions ``(L, B, ...)`` of B images ``(B, ...)``,
+    each image counted on its own, in one bincount (bootstrap over images needs them apart)."""
+    n_l, b = pred.shape[:2]
+    pred = pred.reshape(n_l, b, -1).long()
+    target = target.reshape(b, -1).long()
+    keep = target != ignore_index
+    cc = num_classes * num_classes
+    image = torch.arange(b, device=target.device).view(b, 1).expand_as(target)
+    base = (image * cc + target * num_classes)[keep]  # (K,) over kept pixels of all images
+    offs = torch.arange(n_l, device=pred.device).view(-1, 1) * b * cc
+    idx = offs + base.view(1, -1) + pred[:, keep]
+    return torch.bincount(idx.reshape(-1), minlength=n_l * b * cc).reshape(
+        n_l, b, num_classes, num_classes
+    )
+
+
 def per_class_iou(conf: np.ndarray | torch.Tensor) -> np.ndarray:
     """IoU of each class in ``[0, 1]``; NaN where the class has an empty union."""
     conf = np.asarray(conf.cpu() if isinstance(conf, torch.Tensor) else conf, dtype=np.float64)

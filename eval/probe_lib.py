@@ -35,6 +35,7 @@ from .metrics import (
     bootstrap_miou,
     mean_iou,
     per_class_iou,
+    per_image_confusion,
     pixel_accuracy,
     tp_fp_fn,
 )
@@ -276,10 +277,9 @@ def evaluate_probes(
             if counts is None:
                 conf[sl] += batched_confusion(pred, y, num_classes, IGNORE_INDEX)
                 continue
-            for j, i in enumerate(ids):
-                c_j = batched_confusion(pred[:, j], y[j], num_classes, IGNORE_INDEX)
-                conf[sl] += c_j
-                counts[sl, i] = tp_fp_fn(c_j).cpu()
+            per_img = per_image_confusion(pred, y, num_classes, IGNORE_INDEX)  # (nl, B, C, C)
+            conf[sl] += per_img.sum(1)
+            counts[sl, ids] = tp_fp_fn(per_img).cpu()
     return conf.cpu() if counts is None else (conf.cpu(), counts)
 
 

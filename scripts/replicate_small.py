@@ -329,10 +329,11 @@ def plot_curves(run_dirs: dict[str, Path], path: Path) -> Path:
             axes[1].plot(steps, [r["teacher_batch_entropy"] for r in rows], color=colors[name],
                          lw=0.8, ls="--")  # fmt: skip
         jac = read_jsonl(rdir / "jacobian.jsonl")
-        for layer in sorted({r["layer"] for r in jac}):
+        layers = sorted({r["layer"] for r in jac})
+        for layer in layers:
             pts = [(r["step"], min(r["kappa"], 1e20)) for r in jac if r["layer"] == layer]
-            axes[2].plot(*zip(*pts), color=colors[name], lw=1.0, marker="o", ms=2,
-                         alpha=0.35 + 0.65 * (layer + 1) / (len(pts) and max(r["layer"] for r in jac) + 1))  # fmt: skip
+            shade = 0.35 + 0.65 * (layer + 1) / (layers[-1] + 1)  # deeper blocks darker
+            axes[2].plot(*zip(*pts), color=colors[name], lw=1.0, marker="o", ms=2, alpha=shade)
     axes[0].set_ylabel("DINO loss")
     axes[0].legend(fontsize=7, frameon=False)
     axes[1].set_ylabel("teacher entropy (nats)\nsolid: per image, dashed: batch mean")

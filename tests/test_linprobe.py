@@ -11,7 +11,13 @@ from dino_skipless.features import extract
 from dino_skipless.models import build_model
 from eval.feature_cache import build_cache
 from eval.linprobe import build_datasets, main, probe_backbone, validate
-from eval.metrics import bootstrap_miou, iou_from_counts, mean_iou, tp_fp_fn
+from eval.metrics import (
+    bootstrap_miou,
+    iou_from_counts,
+    mean_iou,
+    per_image_confusion,
+    tp_fp_fn,
+)
 from eval.probe_lib import (
     LinProbeConfig,
     ProbeWeights,
@@ -391,3 +397,19 @@ def test_summarize_reports_the_best_lr_error_bar():
     ref = bootstrap_miou(counts[best], 200, 0)
     assert out["miou_se"] == ref["se"] > 0 and out["miou_ci95"] == [ref["lo"], ref["hi"]]
     assert "miou_se" not in summarize(conf, cfg.lrs, ["a", "b", "c"])
+
+
+def test_per_image_confusion_equals_one_confusion_per_image():
+    g = torch.Generator().manual_seed(3)
+    pred = torch.randint(0, 4, (2, 5, 6, 7), generator=g)
+    target = torch.randint(0, 4, (5, 6, 7), generator=g)
+    target[torch.rand(target.shape, generator=g) < 0.2] = 255
+    got = per_image_confusion(pred, target, 4)
+    for li in range(2):
+        for b in range(5):
+            keep = (target[b] != 255).reshape(-1).numpy()
+            ref = sk_confusion(
+                target[b].reshape(-1).numpy()[keep], pred[li, b].reshape(-1).numpy()[keep],
+                labels=[0, 1, 2, 3],
+            )  # fmt: skip
+            np.testing.assert_array_equal(got[li, b].numpy(), ref)
