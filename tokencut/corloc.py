@@ -9,6 +9,7 @@ float32; the two differ by ~1e-7 at most.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,3 +49,26 @@ def corloc(best_ious: Sequence[float], threshold: float = 0.5) -> float:
     if np.isnan(v).any():
         raise ValueError("an image without ground-truth boxes was passed to corloc()")
     return float(100.0 * np.mean(v >= threshold))
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for ``b`` vs ``c`` discordant pairs.
+
+    Under the null both kinds of discordant pair are equally likely, so ``min(b, c)`` is
+    Binomial(b + c, 1/2); the p-value doubles its lower tail (capped at 1). Exact rather than
+    chi-squared because a CorLoc difference often rests on a few dozen discordant images.
+    """
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {b}, {c}")
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    # log-space so that thousands of images do not overflow the binomial coefficients
+    logs = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+        for i in range(k + 1)
+    ]
+    top = max(logs)
+    tail = math.exp(top) * sum(math.exp(v - top) for v in logs)
+    return min(1.0, 2.0 * tail)

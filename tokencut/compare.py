@@ -1,0 +1,210 @@
+"""Paired comparison of two TokenCut runs on the same images (exact McNemar test).
+
+    python -m tokencut.compare runs/tc_pretrained runs/tc_random [--out cmp.json]
+
+Is checkpoint A's CorLoc really above B's (say, pretrained vs the same architecture at random
+init), or within noise? Both runs saw the same images, so the right test is paired: only the
+images that one run localises and the other does not carry information. Each run contributes
+its reported block (``best_layer`` of a ``--sweep-layers`` run, else ``layer``) unless
+``--layer-a/--layer-b`` pick one; every block the two runs share is also compared block by block.
+Note that each run's best block is chosen on the same images it is scored on, so with a
+sweep of L blocks a cautious reader multiplies the best-block p-value by L (Bonferroni).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dino_skipless.cli import atomic_write_text, markdown_table, write_json
+
+from .corloc import mcnemar_exact
+
+IOU_THRESHOLD = 0.5  # CorLoc's threshold
+
+
+@dataclass(frozen=True)
+class PairedCorLoc:
+    layer_a: int
+    layer_b: int
+    n_images: int
+    corloc_a: float  # percent
+    corloc_b: float
+    only_a: int  # images A localises and B does not
+    only_b: int
+    p_value: float  # two-sided exact McNemar
+
+    @property
+    def diff(self) -> float:
+        return self.corloc_a - self.corloc_b
+
+
+def paired_corloc(
+    ious_a: dict[str, float], ious_b: dict[str, float], layers=(0, 0)
+) -> PairedCorLoc:
+    """Compare per-image best IoUs (``image id -> IoU``) of two runs on the same image set."""
+    if ious_a.keys() != ious_b.keys():
+        only_a = sorted(ious_a.keys() - ious_b.keys())
+        only_b = sorted(ious_b.keys() - ious_a.keys())
+        raise ValueError(
+            "the two runs were not evaluated on the same images "
+            f"({len(only_a)} only in A, e.g. {only_a[:3]}; {len(only_b)} only in B, e.g. "
+            f"{only_b[:3]}): use the same --dataset/--root/--synthetic-* options for both"
+        )
+    if not ious_a:
+        raise ValueError("no images to compare")
+    hit_a = {k: v >= IOU_THRESHOLD for k, v in ious_a.items()}
+    hit_b = {k: v >= IOU_THRESHOLD for k, v in ious_b.items()}
+    n = len(hit_a)
+    only_a = sum(hit_a[k] and not hit_b[k] for k in hit_a)
+    only_b = sum(hit_b[k] and not hit_a[k] for k in hit_a)
+    return PairedCorLoc(
+        layer_a=layers[0],
+        layer_b=layers[1],
+        n_images=n,
+        corloc_a=100.0 * sum(hit_a.values()) / n,
+        corloc_b=100.0 * sum(hit_b.values()) / n,
+        only_a=only_a,
+        only_b=only_b,
+        p_value=mcnemar_exact(only_a, only_b),
+    )
+
+
+def per_image_ious(result: dict, layer: int, source: str = "run") -> dict[str, float]:
+    """``image id -> best IoU`` of one block from a ``tokencut.run`` results.json."""
+    per_image = result.get("per_image")
+    if not per_image:
+        raise ValueError(
+            f"{source}: results.json has no 'per_image' entries (a trimmed copy?); compare the "
+            "results.json that python -m tokencut.run wrote"
+        )
+    out = {}
+    for rec in per_image:
+        by_layer = rec.get("best_iou_per_layer")
+        if by_layer is not None:
+            if str(layer) not in by_layer:
+                raise ValueError(
+                    f"{source}: block {layer} was not evaluated (blocks: {sorted(by_layer, key=int)})"
+                )
+            out[rec["image"]] = float(by_layer[str(layer)])
+        elif layer == result.get("layer"):
+            out[rec["image"]] = float(rec["best_iou"])
+        else:
+            raise ValueError(
+                f"{source}: only block {result.get('layer')} was evaluated, not {layer}"
+            )
+    return out
+
+
+def layers_of(result: dict) -> list[int]:
+    per_layer = result.get("per_layer")
+    return sorted(int(k) for k in per_layer) if per_layer else [int(result["layer"])]
+
+
+def reported_layer(result: dict) -> int:
+    return int(result["best_layer"] if result.get("best_layer") is not None else result["layer"])
+
+
+def compare(a: dict, b: dict, layer_a: int | None = None, layer_b: int | None = None) -> dict:
+    """The headline comparison (reported or chosen blocks) and the block-by-block ones."""
+    la = reported_layer(a) if layer_a is None else layer_a
+    lb = reported_layer(b) if layer_b is None else layer_b
+    head = paired_corloc(per_image_ious(a, la, "A"), per_image_ious(b, lb, "B"), (la, lb))
+    shared = sorted(set(layers_of(a)) & set(layers_of(b)))
+    blocks = [
+        paired_corloc(per_image_ious(a, li, "A"), per_image_ious(b, li, "B"), (li, li))
+        for li in shared
+    ]
+    return {
+        "reported": asdict(head) | {"diff": head.diff},
+        "per_block": [asdict(r) | {"diff": r.diff} for r in blocks],
+        "n_blocks_a": len(layers_of(a)),
+        "n_blocks_b": len(layers_of(b)),
+    }
+
+
+def _load(path: str) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.is_file():
+        raise SystemExit(f"no TokenCut results at {p} (expected OUT/results.json of tokencut.run)")
+    return json.loads(p.read_text())
+
+
+def _label(result: dict, path: str) -> str:
+    ckpt = result.get("ckpt")
+    if isinstance(ckpt, str) and ckpt.startswith("random-"):
+        return ckpt  # a random-init baseline: say which variant
+    return Path(path).name
+
+
+def render(report: dict, name_a: str, name_b: str) -> str:
+    h = report["reported"]
+    rows = [
+        [
+            f"{h['layer_a']} / {h['layer_b']} (reported)",
+            h["corloc_a"],
+            h["corloc_b"],
+            h["diff"],
+            f"{h['only_a']} / {h['only_b']}",
+            h["p_value"],
+        ]
+    ]
+    rows += [
+        [
+            str(r["layer_a"]),
+            r["corloc_a"],
+            r["corloc_b"],
+            r["diff"],
+            f"{r['only_a']} / {r['only_b']}",
+            r["p_value"],
+        ]
+        for r in report["per_block"]
+    ]
+    headers = [
+        "block",
+        f"CorLoc {name_a}",
+        f"CorLoc {name_b}",
+        "diff",
+        "only A / only B",
+        "McNemar p",
+    ]
+    n_sweep = max(report["n_blocks_a"], report["n_blocks_b"])
+    note = (
+        f"\n{h['n_images']} paired images. The reported row compares each run's reported block; "
+        + (
+            f"a best block picked from {n_sweep} inflates its p-value up to {n_sweep}x.\n"
+            if n_sweep > 1
+            else "\n"
+        )
+    )
+    return markdown_table(headers, rows) + note
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("a", help="run A: tokencut.run --out folder or its results.json")
+    p.add_argument("b", help="run B (e.g. the random-init baseline)")
+    p.add_argument("--layer-a", type=int, default=None, help="block of A (default: reported)")
+    p.add_argument("--layer-b", type=int, default=None, help="block of B (default: reported)")
+    p.add_argument("--out", default=None, help="write the comparison here (.json, .md beside it)")
+    args = p.parse_args(argv)
+    a, b = _load(args.a), _load(args.b)
+    try:
+        report = compare(a, b, args.layer_a, args.layer_b)
+    except ValueError as e:
+        raise SystemExit(f"tokencut.compare: {e}") from None
+    text = render(report, _label(a, args.a), _label(b, args.b))
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        write_json(out.with_suffix(".json"), report | {"a": args.a, "b": args.b})
+        atomic_write_text(out.with_suffix(".md"), text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
