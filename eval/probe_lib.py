@@ -71,9 +71,12 @@ class LinProbeConfig:
     bootstrap: int = 1000
     extract_batch_size: int = 16
     num_workers: int = 4
-    # Memory cap on the upsampled logits of one step (elements); lrs are processed in chunks
-    # that fit (the features of a batch are still read once for all lrs).
-    max_logit_elems: int = 2**28
+    # Cap on the upsampled logits of one chunk (elements); a step is split over lrs, then over
+    # images, into chunks that fit (the features of a batch are still read once for all lrs).
+    # None = by device: 2**28 on GPUs (few large kernels), 2**22 on CPUs, where tensors above
+    # glibc's 32 MB mmap ceiling are mapped and unmapped at every step (page faults made the
+    # probe 2.4x slower; README, "Speed of the evaluation stages on CPU").
+    max_logit_elems: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,9 +137,32 @@ class ProbeWeights:
         return (~w).tolist()
 
 
+GPU_LOGIT_CAP = 2**28
+CPU_LOGIT_CAP = 2**22
+
+
+def logit_cap(value: int | None, device: torch.device | str) -> int:
+    """``LinProbeConfig.max_logit_elems``, with None resolved for the device."""
+    if value is not None:
+        return int(value)
+    return GPU_LOGIT_CAP if torch.device(device).type == "cuda" else CPU_LOGIT_CAP
+
+
 def _chunks(n_l: int, per_lr_elems: int, cap: int) -> list[slice]:
     step = max(1, min(n_l, cap // max(per_lr_elems, 1)))
     return [slice(i, min(i + step, n_l)) for i in range(0, n_l, step)]
+
+
+def _step_chunks(bsz: int, n_l: int, per_elems: int, cap: int) -> list[tuple[slice, slice]]:
+    """(images, lrs) slices covering a ``bsz x n_l`` step, each holding at most ``cap`` logits
+    (``per_elems`` per image and lr) unless one image of one lr is already larger."""
+    lr_step = max(1, min(n_l, cap // max(bsz * per_elems, 1)))
+    im_step = bsz if lr_step > 1 else max(1, min(bsz, cap // max(per_elems, 1)))
+    return [
+        (slice(i, min(i + im_step, bsz)), slice(j, min(j + lr_step, n_l)))
+        for i in range(0, bsz, im_step)
+        for j in range(0, n_l, lr_step)
+    ]
 
 
 def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -172,6 +198,7 @@ def train_probes(
     bias = torch.zeros(n_l, num_classes, device=device, requires_grad=True)
     bufs = [torch.zeros_like(weight), torch.zeros_like(bias)]
     lr_vec = torch.tensor(lrs, device=device)
+    cap = logit_cap(cfg.max_logit_elems, device)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = max(1, cfg.epochs * steps_per_epoch)
     out = ProbeWeights(weight, bias, lrs)
@@ -190,18 +217,19 @@ def train_probes(
             n_valid = max(int((y != IGNORE_INDEX).sum()), 1)
             weight.grad = None
             bias.grad = None
-            for sl in _chunks(n_l, bsz * num_classes * hh * ww, cfg.max_logit_elems):
-                lg = _logits(x, weight[sl], bias[sl])
-                nl = lg.shape[1]
+            for im, sl in _step_chunks(bsz, n_l, num_classes * hh * ww, cap):
+                lg = _logits(x[im], weight[sl], bias[sl])
+                nb, nl = lg.shape[:2]
                 up = F.interpolate(
                     lg.flatten(1, 2), size=(hh, ww), mode="bilinear", align_corners=False
-                ).view(bsz, nl, num_classes, hh, ww)
+                ).view(nb, nl, num_classes, hh, ww)
                 ce = F.cross_entropy(
                     up.transpose(1, 2),
-                    y[:, None].expand(bsz, nl, hh, ww),
+                    y[im, None].expand(nb, nl, hh, ww),
                     ignore_index=IGNORE_INDEX,
                     reduction="none",
-                )  # (B, nl, H, W); ignored pixels are 0
+                )  # (b, nl, H, W); ignored pixels are 0
+                # normalised by the whole batch's valid pixels, so chunks add up to its loss
                 per_lr = ce.sum((0, 2, 3)) / n_valid
                 per_lr.sum().backward()  # each lr's weights get the gradient of its own loss
                 epoch_loss[sl] += per_lr.detach().double().cpu() * bsz
@@ -238,7 +266,7 @@ def evaluate_probes(
     device: torch.device | str = "cpu",
     normalizer: Callable | None = None,
     batch_size: int = 16,
-    max_logit_elems: int = 2**28,
+    max_logit_elems: int | None = None,
     progress: bool = True,
     per_image: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -249,6 +277,7 @@ def evaluate_probes(
     images is the confusion's), for bootstrap error bars."""
     device = torch.device(device)
     n_l = probes.weight.shape[0]
+    cap = logit_cap(max_logit_elems, device)
     conf = torch.zeros(n_l, num_classes, num_classes, dtype=torch.long, device=device)
     counts = torch.zeros(n_l, len(masks), num_classes, 3, dtype=torch.long) if per_image else None
     by_shape: dict[tuple[int, int], list[int]] = {}
@@ -267,7 +296,7 @@ def evaluate_probes(
             x = normalizer(x)
         y = torch.stack([masks[i] for i in ids]).to(device).long()
         bsz = len(ids)
-        for sl in _chunks(n_l, bsz * num_classes * hh * ww, max_logit_elems):
+        for sl in _chunks(n_l, bsz * num_classes * hh * ww, cap):
             lg = _logits(x, w[sl], b[sl])
             nl = lg.shape[1]
             up = F.interpolate(

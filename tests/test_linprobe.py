@@ -19,9 +19,13 @@ from eval.metrics import (
     tp_fp_fn,
 )
 from eval.probe_lib import (
+    CPU_LOGIT_CAP,
+    GPU_LOGIT_CAP,
     LinProbeConfig,
     ProbeWeights,
+    _step_chunks,
     evaluate_probes,
+    logit_cap,
     summarize,
     train_probes,
 )
@@ -98,9 +102,42 @@ def test_lr_chunking_does_not_change_the_result():
     lrs = (0.01, 0.1, 1.0)
     cfg = LinProbeConfig(epochs=2, batch_size=4, lrs=lrs)
     full = train_probes(lambda i: feats[i], masks, 3, 8, lrs, cfg, progress=False)
-    one = replace(cfg, max_logit_elems=1)  # one lr per chunk
-    chunked = train_probes(lambda i: feats[i], masks, 3, 8, lrs, one, progress=False)
-    torch.testing.assert_close(full.weight, chunked.weight, rtol=1e-5, atol=1e-6)
+    per = 3 * masks.shape[-2] * masks.shape[-1]  # logits of one image for one lr
+    for cap in (1, 4 * per * 2, 2 * per):  # 1 image x 1 lr; 4 images x 2 lrs; 2 images x 1 lr
+        chunked = train_probes(
+            lambda i: feats[i], masks, 3, 8, lrs, replace(cfg, max_logit_elems=cap), progress=False
+        )
+        torch.testing.assert_close(full.weight, chunked.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(full.bias, chunked.bias, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(full.losses, chunked.losses, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "bsz,n_l,per,cap",
+    [
+        (16, 7, 100, 10**9),
+        (16, 7, 100, 3200),
+        (16, 7, 100, 1000),
+        (5, 3, 100, 1),
+        (16, 7, 100, 1599),
+    ],
+)
+def test_step_chunks_cover_each_image_and_lr_once_within_the_cap(bsz, n_l, per, cap):
+    chunks = _step_chunks(bsz, n_l, per, cap)
+    seen = np.zeros((bsz, n_l), dtype=int)
+    for im, sl in chunks:
+        seen[im, sl] += 1
+        size = (im.stop - im.start) * (sl.stop - sl.start) * per
+        assert size <= max(cap, per)  # one image of one lr is the smallest chunk there is
+    assert (seen == 1).all()
+    if bsz * n_l * per <= cap:
+        assert len(chunks) == 1
+
+
+def test_logit_cap_defaults_by_device():
+    assert logit_cap(None, "cpu") == CPU_LOGIT_CAP == 2**22
+    assert logit_cap(None, "cuda") == GPU_LOGIT_CAP == 2**28
+    assert logit_cap(12345, "cpu") == 12345
 
 
 def test_training_matches_torch_sgd_conv_reference():
