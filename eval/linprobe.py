@@ -15,12 +15,15 @@ is absent from both ground truth and predictions), plus ``dataset``, ``checkpoin
 (spec), ``config``, ``command``, ``timings``, ``backbone_passes``. The top-level result is the
 single-block probe; with ``--mode both`` the multiscale one is under ``multiscale`` (same keys);
 with ``--mode multiscale`` alone it is the top level. ``--sweep-ckpts`` writes one such file per
-checkpoint under ``DIR/<label>/`` and the joint table to ``DIR/sweep.{json,md}``.
+checkpoint under ``DIR/<label>/`` and the joint table to ``DIR/sweep.{json,md}``. With
+``--bootstrap`` > 0 (default) ``per_image_counts.npz`` beside each ``results.json`` keeps the best
+lr's per-image TP/FP/FN for paired comparisons (``python -m eval.compare A B``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import sys
@@ -28,6 +31,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dino_skipless.cli import (
@@ -158,7 +162,34 @@ def probe_backbone(
         "n_val": len(va),
         "cached_layers": union,
         "grid": list(tr.grid),
+        "val_digest": masks_digest(va.masks),
     }
+
+
+def masks_digest(masks) -> str:
+    """Fingerprint of the validation targets (order included): paired comparisons need both
+    runs to have scored the same images at the same label resolution."""
+    h = hashlib.sha1()
+    for m in masks:
+        m = np.ascontiguousarray(np.asarray(m, dtype=np.uint8))
+        h.update(np.asarray(m.shape, dtype=np.int64).tobytes())
+        h.update(m.tobytes())
+    return h.hexdigest()
+
+
+def save_counts(folder: Path, run: dict) -> None:
+    """Move the per-image counts out of ``run`` (they are not JSON) into
+    ``folder/per_image_counts.npz``: one ``(N_val, C, 3)`` array per probe, plus the digest."""
+    arrays = {
+        mode: np.asarray(r.pop("per_image_counts"), dtype=np.int64)
+        for mode, r in run["results"].items()
+        if "per_image_counts" in r
+    }
+    if arrays:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / ".per_image_counts.tmp.npz"
+        np.savez_compressed(tmp, val_digest=np.array(run["val_digest"]), **arrays)
+        os.replace(tmp, folder / "per_image_counts.npz")
 
 
 # ------------------------------------------------------------------------------------ outputs
@@ -352,8 +383,9 @@ def main(argv=None) -> int:
             "device": str(device),
             "command": command_line() if argv is None else " ".join(["eval.linprobe", *argv]),
         }
-        result = assemble(run, modes, meta)
         folder = out_dir / safe_name(label) if sweep else out_dir
+        save_counts(folder, run)
+        result = assemble(run, modes, meta)
         r = table_rows(args.dataset, label, run)
         rows += r
         write_json(folder / "results.json", result)

@@ -412,6 +412,8 @@ def probe_from_cache(
         conf, counts = conf
     out = summarize(conf, cfg.lrs, class_names, probes.diverged, counts, cfg.bootstrap, cfg.seed)
     out["layers"] = layers
+    if counts is not None:  # the best lr's, for paired comparisons (eval.compare); not JSON
+        out["per_image_counts"] = counts[[float(v) for v in cfg.lrs].index(out["best_lr"])]
     out["train_loss_last_epoch"] = dict(
         zip((repr(float(v)) for v in cfg.lrs), probes.losses[-1] if probes.losses else [])
     )

@@ -1,0 +1,120 @@
+"""Paired comparison of two linear-probe runs on the same validation images (bootstrap).
+
+    python -m eval.compare runs/lp_pretrained runs/lp_random [--probe multiscale] [--out cmp]
+
+Is checkpoint A's mIoU really above B's (say, pretrained vs the same architecture at random
+init), or within noise? Both probes were scored on the same images, so the test resamples
+images once for both runs: the spread of the *difference* is then much smaller than the two
+unpaired error bars suggest. Reads the ``per_image_counts.npz`` that ``python -m eval.linprobe``
+writes beside ``results.json`` (with ``--bootstrap`` > 0, the default); each run contributes
+its best learning rate, as in its own table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dino_skipless.cli import atomic_write_text, markdown_table, write_json
+
+from .metrics import paired_bootstrap_miou
+
+
+def load_counts(path: str | Path, probe: str) -> tuple[np.ndarray, str, dict]:
+    """``(N, C, 3)`` per-image counts of one probe, the validation digest and results.json."""
+    folder = Path(path)
+    if folder.name in ("results.json", "per_image_counts.npz"):
+        folder = folder.parent
+    npz, res = folder / "per_image_counts.npz", folder / "results.json"
+    if not npz.is_file():
+        raise ValueError(
+            f"{npz} not found: compare the --out folder of a python -m eval.linprobe run "
+            "(one folder per checkpoint under a --sweep-ckpts run) made with --bootstrap > 0"
+        )
+    with np.load(npz) as z:
+        if probe not in z.files:
+            probes = [k for k in z.files if k != "val_digest"]
+            raise ValueError(f"{npz}: no '{probe}' probe (this run has {probes}); use --probe")
+        counts, digest = z[probe], str(z["val_digest"])
+    result = json.loads(res.read_text()) if res.is_file() else {}
+    return counts, digest, result
+
+
+def compare_runs(a: str, b: str, probe: str = "single", n_boot: int = 10000, seed: int = 0) -> dict:
+    ca, da, ra = load_counts(a, probe)
+    cb, db, rb = load_counts(b, probe)
+    if da != db:
+        raise ValueError(
+            "the two runs were not scored on the same validation images (target digests differ): "
+            "use the same --dataset/--root/--resolution/--synthetic-* options for both"
+        )
+    out = paired_bootstrap_miou(ca, cb, n_boot, seed)
+
+    def probe_result(r: dict) -> dict:
+        if r.get("probe", "single") == probe:
+            return r
+        return r.get(probe, {}) if isinstance(r.get(probe), dict) else {}
+
+    pa, pb = probe_result(ra), probe_result(rb)
+    return out | {
+        "probe": probe,
+        "n_images": int(ca.shape[0]),
+        "label_a": ra.get("label", str(a)),
+        "label_b": rb.get("label", str(b)),
+        "layers_a": pa.get("layers"),
+        "layers_b": pb.get("layers"),
+        "best_lr_a": pa.get("best_lr"),
+        "best_lr_b": pb.get("best_lr"),
+        "unpaired_se_a": pa.get("miou_se"),
+        "unpaired_se_b": pb.get("miou_se"),
+    }
+
+
+def render(r: dict) -> str:
+    headers = ["probe", "A", "B", "mIoU A", "mIoU B", "A - B", "paired s.e.", "95 % CI", "p"]
+    row = [
+        r["probe"],
+        r["label_a"],
+        r["label_b"],
+        r["miou_a"],
+        r["miou_b"],
+        r["diff"],
+        r["se"],
+        f"[{r['lo']:.2f}, {r['hi']:.2f}]",
+        r["p"],
+    ]
+    p_floor = 2 / max(r["n_boot"], 1)
+    note = (
+        f"\n{r['n_images']} paired validation images, {r['n_boot']} bootstrap resamples "
+        f"(p = 0 means below {p_floor:.1g})."
+    )
+    return markdown_table(headers, [row]) + note + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("a", help="run A: eval.linprobe --out folder (or its results.json)")
+    p.add_argument("b", help="run B (e.g. the random-init baseline)")
+    p.add_argument("--probe", default="single", choices=["single", "multiscale"])
+    p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the comparison here (.json, .md beside it)")
+    args = p.parse_args(argv)
+    try:
+        r = compare_runs(args.a, args.b, args.probe, args.n_boot, args.seed)
+    except ValueError as e:
+        raise SystemExit(f"eval.compare: {e}") from None
+    text = render(r)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        write_json(out.with_suffix(".json"), r | {"a": args.a, "b": args.b})
+        atomic_write_text(out.with_suffix(".md"), text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
