@@ -4,8 +4,9 @@
 
 Is checkpoint A's mIoU really above B's (say, pretrained vs the same architecture at random
 init), or within noise? Both probes were scored on the same images, so the test resamples
-images once for both runs: the spread of the *difference* is then much smaller than the two
-unpaired error bars suggest. Reads the ``per_image_counts.npz`` that ``python -m eval.linprobe``
+images once for both runs: what the runs share (hard images, rare classes) cancels, and the
+spread of the *difference* is smaller than the two unpaired error bars whenever the runs err
+on the same images. Reads the ``per_image_counts.npz`` that ``python -m eval.linprobe``
 writes beside ``results.json`` (with ``--bootstrap`` > 0, the default); each run contributes
 its best learning rate, as in its own table.
 """
