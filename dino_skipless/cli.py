@@ -121,6 +121,13 @@ def write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
+def write_report(out: str | os.PathLike, obj, text: str) -> None:
+    """``OUT.json`` (the record) and ``OUT.md`` (the printed table) side by side."""
+    out = Path(out)
+    write_json(out.with_suffix(".json"), obj)
+    atomic_write_text(out.with_suffix(".md"), text)
+
+
 def _json_default(o):
     if isinstance(o, torch.Tensor):
         return o.tolist()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dino_skipless.cli import atomic_write_text, markdown_table, write_json
+from dino_skipless.cli import markdown_table, write_report
 
 from .metrics import paired_bootstrap_miou
 
@@ -111,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(r)
     print(text, end="")
     if args.out:
-        out = Path(args.out)
-        write_json(out.with_suffix(".json"), r | {"a": args.a, "b": args.b})
-        atomic_write_text(out.with_suffix(".md"), text)
+        write_report(args.out, r | {"a": args.a, "b": args.b}, text)
     return 0
 
 

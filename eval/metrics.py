@@ -111,6 +111,44 @@ def iou_from_counts(counts: np.ndarray) -> np.ndarray:
         return np.where(union > 0, counts[..., 0] / np.maximum(union, 1), np.nan)
 
 
+def _as_counts(counts) -> np.ndarray:
+    return np.asarray(counts.cpu() if isinstance(counts, torch.Tensor) else counts, np.float64)
+
+
+def _pooled_miou(counts: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """mIoU (percent) of per-image ``(N, C, 3)`` counts pooled over all images, or over each
+    resample given the multiplicities ``weights (R, N)`` (one matrix product for all)."""
+    if weights is None:
+        pooled = counts.sum(0)
+    else:
+        n = counts.shape[0]
+        pooled = (weights @ counts.reshape(n, -1)).reshape(len(weights), *counts.shape[1:])
+    with warnings.catch_warnings():  # a resample may miss every class with a union: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(iou_from_counts(pooled), axis=-1) * 100
+
+
+def _resample_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """``(n_boot, n)`` multiplicities of each image in each resample (n draws with replacement)."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+
+
+def _spread(values: np.ndarray, level: float) -> dict[str, float]:
+    """Standard error and percentile interval of the finite bootstrap values."""
+    v = values[np.isfinite(values)]
+    q = (1 - level) / 2
+    return {
+        "se": float(v.std(ddof=1)) if v.size > 1 else float("nan"),
+        "lo": float(np.quantile(v, q)) if v.size else float("nan"),
+        "hi": float(np.quantile(v, 1 - q)) if v.size else float("nan"),
+        "n_boot": int(v.size),
+    }
+
+
+_NO_SPREAD = {"se": float("nan"), "lo": float("nan"), "hi": float("nan"), "n_boot": 0}
+
+
 def bootstrap_miou(
     counts: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> dict[str, float]:
@@ -120,26 +158,11 @@ def bootstrap_miou(
     IoU, exactly as ``mean_iou`` does on the whole set. Returns the standard error (std of the
     resampled mIoUs) and the percentile interval at ``level``.
     """
-    counts = np.asarray(counts.cpu() if isinstance(counts, torch.Tensor) else counts, np.float64)
+    counts = _as_counts(counts)
     n = counts.shape[0]
     if n == 0 or n_boot <= 0:
-        return {"se": float("nan"), "lo": float("nan"), "hi": float("nan"), "n_boot": 0}
-    rng = np.random.default_rng(seed)
-    # multiplicity of each image in each resample: pooling is then one matrix product
-    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
-    pooled = (weights @ counts.reshape(n, -1)).reshape(n_boot, *counts.shape[1:])
-    iou = iou_from_counts(pooled)
-    with warnings.catch_warnings():  # a resample may miss every class with a union: NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        miou = np.nanmean(iou, axis=-1) * 100
-    miou = miou[np.isfinite(miou)]
-    a = (1 - level) / 2
-    return {
-        "se": float(miou.std(ddof=1)) if miou.size > 1 else float("nan"),
-        "lo": float(np.quantile(miou, a)) if miou.size else float("nan"),
-        "hi": float(np.quantile(miou, 1 - a)) if miou.size else float("nan"),
-        "n_boot": int(miou.size),
-    }
+        return dict(_NO_SPREAD)
+    return _spread(_pooled_miou(counts, _resample_weights(n, n_boot, seed)), level)
 
 
 def paired_bootstrap_miou(
@@ -156,38 +179,16 @@ def paired_bootstrap_miou(
     share (hard images, rare classes) cancels and only their disagreement is left in the spread.
     ``p`` is the two-sided percentile-bootstrap p-value of the difference being 0.
     """
-    a = np.asarray(counts_a.cpu() if isinstance(counts_a, torch.Tensor) else counts_a, np.float64)
-    b = np.asarray(counts_b.cpu() if isinstance(counts_b, torch.Tensor) else counts_b, np.float64)
+    a, b = _as_counts(counts_a), _as_counts(counts_b)
     if a.shape != b.shape:
         raise ValueError(f"per-image counts differ in shape: {a.shape} vs {b.shape}")
     n = a.shape[0]
-
-    def miou(pooled):
-        with warnings.catch_warnings():  # a class with no union anywhere: NaN, skipped
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(iou_from_counts(pooled), axis=-1) * 100
-
-    diff = float(miou(a.sum(0)) - miou(b.sum(0)))
-    out = {"miou_a": float(miou(a.sum(0))), "miou_b": float(miou(b.sum(0))), "diff": diff}
+    ma, mb = float(_pooled_miou(a)), float(_pooled_miou(b))
+    out = {"miou_a": ma, "miou_b": mb, "diff": ma - mb}
     if n == 0 or n_boot <= 0:
-        return out | {
-            "se": float("nan"),
-            "lo": float("nan"),
-            "hi": float("nan"),
-            "p": float("nan"),
-            "n_boot": 0,
-        }
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
-    da = miou((weights @ a.reshape(n, -1)).reshape(n_boot, *a.shape[1:]))
-    db = miou((weights @ b.reshape(n, -1)).reshape(n_boot, *b.shape[1:]))
-    d = (da - db)[np.isfinite(da - db)]
-    q = (1 - level) / 2
+        return out | _NO_SPREAD | {"p": float("nan")}
+    w = _resample_weights(n, n_boot, seed)
+    d = _pooled_miou(a, w) - _pooled_miou(b, w)
+    d = d[np.isfinite(d)]
     p = min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))) if d.size else float("nan")
-    return out | {
-        "se": float(d.std(ddof=1)) if d.size > 1 else float("nan"),
-        "lo": float(np.quantile(d, q)) if d.size else float("nan"),
-        "hi": float(np.quantile(d, 1 - q)) if d.size else float("nan"),
-        "p": float(p),
-        "n_boot": int(d.size),
-    }
+    return out | _spread(d, level) | {"p": float(p)}

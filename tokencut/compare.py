@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dino_skipless.cli import atomic_write_text, markdown_table, write_json
+from dino_skipless.cli import markdown_table, write_report
 
 from .corloc import mcnemar_exact
 
@@ -200,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(report, _label(a, args.a), _label(b, args.b))
     print(text)
     if args.out:
-        out = Path(args.out)
-        write_json(out.with_suffix(".json"), report | {"a": args.a, "b": args.b})
-        atomic_write_text(out.with_suffix(".md"), text)
+        write_report(args.out, report | {"a": args.a, "b": args.b}, text)
     return 0
 
 
