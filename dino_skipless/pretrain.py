@@ -97,6 +97,7 @@ def resolve_config(argv: Sequence[str]):
 def main(argv: Sequence[str] | None = None):
     from .data import DatasetError
     from .dino.checkpoint import ResumeError
+    from .dino.collapse import CollapseError
     from .dino.distributed import cleanup
     from .dino.trainer import NonFiniteLossError, PretrainOOMError, train
 
@@ -112,6 +113,7 @@ def main(argv: Sequence[str] | None = None):
         ResumeError,
         DatasetError,
         NonFiniteLossError,
+        CollapseError,
         PretrainOOMError,
         FileExistsError,
     ) as e:

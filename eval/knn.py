@@ -9,6 +9,12 @@ the k most cosine-similar training images; neighbour j votes for its class with 
 ``exp(sim_j / T)``; the classes are ranked by summed votes (top-1 / top-5). Defaults k=20,
 T=0.07 (DINO). Nearest neighbours by faiss when importable (a GPU index on CUDA), else torch.
 A root without ``train/`` and ``val/`` is split per class, deterministically (``val_fraction``).
+
+``--pixels S`` replaces the backbone by the raw-pixel baseline: the same resized, cropped,
+normalised image, area-downsampled to S x S and flattened (3 S^2 dimensions), then the same
+cosine k-NN. ``results.json`` keeps each validation image's top-1 hit (``val_correct``) and a
+digest of the validation labels, so two runs can be paired image by image
+(``paired_knn``: exact McNemar test).
 """
 
 from __future__ import annotations
@@ -126,6 +132,52 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
     return {f"top{k}": float(hit[:, :k].any(1).double().mean()) * 100 for k in ks}
 
 
+def top1_se(top1: float, n: int) -> float:
+    """Binomial standard error of a top-1 accuracy in percent over ``n`` images."""
+    p = top1 / 100
+    return 100 * float(np.sqrt(p * (1 - p) / max(n, 1)))
+
+
+def labels_digest(labels: Sequence[int]) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def paired_knn(a: dict, b: dict) -> dict:
+    """Exact McNemar test of two k-NN ``results.json`` on the same validation images."""
+    from tokencut.corloc import mcnemar_exact, paired_diff_se
+
+    for r, name in ((a, "A"), (b, "B")):
+        if "val_correct" not in r:
+            raise ValueError(f"k-NN result {name} has no per-image 'val_correct' (older run?)")
+    if a.get("val_digest") != b.get("val_digest") or len(a["val_correct"]) != len(b["val_correct"]):
+        raise ValueError("the two k-NN runs were scored on different validation images")
+    ca, cb = np.asarray(a["val_correct"], bool), np.asarray(b["val_correct"], bool)
+    only_a, only_b = int((ca & ~cb).sum()), int((~ca & cb).sum())
+    return {
+        "top1_a": 100 * float(ca.mean()),
+        "top1_b": 100 * float(cb.mean()),
+        "diff": 100 * float(ca.mean() - cb.mean()),
+        "diff_se": paired_diff_se(only_a, only_b, len(ca)),
+        "only_a": only_a,
+        "only_b": only_b,
+        "p_value": mcnemar_exact(only_a, only_b),
+        "n": len(ca),
+    }  # fmt: skip
+
+
+class PixelBaseline(torch.nn.Module):
+    """Raw pixels as features: area-downsample to ``size`` x ``size`` and flatten."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = int(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, self.size).flatten(1)
+
+
 # ---------------------------------------------------------------------------------- data
 
 
@@ -215,6 +267,11 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=("auto", "faiss", "torch"), default="auto")
     p.add_argument("--synthetic-n", type=int, default=120)
     p.add_argument("--synthetic-size", type=int, default=64)
+    p.add_argument("--synthetic-seed", type=int, default=0, help="--dataset synthetic: seed")
+    p.add_argument(
+        "--pixels", type=int, default=None, metavar="S",
+        help="raw-pixel baseline instead of a backbone: images downsampled to S x S",
+    )  # fmt: skip
     p.add_argument("--out", default="runs/knn")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -230,18 +287,25 @@ def main(argv=None) -> int:
         num_workers=args.num_workers,
     )
     device = resolve_device(args.device)
-    model, spec, label = backbone_from_args(args)
-    from dino_skipless.features import check_input_size
+    if args.pixels:
+        model, spec, label = PixelBaseline(args.pixels), None, f"pixels-{args.pixels}"
+    else:
+        model, spec, label = backbone_from_args(args)
+        from dino_skipless.features import check_input_size
 
-    try:
-        check_input_size(model, cfg.crop, cfg.crop)
-    except ValueError as e:
-        raise SystemExit(f"{label}: {e} (--crop)") from None
+        try:
+            check_input_size(model, cfg.crop, cfg.crop)
+        except ValueError as e:
+            raise SystemExit(f"{label}: {e} (--crop)") from None
     if args.dataset == "synthetic":
         from dino_skipless.data import synthetic_root
 
         root = synthetic_root(
-            "imagefolder", n=args.synthetic_n, size=args.synthetic_size, seed=0, cache_dir=args.root
+            "imagefolder",
+            n=args.synthetic_n,
+            size=args.synthetic_size,
+            seed=args.synthetic_seed,
+            cache_dir=args.root,
         )
     elif args.root is None:
         raise SystemExit("give --root IMAGEFOLDER (or --dataset synthetic)")
@@ -257,13 +321,17 @@ def main(argv=None) -> int:
         if args.backend == "faiss" or (args.backend == "auto" and faiss_available())
         else "torch"
     )
-    per_k = {}
+    per_k, correct = {}, None
     for k in cfg.k:
         s = knn_scores(tr_f, tr_y, va_f, k, cfg.temperature, len(classes), backend, cfg.chunk)
         per_k[str(k)] = topk_accuracy(s, va_y, ks=(1, min(5, len(classes))))
+        if correct is None:  # the reported k
+            correct = (s.argmax(1) == va_y.to(s.device)).int().cpu().tolist()
     main_k = str(cfg.k[0])
+    top1 = per_k[main_k]["top1"]
     result = {
-        **{"top1": per_k[main_k]["top1"], "top5": list(per_k[main_k].values())[-1]},
+        **{"top1": top1, "top5": list(per_k[main_k].values())[-1]},
+        "top1_se": top1_se(top1, len(val)),
         "k": cfg.k[0],
         "per_k": per_k,
         "n_train": len(train),
@@ -272,13 +340,19 @@ def main(argv=None) -> int:
         "split": how,
         "root": str(root),
         "label": label,
-        "checkpoint": args.ckpt or {"random_init": args.random_init, "arch": args.arch},
-        "backbone": spec.to_dict(),
+        "checkpoint": (
+            {"pixels": args.pixels}
+            if args.pixels
+            else args.ckpt or {"random_init": args.random_init, "arch": args.arch}
+        ),
+        "backbone": spec.to_dict() if spec is not None else None,
         "config": cfg.to_dict(),
         "backend": backend,
         "device": str(device),
         "command": command_line() if argv is None else " ".join(["eval.knn", *argv]),
         "timings": {"features_s": t1 - t0, "total_s": time.perf_counter() - t0},
+        "val_correct": correct,
+        "val_digest": labels_digest(va_y.cpu().tolist()),
     }
     out = Path(args.out)
     rows = [[label, k, cfg.temperature, v["top1"], list(v.values())[-1]] for k, v in per_k.items()]

@@ -13,8 +13,19 @@ multiscale) -> TokenCut (every block, best reported); then one PCA figure of all
 side and the training curves. Identical data, steps and seeds for every variant: only
 ``--variant`` / ``--optimizer`` differ between the pretraining commands.
 
-Writes ``OUT/results.json`` (per run: final loss, linprobe mIoU single and multiscale, TokenCut
-CorLoc and best layer, kappa per layer at init and at the end) and ``OUT/RESULTS.md``.
+Every evaluation is bracketed by reference points measured on the same data (unless
+``--no-baselines``): the **floor**, each variant at random init; the **ceiling**, the same
+architecture trained end to end on labels with the same budget (``python -m
+dino_skipless.supervised``: ``--task cls`` on the pretraining images' class labels for k-NN,
+``--task seg`` on other VOC-format scenes' masks for the linear probe and TokenCut); and, for
+k-NN, **raw pixels**. Each run is compared with its floor by a paired test on the same images
+(k-NN and CorLoc: exact McNemar; mIoU: paired bootstrap), and the share of the floor-to-ceiling
+gap it closes is reported.
+
+Writes ``OUT/results.json`` (per run: final loss, collapse monitor, linprobe mIoU single and
+multiscale, TokenCut CorLoc and best layer, kappa per layer at init and at the end; per
+evaluation: ``floor``, ``ceiling``, ``pixels`` and every run's value, each with its s.e.,
+and the paired tests) and ``OUT/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -46,6 +57,13 @@ QUICK_PRETRAIN = [
     "data.synthetic_size=48",
     "run.progress=false",
 ]
+PIXELS = 16  # side of the raw-pixel k-NN baseline's downsampled image
+# The evaluation scenes' seeds: pretraining and the cls ceiling see synthetic class folders of
+# seed 0 (data.synthetic_seed), the k-NN set is seed 1, so no evaluated image was trained on;
+# the seg ceiling trains on VOC-format scenes of seed 1, the linear probe and TokenCut score
+# seed-0 scenes.
+KNN_SEED = 1
+SEG_CEILING_SEED = 1
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -152,12 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
     # k-NN on dominant-object scenes (6 classes): the standard DINO pretraining monitor
     knn_args = (
         ["--dataset", "synthetic", "--synthetic-n", "60", "--synthetic-size", "48",
-         "--resize", "32", "--crop", "32"]
+         "--resize", "32", "--crop", "32", "--synthetic-seed", str(KNN_SEED)]
         if quick
         else ["--root", roots["knn"]]
         if "knn" in roots
         else ["--dataset", "synthetic", "--synthetic-n", "4000", "--synthetic-size", "96",
-              "--resize", "64", "--crop", "64"]
+              "--resize", "64", "--crop", "64", "--synthetic-seed", str(KNN_SEED)]
     )  # fmt: skip
 
     def seg_data() -> list[str]:
@@ -204,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
         )  # fmt: skip
         knr = load_json(kn / "results.json")
         rec["knn_top1"], rec["knn_n_val"] = knr["top1"], knr["n_val"]
+        rec["knn_top1_se"] = knr.get("top1_se")
+        rec["dirs"] = {"knn": str(kn)}
         lp = out / "linprobe" / name
         stage(
             f"{name}/linprobe",
@@ -220,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
         # bootstrap s.e. over validation images (absent when the probe ran with --bootstrap 0)
         rec["linprobe_single_se"] = lpr.get("miou_se")
         rec["linprobe_multiscale_se"] = lpr["multiscale"].get("miou_se")
+        rec["dirs"]["linprobe"] = str(lp)
         for det in det_sets:
             tc = out / "tokencut" / det / name
             stage(
@@ -236,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "n_images": tcr["n_images"],
                 "per_layer": tcr["per_layer"],
             }
+            rec["dirs"][f"tokencut_{det}"] = str(tc)
 
     for opt in args.optimizers:
         for variant in args.variants:
@@ -254,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
                     logs / "pretrain.txt",
                 )  # fmt: skip
             last = last_record(rdir)
+            summary = rdir / "summary.json"
+            rec["collapse"] = load_json(summary).get("collapse") if summary.exists() else None
             rec["final_loss"] = float(last["loss"])
             rec["nonfinite_skipped"] = int(last.get("nonfinite_skipped", 0))
             rec["steps"] = int(last["step"]) + 1
@@ -280,6 +304,46 @@ def main(argv: list[str] | None = None) -> dict:
                 base: dict = {"variant": variant}
                 evaluate(f"random_{variant}", ["--random-init", variant, *arch], base)
                 results["baselines"][variant] = base
+
+    if not args.no_baselines:
+        # the reference points that bracket every evaluation (see the module docstring)
+        refs: dict = {}
+        kn = out / "knn" / "pixels"
+        stage(
+            "pixels/knn",
+            [py, "-m", "eval.knn", *knn_args, "--pixels", str(PIXELS), "--num-workers", "0",
+             "--out", str(kn), "--quiet", *dev],
+            out / "logs" / "pixels_knn.txt",
+            kn / "results.json",
+        )  # fmt: skip
+        knr = load_json(kn / "results.json")
+        refs["pixels"] = {"knn_top1": knr["top1"], "knn_top1_se": knr.get("top1_se"),
+                          "knn_n_val": knr["n_val"], "dirs": {"knn": str(kn)}}  # fmt: skip
+        seg_src = (
+            ["--seg-root", roots["voc"]]
+            if "voc" in roots
+            else ["--seg-n", "24" if quick else "1336", "--seg-size", "48" if quick else "96",
+                  "--seg-seed", str(SEG_CEILING_SEED)]
+        )  # fmt: skip
+        for task in ("cls", "seg"):
+            name = f"supervised_{task}"
+            sdir = out / "runs" / name
+            (out / "logs" / name).mkdir(parents=True, exist_ok=True)
+            if (sdir / "backbone.json").exists():
+                timings[f"{name}/train"] = float(prev_timings.get(f"{name}/train", 0.0))
+            else:
+                timings[f"{name}/train"] = run(
+                    [py, "-m", "dino_skipless.supervised", "--task", task, "--config", args.config,
+                     "--out", str(sdir), *(seg_src if task == "seg" else []), "model.variant=skip",
+                     *overrides],
+                    out / "logs" / name / "train.txt",
+                )  # fmt: skip
+            rec = {"variant": "skip", "task": task, **load_json(sdir / "summary.json")}
+            rec.pop("config", None)
+            evaluate(name, ["--ckpt", str(sdir)], rec)
+            refs[name] = rec
+        results["references"] = refs
+        results["evaluations"] = evaluations(results)
 
     ckpts = [a for d in run_dirs.values() for a in ("--ckpt", str(d))]
     pca_png = out / "pca.png"
@@ -317,7 +381,7 @@ def plot_curves(run_dirs: dict[str, Path], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), dpi=150)
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.4), dpi=150)
     colors = {}
     for name, rdir in run_dirs.items():
         rows = read_jsonl(rdir / "log.jsonl")
@@ -328,6 +392,8 @@ def plot_curves(run_dirs: dict[str, Path], path: Path) -> Path:
             axes[1].plot(steps, [r["teacher_entropy"] for r in rows], color=colors[name], lw=1.2)
             axes[1].plot(steps, [r["teacher_batch_entropy"] for r in rows], color=colors[name],
                          lw=0.8, ls="--")  # fmt: skip
+            info = [r["teacher_batch_entropy"] - r["teacher_entropy"] for r in rows]
+            axes[3].plot(steps, info, color=colors[name], lw=1.2)
         jac = read_jsonl(rdir / "jacobian.jsonl")
         layers = sorted({r["layer"] for r in jac})
         for layer in layers:
@@ -339,6 +405,8 @@ def plot_curves(run_dirs: dict[str, Path], path: Path) -> Path:
     axes[1].set_ylabel("teacher entropy (nats)\nsolid: per image, dashed: batch mean")
     axes[2].set_ylabel("κ(K_l K_lᵀ) per block (darker = deeper)")
     axes[2].set_yscale("log")
+    axes[3].set_ylabel("target information about the image (nats)\nbatch − per-image entropy")
+    axes[3].axhline(0.05, color="k", lw=0.6, ls=":")  # run.collapse_min_info
     for ax in axes:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
@@ -372,6 +440,88 @@ def check_results(results: dict) -> None:
                 problems.append(f"kappa_{when}={rec[f'kappa_{when}']}")
         if problems:
             raise SystemExit(f"run {name}: out-of-range results: {', '.join(problems)}")
+
+
+# evaluation -> (record key, s.e. key, ceiling model): the ceiling of an evaluation is the
+# supervised model trained on that evaluation's kind of label
+EVALUATIONS = {
+    "knn": ("knn_top1", "knn_top1_se", "supervised_cls"),
+    "linprobe_single": ("linprobe_single_miou", "linprobe_single_se", "supervised_seg"),
+    "linprobe_multiscale": ("linprobe_multiscale_miou", "linprobe_multiscale_se", "supervised_seg"),
+}
+
+
+def _value(rec: dict, evaluation: str) -> dict | None:
+    if evaluation.startswith("tokencut_"):
+        if evaluation not in rec:
+            return None
+        r = rec[evaluation]
+        n = r.get("n_images", 0)
+        se = 100 * math.sqrt(r["corloc"] / 100 * (1 - r["corloc"] / 100) / n) if n else None
+        return {"value": r["corloc"], "se": se, "best_layer": r["best_layer"]}
+    key, se_key, _ = EVALUATIONS[evaluation]
+    if key not in rec:
+        return None
+    return {"value": rec[key], "se": rec.get(se_key)}
+
+
+def paired_test(evaluation: str, a: dict, b: dict) -> dict:
+    """A vs B on the same images: difference, its paired s.e., z = diff / s.e., p-value."""
+    from eval.compare import compare_runs
+    from eval.knn import paired_knn
+    from tokencut.compare import compare as tokencut_compare
+    from tokencut.corloc import paired_diff_se
+
+    if evaluation == "knn":
+        r = paired_knn(load_json(Path(a["dirs"]["knn"]) / "results.json"),
+                       load_json(Path(b["dirs"]["knn"]) / "results.json"))  # fmt: skip
+        diff, se, p = r["diff"], r["diff_se"], r["p_value"]
+    elif evaluation.startswith("linprobe_"):
+        probe = evaluation.removeprefix("linprobe_")
+        r = compare_runs(a["dirs"]["linprobe"], b["dirs"]["linprobe"], probe, n_boot=2000)
+        diff, se, p = r["diff"], r["se"], r["p"]
+    else:
+        r = tokencut_compare(
+            load_json(Path(a["dirs"][evaluation]) / "results.json"),
+            load_json(Path(b["dirs"][evaluation]) / "results.json"),
+        )["reported"]
+        diff, p = r["diff"], r["p_value"]
+        se = paired_diff_se(r["only_a"], r["only_b"], r["n_images"])  # fmt: skip
+    z = diff / se if se and math.isfinite(se) and se > 0 else None
+    return {"diff": diff, "se": se, "z": z, "p": p}
+
+
+def evaluations(results: dict) -> dict:
+    """Per evaluation: floor (per variant), ceiling, pixels, and each run with its paired test
+    against its own floor and the share of the floor-to-ceiling gap it closes."""
+    runs, base, refs = results["runs"], results.get("baselines", {}), results.get("references", {})
+    dets = sorted({k for r in runs.values() for k in r if k.startswith("tokencut_")})
+    out: dict = {}
+    for ev in [*EVALUATIONS, *dets]:
+        ceiling_name = EVALUATIONS[ev][2] if ev in EVALUATIONS else "supervised_seg"
+        e: dict = {"floor": {}, "runs": {}}
+        for v, b in base.items():
+            e["floor"][v] = _value(b, ev)
+        if ceiling_name in refs:
+            e["ceiling"] = _value(refs[ceiling_name], ev) | {"model": ceiling_name}
+            e["ceiling_vs_floor_skip"] = (
+                paired_test(ev, refs[ceiling_name], base["skip"]) if "skip" in base else None
+            )
+        if ev == "knn" and "pixels" in refs:
+            e["pixels"] = _value(refs["pixels"], ev)
+        for name, r in runs.items():
+            row = _value(r, ev)
+            if row is None:
+                continue
+            v = r["variant"]
+            if v in base and _value(base[v], ev) is not None:
+                row["vs_floor"] = paired_test(ev, r, base[v])
+                if "ceiling" in e:
+                    lo, hi = e["floor"][v]["value"], e["ceiling"]["value"]
+                    row["gap_closed"] = (row["value"] - lo) / (hi - lo) if hi != lo else None
+            e["runs"][name] = row
+        out[ev] = e
+    return out
 
 
 def _fmt_kappa(k: float) -> str:
@@ -511,9 +661,69 @@ def paper_claims(results: dict) -> list[tuple[str, str, str]]:
     return out
 
 
+EVAL_TITLES = {
+    "knn": "k-NN top-1 (%)",
+    "linprobe_single": "linear probe mIoU, last block",
+    "linprobe_multiscale": "linear probe mIoU, multiscale",
+}
+
+
+def headroom_markdown(results: dict) -> list[str]:
+    """Floor, ceiling, pixels and each run per evaluation, with the paired tests."""
+    evs = results.get("evaluations")
+    if not evs:
+        return []
+    lines = [
+        "",
+        "## Floor, ceiling and what pretraining adds",
+        "",
+        "Floor: the variant at random init. Ceiling: the same architecture (skip variant) "
+        "trained end to end on labels with the same budget (`python -m dino_skipless.supervised`"
+        "; class labels for k-NN, segmentation masks for the linear probe and TokenCut). "
+        "Δ vs floor: a paired test on the same images (k-NN, CorLoc: exact McNemar; mIoU: "
+        "paired bootstrap), z = Δ / paired s.e. Gap closed: (run − floor) / (ceiling − floor).",
+    ]
+
+    def val(x: dict | None) -> str:
+        if not x:
+            return "–"
+        return f"{x['value']:.2f}" + (f" ± {x['se']:.2f}" if x.get("se") is not None else "")
+
+    def test(t: dict | None) -> str:
+        if not t:
+            return "–"
+        z = f", z = {t['z']:.1f}" if t.get("z") is not None else ""
+        return f"{t['diff']:+.2f}{z}, p = {t['p']:.2g}"
+
+    for ev, e in evs.items():
+        title = EVAL_TITLES.get(ev, f"TokenCut CorLoc (%), {ev.removeprefix('tokencut_')}")
+        lines += ["", f"**{title}**", "", "| model | value ± s.e. | Δ vs floor | gap closed |"]
+        lines += ["|---|---|---|---|"]
+        if e.get("pixels"):
+            lines.append(f"| raw pixels ({PIXELS}x{PIXELS}) | {val(e['pixels'])} | – | – |")
+        for v, f in e["floor"].items():
+            lines.append(f"| floor: random init {v} | {val(f)} | – | 0 % |")
+        if e.get("ceiling"):
+            c = e["ceiling"]
+            lines.append(
+                f"| ceiling: {c['model']} | {val(c)} | {test(e.get('ceiling_vs_floor_skip'))} "
+                "(vs skip floor) | 100 % |"
+            )
+        for name, r in e["runs"].items():
+            g = r.get("gap_closed")
+            gap = f"{100 * g:.0f} %" if g is not None else "–"
+            lines.append(f"| DINO {name} | {val(r)} | {test(r.get('vs_floor'))} | {gap} |")
+    return lines
+
+
 def results_markdown(results: dict) -> str:
     runs, base = results["runs"], results.get("baselines", {})
     rows = list(runs.items()) + [(f"random init {v}", r) for v, r in base.items()]
+    rows += [
+        (f"{name} (ceiling)", r)
+        for name, r in results.get("references", {}).items()
+        if name.startswith("supervised_")
+    ]
     lines = [
         "# Small-scale replication",
         "",
@@ -536,6 +746,8 @@ def results_markdown(results: dict) -> str:
         loss = f"{r['final_loss']:.3f}" if "final_loss" in r else "–"
         if r.get("nonfinite_skipped"):
             loss += f" ({r['nonfinite_skipped']} non-finite steps skipped)"
+        if (r.get("collapse") or {}).get("collapsed"):
+            loss += f" (collapse alarm at step {r['collapse']['collapsed_at_step']})"
         single, multi = (
             f"{r[f'linprobe_{m}_miou']:.2f}"
             + (f" ± {r[f'linprobe_{m}_se']:.2f}" if r.get(f"linprobe_{m}_se") is not None else "")
@@ -564,6 +776,7 @@ def results_markdown(results: dict) -> str:
                 + " | ".join(_fmt_kappa(ks[str(i)]) if str(i) in ks else "" for i in layers)
                 + " |"
             )
+    lines += headroom_markdown(results)
     lines += [
         "",
         "## The paper's claims at this scale",

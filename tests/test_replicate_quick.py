@@ -47,10 +47,32 @@ def test_quick_replication_produces_every_result(tmp_path, monkeypatch):
         kn = json.loads((out / "knn" / f"random_{v}" / "results.json").read_text())
         assert rec["knn_top1"] == kn["top1"] and kn["checkpoint"]["random_init"] == v
         assert 0 <= rec["tokencut_synthetic"]["corloc"] <= 100
+    page = (out / "RESULTS.md").read_text()
+    # the reference points: raw pixels, and the supervised ceilings evaluated like DINO runs
+    refs = saved["references"]
+    assert set(refs) == {"pixels", "supervised_cls", "supervised_seg"}
+    px = json.loads((out / "knn" / "pixels" / "results.json").read_text())
+    assert refs["pixels"]["knn_top1"] == px["top1"] and px["checkpoint"] == {"pixels": 16}
+    for task in ("cls", "seg"):
+        sup = json.loads((out / "runs" / f"supervised_{task}" / "summary.json").read_text())
+        assert sup["task"] == task and sup["steps"] == saved["runs"]["skip_adamw"]["steps"]
+    ev = saved["evaluations"]
+    assert set(ev) == {"knn", "linprobe_single", "linprobe_multiscale", "tokencut_synthetic"}
+    assert ev["knn"]["ceiling"]["model"] == "supervised_cls"
+    assert ev["linprobe_single"]["ceiling"]["model"] == "supervised_seg"
+    assert ev["knn"]["pixels"]["value"] == px["top1"] and ev["knn"]["pixels"]["se"] > 0
+    for name, e in ev.items():
+        assert set(e["floor"]) == {"skip", "skipless", "skipless_init"}, name
+        assert e["floor"]["skip"]["value"] == _value_of(saved["baselines"]["skip"], name)
+        for run, r in e["runs"].items():
+            assert r["value"] == _value_of(saved["runs"][run], name)
+            t = r["vs_floor"]  # the paired test of the run against its own random init
+            assert t["diff"] == pytest.approx(r["value"] - e["floor"][r_variant(run)]["value"])
+            assert 0 <= t["p"] <= 1
+    assert "## Floor, ceiling and what pretraining adds" in page
     # condition numbers were tracked during pretraining (one record per block and epoch)
     jac = (out / "runs" / "skipless_init_adamw" / "jacobian.jsonl").read_text().splitlines()
     assert {json.loads(line)["layer"] for line in jac} == {0, 1}
-    page = (out / "RESULTS.md").read_text()
     assert "## The paper's claims at this scale" in page
     # the conditioning claim is decided by the numbers above, and they support it here
     assert "Skipless at the default init is ill-conditioned" in page
@@ -74,6 +96,16 @@ def test_quick_replication_produces_every_result(tmp_path, monkeypatch):
     for key, seconds in saved["timings_s"].items():
         if key != "pca":
             assert again["timings_s"][key] == seconds, key
+
+
+def _value_of(rec: dict, evaluation: str) -> float:
+    key = {"knn": "knn_top1", "linprobe_single": "linprobe_single_miou",
+           "linprobe_multiscale": "linprobe_multiscale_miou"}.get(evaluation)  # fmt: skip
+    return rec[key] if key else rec[evaluation]["corloc"]
+
+
+def r_variant(run: str) -> str:
+    return run.rsplit("_", 1)[0]
 
 
 def _run(variant, knn, corloc, miou, kappa_init, kappa_end, n=400):

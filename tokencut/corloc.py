@@ -51,6 +51,15 @@ def corloc(best_ious: Sequence[float], threshold: float = 0.5) -> float:
     return float(100.0 * np.mean(v >= threshold))
 
 
+def paired_diff_se(only_a: int, only_b: int, n: int) -> float:
+    """Standard error (percent points) of the difference of two paired accuracies over ``n``
+    items, from the discordant counts: sqrt((b + c) - (b - c)^2 / n) / n."""
+    if n <= 0:
+        return float("nan")
+    b, c = int(only_a), int(only_b)
+    return 100.0 * max(b + c - (b - c) ** 2 / n, 0.0) ** 0.5 / n
+
+
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value for ``b`` vs ``c`` discordant pairs.
 

@@ -7,9 +7,20 @@ cut by it. What a format writer needs comes out of the same arrays that were pai
 and boxes agree with the pixels exactly: per-pixel stuff kind, per-pixel instance index, and per
 object its visible extent, area and flags.
 
-Class cues are learnable but not trivial: stuff kinds differ in texture and hue (each jittered
-per image), thing kinds differ only in shape (colour and texture are drawn independently of the
-kind).
+Class cues (generator version 2; the reasons are fixed before any model is trained on them, see
+README "Small-scale evaluation world"):
+
+* thing kinds differ only in **shape**. Objects are painted in one flat colour with a smooth
+  shading ramp, its hue drawn independently of the kind: an 8-px patch then sees the object's
+  outline, not a texture that says nothing about the class (version 1 painted stripes, checkers
+  and dots, which dominate what a patch sees);
+* objects are **large**: radius 0.14-0.30 of the image side in scenes (4-7 patches of 8 px
+  across at 96 px), 0.22-0.34 alone in class folders (version 1: 2-4 patches);
+* class folders hold **one** object and nothing else, so the label is the only object's shape
+  (version 1 added up to two smaller distractors of other kinds);
+* stuff kinds differ in **texture structure** (gradient, blades, waves, bricks, grain); their hue
+  is rotated at random per region, because DINO's colour jitter is built to remove hue and a
+  class told by hue would reward a network for ignoring its augmentations.
 """
 
 from __future__ import annotations
@@ -182,25 +193,24 @@ def _clutter_texture(rng: np.random.Generator, xx, yy, s: float) -> np.ndarray:
 
 
 def _object_texture(rng: np.random.Generator, xx, yy, s, cx, cy, r) -> np.ndarray:
-    hue, sat, val = rng.uniform(), rng.uniform(0.55, 1), rng.uniform(0.55, 1)
+    """One flat colour (hue independent of the kind) under a smooth shading ramp."""
+    hue, sat, val = rng.uniform(), rng.uniform(0.45, 1), rng.uniform(0.45, 1)
     base = np.array(colorsys.hsv_to_rgb(hue, sat, val), dtype=np.float32) * 255
-    hue2 = (hue + rng.uniform(0.3, 0.7)) % 1
-    second = np.array(colorsys.hsv_to_rgb(hue2, sat, val * 0.6), dtype=np.float32) * 255
-    pattern = int(rng.integers(4))
     a = rng.uniform(0, 2 * np.pi)
     u = np.cos(a) * (xx - cx) + np.sin(a) * (yy - cy)
-    v = -np.sin(a) * (xx - cx) + np.cos(a) * (yy - cy)
-    period = s * rng.uniform(0.04, 0.08)
-    if pattern == 1:  # stripes
-        alt = (u // period) % 2 == 1
-    elif pattern == 2:  # checker
-        alt = ((u // period) + (v // period)) % 2 == 1
-    elif pattern == 3:  # dots
-        alt = np.hypot((u % period) - period / 2, (v % period) - period / 2) < period / 3
-    else:
-        alt = np.zeros(xx.shape, dtype=bool)
-    shade = np.clip(1 - 0.25 * u / max(r, 1.0), 0.6, 1.3).astype(np.float32)[..., None]
-    return np.where(alt[..., None], second, base) * shade
+    shade = np.clip(1 - 0.2 * u / max(r, 1.0), 0.7, 1.3).astype(np.float32)[..., None]
+    return base * shade
+
+
+def _rotate_hue(rgb: np.ndarray, angle: float) -> np.ndarray:
+    """Rotate the chroma of RGB pixels by ``angle`` in YIQ space (luminance unchanged)."""
+    to_yiq = np.array(
+        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32
+    )
+    c, s_ = np.cos(angle), np.sin(angle)
+    rot = np.array([[1, 0, 0], [0, c, -s_], [0, s_, c]], np.float32)
+    m = np.linalg.inv(to_yiq) @ rot @ to_yiq
+    return rgb @ m.T.astype(np.float32)
 
 
 def _place(rng, xx, yy, s, kind, r_range, c_range):
@@ -223,7 +233,7 @@ def render_scene(
     force_other: bool = False,
 ) -> Scene:
     """One scene. ``n_objects`` bounds the number of *visible* objects (inclusive);
-    ``dominant`` puts a large object of that kind on top (for class-labelled folders); the
+    ``dominant`` draws one large object of that kind and nothing else (class folders); the
     ``force_*`` switches guarantee edge cases (a difficult object, a crowd annotation, an
     unlabelled region) where a test or a demo needs one."""
     xx, yy = _grid(height, width)
@@ -234,11 +244,11 @@ def render_scene(
     image = np.zeros((height, width, 3), dtype=np.float32)
     for kind in np.unique(stuff):
         m = stuff == kind
-        tex = (
-            _clutter_texture(rng, xx, yy, s)
-            if kind == OTHER
-            else _stuff_texture(STUFF_KINDS[kind], rng, xx, yy, s)
-        )
+        if kind == OTHER:
+            tex = _clutter_texture(rng, xx, yy, s)
+        else:
+            tex = _stuff_texture(STUFF_KINDS[kind], rng, xx, yy, s)
+            tex = _rotate_hue(tex, rng.uniform(0, 2 * np.pi))
         image[m] = tex[m]
 
     lo, hi = n_objects
@@ -248,12 +258,9 @@ def render_scene(
         if dominant is None:
             for _ in range(int(rng.integers(lo, hi + 1))):
                 kind = int(rng.integers(len(THING_KINDS)))
-                shapes.append((kind, *_place(rng, xx, yy, s, kind, (0.09, 0.28), (0.08, 0.92))))
+                shapes.append((kind, *_place(rng, xx, yy, s, kind, (0.14, 0.3), (0.08, 0.92))))
         else:
-            for _ in range(int(rng.integers(0, 3))):
-                kind = int(rng.integers(len(THING_KINDS)))
-                shapes.append((kind, *_place(rng, xx, yy, s, kind, (0.07, 0.13), (0.1, 0.9))))
-            shapes.append((dominant, *_place(rng, xx, yy, s, dominant, (0.2, 0.3), (0.35, 0.65))))
+            shapes.append((dominant, *_place(rng, xx, yy, s, dominant, (0.22, 0.34), (0.38, 0.62))))
         instances = np.zeros((height, width), dtype=np.int16)
         for k, (_, m, _) in enumerate(shapes):
             instances[m] = k + 1

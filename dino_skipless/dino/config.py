@@ -119,6 +119,13 @@ class RunConfig:
     tensorboard: bool = True  # write DIR/tb if tensorboard is importable
     jacobian_every_epochs: int = 0  # paper App. A.7 condition numbers every N epochs (0 = off)
     jacobian_tokens: int = 16  # tokens of the random input of the condition-number probe
+    # Collapse alarm (dino/collapse.py; not in the official code): the teacher target's
+    # information about the image (batch-mean entropy minus per-image entropy, nats) below
+    # collapse_min_info for collapse_window consecutive steps -> loud warning, or an error
+    # with on_collapse=stop. collapse_window=0 switches it off.
+    collapse_window: int = 100
+    collapse_min_info: float = 0.05
+    on_collapse: str = "warn"  # "warn" | "stop"
 
 
 @dataclass
@@ -140,6 +147,9 @@ class PretrainConfig:
         _choice("optim.optimizer", o.optimizer, OPTIMIZERS)
         _choice("run.precision", r.precision, PRECISIONS)
         _choice("run.on_nonfinite", r.on_nonfinite, ON_NONFINITE)
+        _choice("run.on_collapse", r.on_collapse, ("warn", "stop"))
+        if r.collapse_window < 0:
+            raise ConfigError(f"run.collapse_window must be >= 0, got {r.collapse_window}")
         if m.drop_path != 0:
             raise ConfigError(
                 f"model.drop_path={m.drop_path}: only 0 is supported (the paper disables "

@@ -11,7 +11,8 @@ One iteration (global step ``it = epoch * niter_per_ep + i``), as the official c
    with ``run.on_nonfinite: skip``, is counted and the step is skipped;
 4. backward (GradScaler with fp16), per-parameter gradient clipping, last layer's gradient
    dropped during the first ``freeze_last_layer`` epochs, optimizer step;
-5. EMA teacher update with the scheduled momentum; logging; checkpoints.
+5. EMA teacher update with the scheduled momentum; the collapse alarm (``collapse.py``: the
+   teacher target's information about the image, every step); logging; checkpoints.
 
 Data order and augmentations are a pure function of ``(seed, epoch, index)``: the sampler is
 DistributedSampler's permutation (seeded by ``seed + epoch``) and each sample's crops are drawn
@@ -48,6 +49,7 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
+from .collapse import ADVICE, CollapseError, CollapseMonitor
 from .config import PretrainConfig
 from .distributed import DistEnv, all_reduce_mean, barrier, init_distributed
 from .logging import RunLogger, memory_gb, progress_bar, truncate_jsonl
@@ -77,6 +79,7 @@ class TrainResult:
     nonfinite_skipped: int = 0
     stopped_early: bool = False  # run.max_steps reached
     losses: list[float] = field(default_factory=list)  # every loss of this process's steps
+    collapse: dict = field(default_factory=dict)  # CollapseMonitor.summary()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +323,7 @@ class _Run:
     step: int = 0  # global step of the next iteration
     nonfinite_skipped: int = 0
     losses: list[float] = field(default_factory=list)
+    collapse: CollapseMonitor = field(default_factory=CollapseMonitor)
 
 
 def save_checkpoint(r: _Run, path: Path) -> None:
@@ -336,6 +340,7 @@ def save_checkpoint(r: _Run, path: Path) -> None:
         "epoch": r.step // r.niter_per_ep,
         "sampler": {"epoch": r.step // r.niter_per_ep, "skip_batches": r.step % r.niter_per_ep},
         "nonfinite_skipped": r.nonfinite_skipped,
+        "collapse": r.collapse.state_dict(),
         "rng": rng_state(),
         "config": r.cfg.to_dict(),
         "meta": r.meta,
@@ -356,6 +361,7 @@ def resume(r: _Run) -> None:
     set_rng_state(ckpt["rng"])
     r.step = int(ckpt["step"])
     r.nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0))
+    r.collapse.load_state_dict(ckpt.get("collapse", {}))
     if r.env.is_main:
         dropped = truncate_jsonl(r.out_dir / "log.jsonl", r.step)
         extra = f"; dropped {dropped} log records written after it" if dropped else ""
@@ -385,6 +391,30 @@ def _grad_norm(model: nn.Module, norms: torch.Tensor | None) -> float:
 
 def _max_steps_reached(cfg: PretrainConfig, step: int) -> bool:
     return cfg.run.max_steps is not None and step >= cfg.run.max_steps
+
+
+def check_collapse(r: _Run, it: int) -> None:
+    """Feed the collapse alarm with this step's teacher entropies (the mean over ranks, so
+    every rank takes the same decision); warn loudly once per collapsed stretch, or stop."""
+    ent = r.loss_fn.last_entropies
+    if r.cfg.run.collapse_window <= 0:
+        return
+    if r.env.distributed:
+        ent = tuple(all_reduce_mean(torch.tensor(ent, device=r.env.device)).tolist())
+    if not r.collapse.update(it, *ent):
+        return
+    msg = r.collapse.message(it, *ent)
+    if r.cfg.run.on_collapse == "stop":
+        on_disk = r.out_dir / CHECKPOINT
+        left = (
+            f"{on_disk} (step of its last save) is left as it was"
+            if on_disk.exists()
+            else ("no checkpoint was written yet")
+        )
+        msg += f" Stopping (run.on_collapse=stop); {left}."
+        r.log.warn(msg)
+        raise CollapseError(msg)
+    r.log.warn(msg + " (run.on_collapse=stop makes this an error)")
 
 
 def train_one_epoch(r: _Run, epoch: int) -> bool:
@@ -459,6 +489,7 @@ def train_one_epoch(r: _Run, epoch: int) -> bool:
         r.losses.append(loss_value)
         n_window += 1
         bar.update(1)
+        check_collapse(r, it)
 
         # --- logging -------------------------------------------------------------------------
         if r.step % cfg.run.log_every == 0 or i == r.niter_per_ep - 1:
@@ -477,12 +508,21 @@ def train_one_epoch(r: _Run, epoch: int) -> bool:
                 "grad_norm": _grad_norm(r.student, norms),
                 "teacher_entropy": r.loss_fn.last_entropies[0],
                 "teacher_batch_entropy": r.loss_fn.last_entropies[1],
+                "teacher_info": r.loss_fn.last_entropies[1] - r.loss_fn.last_entropies[0],
+                "collapsed": r.collapse.collapsed,
                 "img_per_s": img_s,
                 "mem_gb": memory_gb(dev),
                 "nonfinite_skipped": r.nonfinite_skipped,
             }
             r.log.log(record)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{sched['lr']:.2e}", img_s=f"{img_s:.1f}")
+            postfix = {
+                "loss": f"{loss_value:.4f}",
+                "lr": f"{sched['lr']:.2e}",
+                "img_s": f"{img_s:.1f}",
+            }
+            if r.collapse.collapsed:
+                postfix["COLLAPSED"] = f"since {r.collapse.streak_start}"
+            bar.set_postfix(postfix)
             t_window, n_window = time.perf_counter(), 0
 
         if cfg.run.ckpt_every_steps and r.step % cfg.run.ckpt_every_steps == 0:
@@ -566,6 +606,7 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
         loss_fn, optimizer, scaler, schedules, precision,
         run_meta(cfg, teacher, niter_per_ep, env), out_dir,
     )  # fmt: skip
+    r.collapse = CollapseMonitor(cfg.run.collapse_window, cfg.run.collapse_min_info)
 
     if resume_run:
         resume(r)
@@ -630,12 +671,22 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
             "finished": finished,
             "time_s": time.time() - t0,
             "nonfinite_skipped": r.nonfinite_skipped,
+            "collapse": r.collapse.summary(),
             "backbone": str(out_dir / "backbone.pt"),
         }
         write_json(out_dir / "summary.json", summary)
         if finished:
             log.info(f"done: teacher backbone exported to {out_dir / 'backbone.pt'} (+ .json)")
+        c = r.collapse
+        if c.collapsed_at >= 0:
+            now = "and still is at the end" if c.collapsed else "and recovered later"
+            log.warn(
+                f"THIS RUN COLLAPSED: the teacher target stopped depending on the image at step "
+                f"{c.collapsed_at} ({c.collapsed_steps} steps collapsed in all) {now}; its "
+                f"features are unlikely to beat a random init. Try {ADVICE}."
+            )
     log.close()
     return TrainResult(
-        out_dir, r.step, r.step // niter_per_ep, final, r.nonfinite_skipped, not finished, r.losses
-    )
+        out_dir, r.step, r.step // niter_per_ep, final, r.nonfinite_skipped, not finished, r.losses,
+        r.collapse.summary(),
+    )  # fmt: skip

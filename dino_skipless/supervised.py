@@ -1,0 +1,292 @@
+"""``python -m dino_skipless.supervised``: the supervised ceiling of a small-scale evaluation.
+
+    python -m dino_skipless.supervised --task cls --config configs/quickstart_cpu.yaml \\
+        --out runs/sup_cls model.variant=skip
+    python -m dino_skipless.supervised --task seg --config configs/quickstart_cpu.yaml \\
+        --out runs/sup_seg --seg-seed 1
+
+A random-init backbone is the floor of an evaluation; this is its ceiling: the *same*
+architecture trained end to end on the evaluation's own labels with the *same budget* as a DINO
+run of that config (images, epochs x iterations, batch, optimiser, lr / weight-decay schedules,
+global crop size), then exported as ``OUT/backbone.pt`` + ``.json`` so that every evaluation
+stage reads it exactly like a DINO checkpoint (frozen features, ``--ckpt OUT``). The head used
+for training is thrown away.
+
+* ``--task cls``: the class folders that DINO pretrains on (``data.path``, or the synthetic
+  class folders ``data.synthetic_*``), a linear classifier on the final-norm CLS token. Each
+  image gives DINO's two *global* views (same crops, flips, jitter, blur, solarisation); the
+  local views are dropped because a 5-40 % crop often misses the object and so destroys the
+  label. Ceiling of the k-NN evaluation.
+* ``--task seg``: VOC-format synthetic scenes (``--seg-n``, ``--seg-size``, ``--seg-seed``; use
+  another seed than the evaluation scenes) or a real VOC root (``--seg-root``), split
+  ``trainaug``; a per-patch linear classifier on the final-norm patch tokens, logits upsampled
+  bilinearly to the crop (as the linear probe does), cross-entropy with ignore 255. Each image
+  gives two views of a random resized crop (global scale) and flip applied to image and mask
+  together, with DINO's colour jitter / grayscale / blur / solarisation on the image only.
+  Ceiling of the linear probe and TokenCut.
+
+The number of optimisation steps is the DINO run's: ``optim.epochs`` x (``data.synthetic_n`` or
+the folder's size) / batch, whatever the labelled set's size (the labelled set is cycled).
+Nothing here is a published method; it is a measuring stick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from torchvision.transforms import functional as TF
+
+from .dino.augment import GaussianBlur, MultiCropAugmentation, Solarization
+from .dino.checkpoint import export_backbone
+from .dino.config import PretrainConfig, build_config
+from .dino.schedules import apply_schedules_, build_schedules
+from .dino.trainer import sample_seeds
+from .models import build_model
+from .optim import build_optimizer, get_param_groups
+
+TASKS = ("cls", "seg")
+
+
+@dataclass
+class SupervisedResult:
+    out_dir: Path
+    steps: int
+    losses: list[float]
+    train_accuracy: float  # of the last epoch's steps (pixels for seg)
+
+
+class _SeededViews(Dataset):
+    """Two seeded augmented views per labelled sample, reproducible from (seed, epoch, index)."""
+
+    def __init__(self, base: Dataset, views, seed: int):
+        self.base, self.views, self.seed, self.epoch = base, views, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        torch_seed, py_seed = sample_seeds(self.seed, self.epoch, i)
+        torch.manual_seed(torch_seed)
+        random.seed(py_seed)
+        return self.views(*self.base[i])
+
+
+class _ClsViews:
+    """DINO's two global views of the image; the label is kept."""
+
+    def __init__(self, aug: MultiCropAugmentation):
+        self.aug = aug
+
+    def __call__(self, img: Image.Image, label: int):
+        img = img.convert("RGB")
+        return torch.stack([self.aug.global1(img), self.aug.global2(img)]), torch.tensor(
+            [label, label]
+        )
+
+
+class _SegViews:
+    """Joint random resized crop + flip of image and mask, DINO's photometric ops on the image."""
+
+    def __init__(self, cfg: PretrainConfig):
+        a = self.a = cfg.aug
+        b, c, s, h = a.jitter
+        lo, hi = a.blur_sigma
+        photometric = [
+            transforms.RandomApply(
+                [transforms.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)],
+                p=a.jitter_p,
+            ),
+            transforms.RandomGrayscale(p=a.grayscale_p),
+        ]
+        norm = [transforms.ToTensor(), transforms.Normalize(a.mean, a.std)]
+        self.photometric = [
+            transforms.Compose([*photometric, GaussianBlur(a.blur_p_global1, lo, hi), *norm]),
+            transforms.Compose(
+                [*photometric, GaussianBlur(a.blur_p_global2, lo, hi)]
+                + [Solarization(a.solarize_p_global2), *norm]
+            ),
+        ]
+
+    def _view(self, img: Image.Image, mask: Image.Image, k: int):
+        a = self.a
+        i, j, h, w = transforms.RandomResizedCrop.get_params(
+            img, scale=list(a.global_scale), ratio=list(a.ratio)
+        )
+        size = [a.global_size, a.global_size]
+        img = TF.resized_crop(img, i, j, h, w, size, transforms.InterpolationMode.BICUBIC)
+        mask = TF.resized_crop(mask, i, j, h, w, size, transforms.InterpolationMode.NEAREST)
+        if torch.rand(1) < a.flip_p:
+            img, mask = TF.hflip(img), TF.hflip(mask)
+        return self.photometric[k](img), torch.from_numpy(np.asarray(mask, dtype=np.int64))
+
+    def __call__(self, img: Image.Image, mask: np.ndarray):
+        m = Image.fromarray(np.asarray(mask, dtype=np.uint8))
+        views = [self._view(img.convert("RGB"), m, k) for k in range(2)]
+        return torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])
+
+
+def _collate(batch):
+    return torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch])
+
+
+def labelled_data(task: str, cfg: PretrainConfig, seg: dict) -> tuple[Dataset, int, int]:
+    """(dataset of (image, label), number of classes, images per DINO epoch)."""
+    from .data import ImageFolderDataset, build_segmentation_dataset, synthetic_root
+
+    d = cfg.data
+    if task == "cls":
+        root = d.path or synthetic_root(
+            "imagefolder", n=d.synthetic_n, size=d.synthetic_size, seed=d.synthetic_seed
+        )
+        base = ImageFolderDataset(root)
+        return base, len(base.classes), len(base)
+    root = seg.get("root") or synthetic_root("voc", n=seg["n"], size=seg["size"], seed=seg["seed"])
+    base = build_segmentation_dataset("voc", root, "trainaug")
+    dino_epoch = (
+        len(ImageFolderDataset(d.path)) if d.path else d.synthetic_n
+    )  # the DINO run's epoch, so both see the same number of images
+    return base, 21, dino_epoch
+
+
+def train_supervised(task: str, cfg: PretrainConfig, seg: dict | None = None) -> SupervisedResult:
+    """Train the ceiling model of ``task`` with ``cfg``'s budget; export its backbone."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    cfg.validate()
+    seg = seg or {}
+    out_dir = cfg.out_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.run.cpu_threads:
+        torch.set_num_threads(cfg.run.cpu_threads)
+    torch.manual_seed(cfg.run.seed)
+    base, n_classes, dino_epoch = labelled_data(task, cfg, seg)
+    views = _ClsViews(MultiCropAugmentation(cfg.aug)) if task == "cls" else _SegViews(cfg)
+    data = _SeededViews(base, views, cfg.run.seed)
+    bs = cfg.data.batch_size_per_gpu
+    niter = dino_epoch // bs  # DINO drops the last partial batch
+    total = niter * cfg.optim.epochs
+
+    m, o = cfg.model, cfg.optim
+    backbone = build_model(
+        m.arch, m.variant, seed=cfg.run.seed, patch_size=m.patch_size,
+        img_size=cfg.aug.global_size, depth=m.depth, alpha=m.alpha, beta=m.beta, c=m.c,
+    )  # fmt: skip
+    head = nn.Linear(backbone.embed_dim, n_classes)
+    model = nn.ModuleDict({"backbone": backbone, "head": head})
+    optimizer = build_optimizer(o.optimizer, get_param_groups(model), adamw=o.adamw, soap=o.soap)
+    sched = build_schedules(
+        lr=o.lr, min_lr=o.min_lr, warmup_epochs=o.warmup_epochs, weight_decay=o.weight_decay,
+        weight_decay_end=o.weight_decay_end, momentum_teacher=cfg.dino.momentum_teacher,
+        epochs=o.epochs, niter_per_ep=niter, total_batch=bs,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    losses: list[float] = []
+    correct = seen = 0
+    step, epoch, t0 = 0, 0, time.time()
+    p = backbone.spec.patch_size
+    while step < total:
+        data.epoch = epoch
+        loader = DataLoader(
+            data, batch_size=bs, shuffle=True, drop_last=True, generator=gen,
+            num_workers=cfg.data.num_workers, collate_fn=_collate,
+        )  # fmt: skip
+        for x, y in loader:
+            if step >= total:
+                break
+            s = sched.at(step)
+            apply_schedules_(optimizer, s["lr"], s["wd"])
+            if task == "cls":
+                logits = head(backbone(x))
+                loss = F.cross_entropy(logits, y)
+                hit, n = (logits.argmax(1) == y).sum().item(), len(y)
+            else:
+                tokens = backbone.forward_features(x)[:, backbone.num_prefix_tokens :]
+                g = x.shape[-1] // p
+                logits = head(tokens).transpose(1, 2).reshape(len(x), n_classes, g, g)
+                logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear")
+                loss = F.cross_entropy(logits, y, ignore_index=255)
+                valid = y != 255
+                hit = (logits.argmax(1)[valid] == y[valid]).sum().item()
+                n = int(valid.sum())
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"non-finite supervised loss at step {step}; lower optim.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+            optimizer.step()
+            losses.append(loss.item())
+            if step >= total - niter:
+                correct, seen = correct + hit, seen + n
+            step += 1
+            if cfg.run.progress and step % cfg.run.log_every == 0:
+                print(
+                    f"step {step}/{total} loss {loss.item():.4f} lr {s['lr']:.2e} "
+                    f"({time.time() - t0:.0f}s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        epoch += 1
+    export_backbone(backbone, out_dir)
+    from .cli import write_json
+
+    acc = correct / max(seen, 1)
+    write_json(
+        out_dir / "summary.json",
+        {
+            "task": task,
+            "steps": step,
+            "final_loss": losses[-1] if losses else None,
+            "train_accuracy_last_epoch": acc,
+            "n_labelled": len(base),
+            "num_classes": n_classes,
+            "time_s": time.time() - t0,
+            "config": cfg.to_dict(),
+            "seg_data": seg,
+        },
+    )
+    return SupervisedResult(out_dir, step, losses, acc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m dino_skipless.supervised",
+        description="Supervised ceiling: the same ViT and budget as a DINO config, trained on "
+        "labels, exported like a DINO backbone.",
+    )
+    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--config", default=None, help="the DINO recipe whose budget to match")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seg-root", default=None, help="--task seg: a VOC root (default: synthetic)")
+    p.add_argument("--seg-n", type=int, default=1336, help="synthetic VOC scenes (3/4 trainaug)")
+    p.add_argument("--seg-size", type=int, default=96)
+    p.add_argument("--seg-seed", type=int, default=1, help="not the evaluation scenes' seed")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = p.parse_args(argv)
+    overrides = [tuple(kv.split("=", 1)) for kv in args.overrides]
+    cfg = build_config(args.config, [*overrides, ("run.out", args.out)])
+    seg = {"root": args.seg_root, "n": args.seg_n, "size": args.seg_size, "seed": args.seg_seed}
+    r = train_supervised(args.task, cfg, seg if args.task == "seg" else None)
+    print(
+        json.dumps({"out": str(r.out_dir), "steps": r.steps, "final_loss": r.losses[-1],
+                    "train_accuracy_last_epoch": r.train_accuracy})
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

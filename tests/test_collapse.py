@@ -1,0 +1,134 @@
+"""Collapse alarm: the pure streak logic by hand, and runs that collapse on purpose."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dino_skipless.dino.collapse import CollapseError, CollapseMonitor, target_information
+from dino_skipless.dino.config import ConfigError, build_config
+from dino_skipless.dino.loss import teacher_entropies
+from dino_skipless.dino.trainer import train
+
+TINY = {
+    "model.arch": "vit_mini",
+    "model.depth": 2,
+    "model.patch_size": 8,
+    "aug.global_size": 32,
+    "aug.local_size": 16,
+    "aug.n_local": 2,
+    "dino.out_dim": 64,
+    "dino.head_hidden_dim": 64,
+    "dino.head_bottleneck_dim": 32,
+    "data.batch_size_per_gpu": 4,
+    "data.num_workers": 0,
+    "optim.epochs": 2,
+    "optim.warmup_epochs": 0,
+    "run.precision": "fp32",
+    "run.log_every": 1,
+    "run.progress": False,
+    "run.tensorboard": False,
+    "run.keep_epochs": [],
+    "run.collapse_window": 3,
+}
+
+
+def test_information_is_mutual_information_of_the_target():
+    # Two images, K=2: one-hot on different classes = ln 2 nats about the image; the same
+    # one-hot for both = 0; uniform for both = 0.
+    def info(p):
+        p = torch.tensor(p, dtype=torch.float64)
+        h = -(p * p.clamp_min(1e-30).log()).sum(1).mean()
+        m = p.mean(0)
+        hb = -(m * m.clamp_min(1e-30).log()).sum()
+        return target_information(float(h), float(hb))
+
+    assert info([[1, 0], [0, 1]]) == pytest.approx(math.log(2))
+    assert info([[1, 0], [1, 0]]) == pytest.approx(0)
+    assert info([[0.5, 0.5], [0.5, 0.5]]) == pytest.approx(0)
+
+
+def test_teacher_entropies_feed_the_information():
+    # The loss module's entropies of a target that ignores the image give ~0 information.
+    t = torch.zeros(8, 16)
+    h, hb = teacher_entropies(t, torch.zeros(1, 16), 0.04)
+    assert h == pytest.approx(math.log(16), abs=1e-5) and hb == pytest.approx(math.log(16), 1e-5)
+    assert target_information(h, hb) == pytest.approx(0, abs=1e-5)
+    t = torch.eye(8, 16) * 10  # each image peaked on its own class
+    h, hb = teacher_entropies(t, torch.zeros(1, 16), 0.04)
+    assert target_information(h, hb) == pytest.approx(math.log(8), abs=1e-3)
+
+
+def test_streak_logic_by_hand():
+    m = CollapseMonitor(window=3, min_info=0.1)
+    fired = [m.update(s, h, hb) for s, (h, hb) in enumerate(
+        [(1, 2), (2, 2.05), (2, 2.0), (1, 2), (3, 3), (3, 3), (3, 3.01), (3, 3), (0.5, 2)]
+    )]  # fmt: skip
+    # steps 1-2 below, 3 breaks it; 4-7 below: fires at step 6 only (third of the streak)
+    assert fired == [False, False, False, False, False, False, True, False, False]
+    assert m.collapsed_at == 6 and m.collapsed_steps == 2 and not m.collapsed
+    assert m.streak == 0
+    m.update(9, float("nan"), float("nan"))  # a skipped step neither counts nor resets
+    assert m.streak == 0
+    state = m.state_dict()
+    m2 = CollapseMonitor(3, 0.1)
+    m2.load_state_dict(state)
+    assert m2.summary() == m.summary()
+    assert "DINO COLLAPSE" in m.message(6, 3.0, 3.01) and "uniform" in m.message(6, 3.0, 3.01)
+    assert "one-dimension" in m.message(6, 0.01, 0.02)
+
+
+def test_window_zero_never_fires_and_bad_config_is_refused(tmp_path):
+    m = CollapseMonitor(window=0, min_info=0.1)
+    assert not m.collapsed
+    with pytest.raises(ConfigError, match="on_collapse"):
+        build_config(None, {"run.on_collapse": "panic"}).validate()
+    with pytest.raises(ConfigError, match="collapse_window"):
+        build_config(None, {"run.collapse_window": -1}).validate()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        d = root / f"c{i % 2}"
+        d.mkdir(exist_ok=True)
+        small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((40, 40), Image.BICUBIC).save(d / f"{i:02d}.png")
+    return root
+
+
+def _cfg(out, data, **extra):
+    return build_config(None, {**TINY, "data.path": str(data), "run.out": str(out), **extra})
+
+
+# A very soft teacher (T = 10) makes the centred target uniform from the first step: the
+# uniform collapse on purpose. (That a learning run does not raise the alarm is checked by the
+# slow regression test on the synthetic world, tests/test_learning.py.)
+COLLAPSING = {"dino.teacher_temp": 10.0, "dino.warmup_teacher_temp": 10.0}
+
+
+def test_collapsing_run_warns_in_log_summary_and_records(tmp_path, images, capsys):
+    torch.set_num_threads(1)
+    res = train(_cfg(tmp_path / "c", images, **COLLAPSING))
+    assert res.collapse["collapsed"] and res.collapse["collapsed_at_step"] == 2
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["collapse"]["collapsed"] and summary["collapse"]["collapsed_at_end"]
+    log_txt = (tmp_path / "c" / "log.txt").read_text()
+    assert "DINO COLLAPSE at step 2" in log_txt and "THIS RUN COLLAPSED" in log_txt
+    assert "teacher_temp" in log_txt  # says what to try
+    recs = [json.loads(x) for x in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
+    assert all(r["teacher_info"] < 0.05 for r in recs)
+    assert [r["collapsed"] for r in recs][:4] == [False, False, True, True]
+
+
+def test_on_collapse_stop_is_an_error_naming_the_step(tmp_path, images):
+    with pytest.raises(CollapseError, match=r"step 2.*no checkpoint was written yet"):
+        train(_cfg(tmp_path / "s", images, **COLLAPSING, **{"run.on_collapse": "stop"}))
+    assert "DINO COLLAPSE" in (tmp_path / "s" / "log.txt").read_text()

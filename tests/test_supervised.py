@@ -1,0 +1,101 @@
+"""Supervised ceiling: the DINO budget, learning a trivially learnable label, the export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dino_skipless.dino.config import build_config
+from dino_skipless.models import load_backbone
+from dino_skipless.supervised import main, train_supervised
+
+TINY = {
+    "model.arch": "vit_mini",
+    "model.depth": 2,
+    "model.patch_size": 8,
+    "model.variant": "skip",
+    "aug.global_size": 32,
+    "aug.local_size": 16,
+    "aug.n_local": 2,
+    "data.batch_size_per_gpu": 8,
+    "data.num_workers": 0,
+    "optim.epochs": 6,
+    "optim.warmup_epochs": 1,
+    "optim.lr": 0.05,  # x 8/256: 1.6e-3
+    "run.progress": False,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dark_light(tmp_path_factory):
+    """Two classes that survive every augmentation: dark vs light images (20 each)."""
+    root = tmp_path_factory.mktemp("dl")
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        c = i % 2
+        d = root / ("dark", "light")[c]
+        d.mkdir(exist_ok=True)
+        base = (30, 225)[c] + rng.integers(-25, 25, (40, 40, 3))
+        Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(d / f"{i:02d}.png")
+    return root
+
+
+def test_cls_matches_the_dino_budget_and_learns_an_easy_label(tmp_path, dark_light):
+    # solarisation would swap dark and light, i.e. destroy this toy label
+    over = {"data.path": str(dark_light), "run.out": str(tmp_path), "aug.solarize_p_global2": 0}
+    r = train_supervised("cls", build_config(None, {**TINY, **over}))
+    # the DINO run of this config: epochs x floor(40 / 8) iterations
+    assert r.steps == 6 * (40 // 8) == len(r.losses)
+    assert r.train_accuracy > 0.9  # dark vs light survives jitter, grayscale and blur
+    assert np.mean(r.losses[-5:]) < 0.5 * np.mean(r.losses[:5])
+    model, spec = load_backbone(tmp_path)
+    assert spec.variant == "skip" and spec.depth == 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["task"] == "cls" and summary["steps"] == r.steps
+
+
+def test_seg_trains_on_synthetic_voc_masks_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPLESS_CACHE", str(tmp_path / "cache"))
+    over = [f"{k}={v}" for k, v in TINY.items()] + ["data.synthetic_n=16", "optim.epochs=1"]
+    assert main(["--task", "seg", "--out", str(tmp_path / "s"), "--seg-n", "12",
+                 "--seg-size", "40", *over]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    # the labelled set (9 trainaug scenes) is cycled to the DINO epoch of 16 images
+    assert summary["steps"] == 16 // 8 and summary["num_classes"] == 21
+    assert summary["n_labelled"] == 9
+    assert 0 <= summary["train_accuracy_last_epoch"] <= 1
+    load_backbone(tmp_path / "s")
+
+
+def test_seg_views_keep_image_and_mask_aligned():
+    from dino_skipless.supervised import _SegViews
+
+    cfg = build_config(None, {**TINY, "aug.jitter_p": 0.0, "aug.grayscale_p": 0.0,
+                              "aug.blur_p_global1": 0.0, "aug.blur_p_global2": 0.0,
+                              "aug.solarize_p_global2": 0.0})  # fmt: skip
+    # left half class 1 (white), right half class 2 (black): after any crop and flip, white
+    # pixels of the view must carry label 1 and black ones label 2
+    img = np.zeros((40, 40, 3), np.uint8)
+    img[:, :20] = 255
+    mask = np.full((40, 40), 2, np.uint8)
+    mask[:, :20] = 1
+    torch.manual_seed(0)
+    for _ in range(5):
+        x, y = _SegViews(cfg)(Image.fromarray(img), mask)
+        grey = x.mean(1)  # (2, H, W), normalised
+        assert set(torch.unique(y).tolist()) <= {1, 2}
+        bright = grey > 0.5
+        dark = grey < -0.5
+        assert (y[bright] == 1).float().mean() > 0.97 and (y[dark] == 2).float().mean() > 0.97
