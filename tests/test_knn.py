@@ -1,11 +1,22 @@
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.knn import knn_scores, knn_vote, main, search_torch, split_indices, topk_accuracy
+from eval.knn import (
+    PixelBaseline,
+    knn_scores,
+    knn_vote,
+    main,
+    paired_knn,
+    search_torch,
+    split_indices,
+    top1_se,
+    topk_accuracy,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -79,3 +90,50 @@ def test_cli_synthetic_imagefolder(tmp_path):
     assert res["k"] == 5 and set(res["per_k"]) == {"5", "20"}
     assert res["n_train"] + res["n_val"] == 30 and res["num_classes"] == 6
     assert 0 <= res["top1"] <= res["top5"] <= 100
+    # per-image hits of the reported k, and a digest of the validation labels for pairing
+    assert len(res["val_correct"]) == res["n_val"]
+    assert 100 * np.mean(res["val_correct"]) == pytest.approx(res["top1"])
+    assert res["top1_se"] == pytest.approx(top1_se(res["top1"], res["n_val"]))
+
+
+def test_top1_se_is_binomial():
+    assert top1_se(50.0, 400) == pytest.approx(100 * math.sqrt(0.25 / 400))
+    assert top1_se(0.0, 10) == 0.0
+
+
+def test_pixel_baseline_is_area_downsampling():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    got = PixelBaseline(2)(x)
+    want = x.reshape(2, 3, 2, 2, 2, 2).mean(dim=(3, 5)).flatten(1)
+    torch.testing.assert_close(got, want)
+    assert got.shape == (2, 12)
+
+
+def test_paired_knn_hand_counts():
+    # 10 images: A right on 0-6, B right on 0-3 and 7: A-only {4, 5, 6}, B-only {7}
+    a = {"val_correct": [1] * 7 + [0] * 3, "val_digest": "x"}
+    b = {"val_correct": [1] * 4 + [0] * 3 + [1] + [0] * 2, "val_digest": "x"}
+    r = paired_knn(a, b)
+    assert (r["only_a"], r["only_b"], r["n"]) == (3, 1, 10)
+    assert r["diff"] == pytest.approx(20.0)
+    # s.e. of a paired difference of proportions: sqrt((b + c) - (b - c)^2 / n) / n
+    assert r["diff_se"] == pytest.approx(100 * math.sqrt(4 - 4 / 10) / 10)
+    assert r["p_value"] == pytest.approx(2 * (1 + 4) / 16)  # exact McNemar, 3 vs 1
+    with pytest.raises(ValueError, match="different validation images"):
+        paired_knn(a, {**b, "val_digest": "y"})
+
+
+def test_cli_pixels_and_a_paired_comparison(tmp_path):
+    common = [
+        "--dataset", "synthetic", "--root", str(tmp_path / "syn"), "--synthetic-n", "30",
+        "--synthetic-size", "32", "--resize", "32", "--crop", "32", "--num-workers", "0",
+        "--quiet", "--synthetic-seed", "3",
+    ]  # fmt: skip
+    assert main([*common, "--pixels", "8", "--out", str(tmp_path / "px")]) == 0
+    px = json.loads((tmp_path / "px" / "results.json").read_text())
+    assert px["checkpoint"] == {"pixels": 8} and px["label"] == "pixels-8"
+    assert main([*common, "--random-init", "skip", "--arch", "vit_mini", "--depth", "2",
+                 "--patch-size", "8", "--out", str(tmp_path / "rnd")]) == 0  # fmt: skip
+    rnd = json.loads((tmp_path / "rnd" / "results.json").read_text())
+    r = paired_knn(px, rnd)
+    assert r["diff"] == pytest.approx(px["top1"] - rnd["top1"]) and r["n"] == px["n_val"]
