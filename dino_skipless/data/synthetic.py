@@ -20,8 +20,8 @@ What each format gets (``n`` scenes each; see ``scenes.py`` for the scenes):
 * ``coco20k``: ``train2014`` JPEGs, ``annotations/instances_train2014.json`` (all 80 categories;
   polygons, crowd objects as RLE) and ``coco_20k_filenames.txt`` listing nine in ten images.
   Image 1 has no annotation and image 2 only a crowd one.
-* ``imagefolder``: ``<shape>/<shape>_NNNNNN.jpg``, one folder per object shape; each image shows
-  one large object of its folder's shape (plus small distractors), for k-NN.
+* ``imagefolder``: ``<kind>/<kind>_NNNNNN.jpg``, one folder per object kind (surface pattern);
+  each image shows one large object of its folder's kind on stuff, for k-NN.
 
 ``synthetic_root(fmt, ...)`` generates once into a cache and returns the root.
 """
