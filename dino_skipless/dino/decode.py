@@ -57,9 +57,11 @@ def load_image(base, seed: int, epoch: int, index: int, on_error: str):
             if j == index:
                 continue
             try:
-                return base[j][0], REPLACED, f"{problem} (replaced by image {j})"
+                img = base[j][0]
             except DatasetError:
                 continue
+            name = base.image_path(j) if hasattr(base, "image_path") else f"image {j}"
+            return img, REPLACED, f"{problem} (replaced by {name})"
         problem += f"; none of {MAX_TRIES} images drawn to replace it could be read either"
     return Image.new("RGB", (_PLACEHOLDER, _PLACEHOLDER)), UNUSABLE, problem
 
