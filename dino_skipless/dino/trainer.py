@@ -612,7 +612,8 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
     rotated = rotate_logs(out_dir) if env.is_main and not resume_run else None
     log = RunLogger(out_dir, enabled=env.is_main, tensorboard=cfg.run.tensorboard)
     if stale:
-        log.info(f"removed {len(stale)} temp file(s) of an interrupted save: {stale[0].name}, ...")
+        names = ", ".join(p.name for p in stale[:3]) + (", ..." if len(stale) > 3 else "")
+        log.info(f"removed {len(stale)} temp file(s) left by an interrupted save: {names}")
     if rotated:
         log.info(f"{out_dir} held the logs of a run that left no checkpoint: moved to {rotated}")
     dev = env.device
