@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_pretrain_train import BATCH, N_IMAGES, TINY, _NaNAt, tiny_cfg
+from test_pretrain_train import (
+    BATCH,
+    N_IMAGES,
+    TINY,
+    _NaNAt,
+    one_thread,  # noqa: F401  (autouse: one torch thread)
+    tiny_cfg,
+)
 
 from dino_skipless.data import DatasetError
 from dino_skipless.dino import decode
@@ -21,14 +28,6 @@ from dino_skipless.dino.trainer import NonFiniteLossError, train
 from dino_skipless.pretrain import main
 
 STEPS = 8  # 2 epochs x 4 iterations
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _make_images(root, seed=0):
