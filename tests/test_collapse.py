@@ -129,6 +129,6 @@ def test_collapsing_run_warns_in_log_summary_and_records(tmp_path, images, capsy
 
 
 def test_on_collapse_stop_is_an_error_naming_the_step(tmp_path, images):
-    with pytest.raises(CollapseError, match=r"step 2.*no checkpoint was written yet"):
+    with pytest.raises(CollapseError, match=r"step 2.*No checkpoint was written yet"):
         train(_cfg(tmp_path / "s", images, **COLLAPSING, **{"run.on_collapse": "stop"}))
     assert "DINO COLLAPSE" in (tmp_path / "s" / "log.txt").read_text()

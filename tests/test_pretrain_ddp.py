@@ -51,6 +51,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(args, tmp_path):
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd += [f"--master_port={_free_port()}", "-m", "dino_skipless.pretrain", *args]
+    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+
+
 def test_two_gloo_processes_match_one_process(tmp_path):
     data = tmp_path / "imgs" / "a"
     data.mkdir(parents=True)
@@ -60,26 +71,10 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         Image.fromarray(img).resize((40, 40), Image.BICUBIC).save(data / f"{i}.png")
     common = [*OVERRIDES, f"data.path={data.parent}"]
 
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
     ddp_out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        "-m",
-        "dino_skipless.pretrain",
-        *common,
-        "data.batch_size_per_gpu=2",
-        "run.device=cpu",
-        f"--out={ddp_out}",
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    proc = _torchrun(
+        [*common, "data.batch_size_per_gpu=2", "run.device=cpu", f"--out={ddp_out}"], tmp_path
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "x2" in (ddp_out / "log.txt").read_text()  # really ran with world size 2
 
@@ -128,3 +123,21 @@ def test_bad_batch_is_refused(bad, tmp_path):
 
     with pytest.raises(SystemExit, match="positive integer"):
         main([bad, f"--out={tmp_path}"])
+
+
+@pytest.mark.slow
+def test_bad_image_under_ddp_stops_every_process(tmp_path):
+    """The bad image is on one rank's shard; the all-reduced count stops both ranks at the same
+    step (no hang in the next collective), each with one line."""
+    data = tmp_path / "imgs" / "a"
+    data.mkdir(parents=True)
+    for i in range(16):
+        Image.new("RGB", (40, 40), (15 * i, 90, 200)).save(data / f"{i}.png")
+    (data / "7.png").write_bytes(b"garbage")
+    args = [*OVERRIDES, f"data.path={data.parent}", "data.batch_size_per_gpu=2"]
+    proc = _torchrun([*args, "run.device=cpu", f"--out={tmp_path / 'raise'}"], tmp_path)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 2, proc.stderr[-3000:]  # one line from each process
+    assert sum(str(data / "7.png") in ln for ln in errors) == 1
+    assert sum("on another process" in ln for ln in errors) == 1

@@ -64,6 +64,29 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         raise
 
 
+# Files of a run folder that are written through a temp file (``.NAME.XXXX.tmp``).
+_ATOMIC_PREFIXES = (f".{CHECKPOINT}.", ".checkpoint_epoch", ".backbone", ".config.yaml.")
+_ATOMIC_PREFIXES += (".summary.json.", ".log.jsonl.")
+
+
+def remove_stale_temp_files(out_dir: str | Path) -> list[Path]:
+    """Delete the temp files that atomic writes of a killed run left in ``out_dir``.
+
+    Only this run's folder, only our names: a run owns its folder (a fresh start refuses an
+    existing checkpoint), so no other writer can be using them."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    stale = sorted(
+        p
+        for p in out_dir.iterdir()
+        if p.name.endswith(".tmp") and p.name.startswith(_ATOMIC_PREFIXES) and p.is_file()
+    )
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def rng_state() -> dict:
     state = {
         "python": random.getstate(),

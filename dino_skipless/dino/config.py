@@ -25,6 +25,7 @@ import yaml
 from ..models import ARCHS, VARIANTS
 from ..optim import OPTIMIZERS, AdamWConfig, SOAPConfig
 from .augment import AugConfig
+from .decode import ON_ERROR
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 ON_NONFINITE = ("stop", "skip")
@@ -94,6 +95,11 @@ class DataConfig:
     synthetic_n: int = 1000  # synthetic fallback: number of scenes (not a published value)
     synthetic_size: int = 128  # synthetic fallback: image side in px
     synthetic_seed: int = 0  # synthetic fallback: generator seed
+    # An unreadable image: "raise" stops with its path; "skip" replaces it by a seeded draw
+    # (resume stays exact), counts it, and stops when more than max_bad_fraction of an
+    # epoch's samples were bad. Not in DINO (a bad file kills its run).
+    on_error: str = "raise"
+    max_bad_fraction: float = 0.01
 
 
 @dataclass
@@ -150,6 +156,11 @@ class PretrainConfig:
         _choice("run.on_collapse", r.on_collapse, ("warn", "stop"))
         if r.collapse_window < 0:
             raise ConfigError(f"run.collapse_window must be >= 0, got {r.collapse_window}")
+        _choice("data.on_error", self.data.on_error, ON_ERROR)
+        if not 0 <= self.data.max_bad_fraction <= 1:
+            raise ConfigError(
+                f"data.max_bad_fraction must be in [0, 1], got {self.data.max_bad_fraction}"
+            )
         if m.drop_path != 0:
             raise ConfigError(
                 f"model.drop_path={m.drop_path}: only 0 is supported (the paper disables "

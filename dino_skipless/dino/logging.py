@@ -57,6 +57,30 @@ def truncate_jsonl(path: str | Path, max_step: int) -> int:
     return len(records) - len(keep)
 
 
+# What a run appends to, and so what a fresh start must not inherit from an earlier run.
+APPENDED = ("log.jsonl", "log.txt", "jacobian.jsonl", "tb")
+
+
+def rotate_logs(out_dir: str | Path) -> Path | None:
+    """Move the appended-to logs of an earlier run into ``out_dir/previous/<UTC time>``.
+
+    For a fresh start in a folder whose run left logs but no checkpoint (killed before its first
+    save): appending would mix two runs (step 0 twice). Returns the new folder, or None."""
+    out_dir = Path(out_dir)
+    found = [out_dir / n for n in APPENDED if (out_dir / n).exists()]
+    if not found:
+        return None
+    dest = out_dir / "previous" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    k = 1
+    while dest.exists():
+        k += 1
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{k}")
+    dest.mkdir(parents=True)
+    for p in found:
+        os.replace(p, dest / p.name)
+    return dest
+
+
 class RunLogger:
     """Writes ``DIR/log.jsonl``, ``DIR/log.txt`` and (if importable) TensorBoard ``DIR/tb``."""
 
@@ -94,6 +118,13 @@ class RunLogger:
         print(f"WARNING: {msg}", file=sys.stderr, flush=True)
         with open(self.text, "a") as f:
             f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + "WARNING: " + msg + "\n")
+
+    def error(self, msg: str) -> None:
+        """The error that stops the run, also in DIR/log.txt (the caller raises it)."""
+        if not self.enabled:
+            return
+        with open(self.text, "a") as f:
+            f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + "ERROR: " + msg + "\n")
 
     def log(self, record: dict) -> None:
         """One JSON object per line; scalars also go to TensorBoard under ``train/<key>``."""

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..data import DatasetError
 from ..models import build_model
 from ..optim import build_optimizer, get_param_groups
 from . import DINOHead, DINOLoss, MultiCropAugmentation, MultiCropWrapper, ema_update_
@@ -46,13 +47,15 @@ from .checkpoint import (
     check_compatible,
     export_backbone,
     load_checkpoint,
+    remove_stale_temp_files,
     rng_state,
     set_rng_state,
 )
 from .collapse import ADVICE, CollapseError, CollapseMonitor
-from .config import PretrainConfig
+from .config import ConfigError, PretrainConfig
+from .decode import REPLACED, UNUSABLE, load_image, too_many_message, unusable_message
 from .distributed import DistEnv, all_reduce_mean, barrier, init_distributed
-from .logging import RunLogger, memory_gb, progress_bar, truncate_jsonl
+from .logging import RunLogger, memory_gb, progress_bar, rotate_logs, truncate_jsonl
 from .schedules import (
     apply_schedules_,
     build_schedules,
@@ -80,6 +83,7 @@ class TrainResult:
     stopped_early: bool = False  # run.max_steps reached
     losses: list[float] = field(default_factory=list)  # every loss of this process's steps
     collapse: dict = field(default_factory=dict)  # CollapseMonitor.summary()
+    bad_images_skipped: int = 0  # data.on_error=skip replacements, all processes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,25 +102,38 @@ class SeededMultiCrop(Dataset):
 
     The multi-crop transform draws from torch's and Python's global RNGs (as upstream); they are
     seeded per sample and restored afterwards, so the caller's RNG streams are untouched.
+    With ``on_error`` (``data.on_error``) a sample is ``(crops, status, problem)`` of
+    ``decode.load_image`` instead, so unreadable images reach the main process as data.
     """
 
-    def __init__(self, base: Dataset, transform: MultiCropAugmentation, seed: int):
+    def __init__(
+        self,
+        base: Dataset,
+        transform: MultiCropAugmentation,
+        seed: int,
+        on_error: str | None = None,
+    ):
         self.base = base
         self.transform = transform
         self.seed = seed
+        self.on_error = on_error
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor]:
         epoch, index = key
-        img = self.base[index][0]
+        if self.on_error is None:
+            img = self.base[index][0]
+        else:
+            img, status, problem = load_image(self.base, self.seed, epoch, index, self.on_error)
         torch_seed, py_seed = sample_seeds(self.seed, epoch, index)
         torch_state, py_state = torch.get_rng_state(), random.getstate()
         try:
             torch.default_generator.manual_seed(torch_seed)
             random.seed(py_seed)
-            return self.transform(img)
+            crops = self.transform(img)
+            return crops if self.on_error is None else (crops, status, problem)
         finally:
             torch.set_rng_state(torch_state)
             random.setstate(py_state)
@@ -178,7 +195,7 @@ def build_dataset(cfg: PretrainConfig, env: DistEnv, log: RunLogger) -> Dataset:
             f"{d.synthetic_size}x{d.synthetic_size} px (cached in {root}); pass --data "
             "/path/to/imagenet/train for real pretraining"
         )
-    return SeededMultiCrop(base, MultiCropAugmentation(cfg.aug), cfg.run.seed)
+    return SeededMultiCrop(base, MultiCropAugmentation(cfg.aug), cfg.run.seed, d.on_error)
 
 
 def build_loader(dataset: Dataset, cfg: PretrainConfig, env: DistEnv):
@@ -324,10 +341,25 @@ class _Run:
     nonfinite_skipped: int = 0
     losses: list[float] = field(default_factory=list)
     collapse: CollapseMonitor = field(default_factory=CollapseMonitor)
+    # Carried in the checkpoint, so a resumed run reports as an uninterrupted one:
+    bad_images: dict = field(default_factory=lambda: {"total": 0, "epoch": 0})
+    epoch_loss: dict = field(default_factory=lambda: {"sum": 0.0, "count": 0})
+    elapsed_before: float = 0.0  # training seconds of earlier processes of this run
+    t_start: float = 0.0  # _clock() when this process started training
+    saved_step: int | None = None  # step of DIR/checkpoint.pt; None: none written yet
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + _clock() - self.t_start
+
+
+def _clock() -> float:
+    return time.monotonic()
 
 
 def save_checkpoint(r: _Run, path: Path) -> None:
     """Rank 0 writes the full state for an exact resume at ``r.step`` (atomically)."""
+    if path.name == CHECKPOINT:
+        r.saved_step = r.step
     if not r.env.is_main:
         return
     state = {
@@ -341,6 +373,9 @@ def save_checkpoint(r: _Run, path: Path) -> None:
         "sampler": {"epoch": r.step // r.niter_per_ep, "skip_batches": r.step % r.niter_per_ep},
         "nonfinite_skipped": r.nonfinite_skipped,
         "collapse": r.collapse.state_dict(),
+        "bad_images": dict(r.bad_images),
+        "epoch_loss": dict(r.epoch_loss),
+        "elapsed_s": r.elapsed(),
         "rng": rng_state(),
         "config": r.cfg.to_dict(),
         "meta": r.meta,
@@ -362,6 +397,10 @@ def resume(r: _Run) -> None:
     r.step = int(ckpt["step"])
     r.nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0))
     r.collapse.load_state_dict(ckpt.get("collapse", {}))
+    r.bad_images = dict(ckpt.get("bad_images", r.bad_images))
+    r.epoch_loss = dict(ckpt.get("epoch_loss", r.epoch_loss))
+    r.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+    r.saved_step = r.step
     if r.env.is_main:
         dropped = truncate_jsonl(r.out_dir / "log.jsonl", r.step)
         extra = f"; dropped {dropped} log records written after it" if dropped else ""
@@ -405,22 +444,60 @@ def check_collapse(r: _Run, it: int) -> None:
         return
     msg = r.collapse.message(it, *ent)
     if r.cfg.run.on_collapse == "stop":
-        on_disk = r.out_dir / CHECKPOINT
-        left = (
-            f"{on_disk} (step of its last save) is left as it was"
-            if on_disk.exists()
-            else ("no checkpoint was written yet")
-        )
-        msg += f" Stopping (run.on_collapse=stop); {left}."
-        r.log.warn(msg)
+        msg += f" Stopping (run.on_collapse=stop). {_on_disk(r)}."
         raise CollapseError(msg)
     r.log.warn(msg + " (run.on_collapse=stop makes this an error)")
+
+
+def _count_bad_images(r: _Run, status: torch.Tensor, problems: list[str], it: int) -> None:
+    """data.on_error in the main process: stop on an unusable image, count replacements.
+
+    Counts are summed over processes so that every process stops at the same step."""
+    counts = torch.stack([(status == REPLACED).sum(), (status == UNUSABLE).sum()]).double()
+    if r.env.distributed:
+        counts = all_reduce_mean(counts.to(r.env.device)).cpu() * r.env.world_size
+    replaced, unusable = (int(round(float(c))) for c in counts)
+    if not replaced and not unusable:
+        return
+    d = r.cfg.data
+    root = getattr(r.loader.dataset.base, "root", d.path)
+    if unusable:
+        mine = [p for p, s in zip(problems, status.tolist()) if s == UNUSABLE]
+        problem = mine[0] if mine else f"step {it}: an unreadable image on another process"
+        raise DatasetError(unusable_message(problem, d.on_error, root))
+    for p, s in zip(problems, status.tolist()):
+        if s == REPLACED:
+            r.log.warn(f"step {it}: {p} (data.on_error=skip)")
+    r.bad_images["total"] += replaced
+    r.bad_images["epoch"] += replaced
+    samples = r.niter_per_ep * d.batch_size_per_gpu * r.env.world_size
+    if r.bad_images["epoch"] > d.max_bad_fraction * samples:
+        epoch = it // r.niter_per_ep
+        raise DatasetError(
+            too_many_message(r.bad_images["epoch"], samples, epoch, d.max_bad_fraction, root)
+        )
+
+
+def _on_disk(r: _Run) -> str:
+    """What a stopped run leaves to resume from."""
+    if r.saved_step is None:
+        return (
+            f"No checkpoint was written yet (run.ckpt_every_steps={r.cfg.run.ckpt_every_steps}; "
+            "0 saves at epoch ends only), so there is nothing to resume"
+        )
+    return (
+        f"The last checkpoint {r.out_dir / CHECKPOINT} (step {r.saved_step}) is left unchanged; "
+        "--resume continues from it"
+    )
 
 
 def train_one_epoch(r: _Run, epoch: int) -> bool:
     """One epoch from ``r.step``; returns False when ``run.max_steps`` stopped the run."""
     cfg, env, dev = r.cfg, r.env, r.env.device
     start_i = r.step - epoch * r.niter_per_ep  # > 0 only right after a mid-epoch resume
+    if start_i == 0:
+        r.bad_images["epoch"] = 0
+        r.epoch_loss = {"sum": 0.0, "count": 0}
     r.sampler.set_epoch(epoch, skip=start_i * cfg.data.batch_size_per_gpu)
     total_batch = cfg.data.batch_size_per_gpu * env.world_size
     bar = progress_bar(
@@ -430,8 +507,9 @@ def train_one_epoch(r: _Run, epoch: int) -> bool:
         env.is_main and cfg.run.progress,
     )
     t_window, n_window = time.perf_counter(), 0
-    for i, crops in enumerate(r.loader, start=start_i):
+    for i, (crops, status, problems) in enumerate(r.loader, start=start_i):
         it = epoch * r.niter_per_ep + i  # global training iteration
+        _count_bad_images(r, status, problems, it)
         sched = r.schedules.at(it)
         apply_schedules_(r.optimizer, sched["lr"], sched["wd"])
         crops = [c.to(dev, non_blocking=True) for c in crops]
@@ -450,8 +528,7 @@ def train_one_epoch(r: _Run, epoch: int) -> bool:
                 if cfg.run.on_nonfinite == "stop":
                     raise NonFiniteLossError(
                         f"loss is {loss_value} at step {it} (epoch {epoch}, iteration {i}); "
-                        f"stopping. The last good checkpoint {r.out_dir / CHECKPOINT} is left "
-                        "unchanged. Lower optim.lr, check the data, or set "
+                        f"stopping. {_on_disk(r)}. Lower optim.lr, check the data, or set "
                         "run.on_nonfinite=skip to skip such steps."
                     )
                 r.loss_fn.center.copy_(center_before)  # the NaN batch must not poison it
@@ -487,6 +564,8 @@ def train_one_epoch(r: _Run, epoch: int) -> bool:
 
         r.step = it + 1
         r.losses.append(loss_value)
+        r.epoch_loss["sum"] += loss_value
+        r.epoch_loss["count"] += 1
         n_window += 1
         bar.update(1)
         check_collapse(r, it)
@@ -513,6 +592,7 @@ def train_one_epoch(r: _Run, epoch: int) -> bool:
                 "img_per_s": img_s,
                 "mem_gb": memory_gb(dev),
                 "nonfinite_skipped": r.nonfinite_skipped,
+                "bad_images_skipped": r.bad_images["total"],
             }
             r.log.log(record)
             postfix = {
@@ -534,16 +614,41 @@ def train_one_epoch(r: _Run, epoch: int) -> bool:
     return True
 
 
+def _run_epoch(r: _Run, epoch: int) -> bool:
+    """``train_one_epoch``; the error that stops the run also goes to DIR/log.txt."""
+    try:
+        return train_one_epoch(r, epoch)
+    except (NonFiniteLossError, PretrainOOMError, DatasetError, CollapseError) as e:
+        r.log.error(str(e))
+        raise
+
+
 def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
     """Pretrain with DINO as ``cfg`` says; writes into ``cfg.out_dir()`` (see module doc)."""
     cfg.validate()
     env = init_distributed(cfg.run.device)
+    if env.distributed and cfg.dino.use_bn_in_head:
+        raise ConfigError(
+            f"dino.use_bn_in_head=true with {env.world_size} processes is not supported: the "
+            "official code syncs the head's BatchNorm across GPUs (SyncBatchNorm, teacher in "
+            "DDP), this trainer does not; use dino.use_bn_in_head=false (DINO's default) or "
+            "one process"
+        )
     out_dir = cfg.out_dir()
     if not resume_run and (out_dir / CHECKPOINT).exists():
         raise FileExistsError(
             f"{out_dir / CHECKPOINT} exists: pass --resume to continue that run, or another --out"
         )
+    # A killed run leaves temp files of its atomic writes, and, if killed before its first
+    # checkpoint, logs that a fresh start must not append to.
+    stale = remove_stale_temp_files(out_dir) if env.is_main else []
+    rotated = rotate_logs(out_dir) if env.is_main and not resume_run else None
     log = RunLogger(out_dir, enabled=env.is_main, tensorboard=cfg.run.tensorboard)
+    if stale:
+        names = ", ".join(p.name for p in stale[:3]) + (", ..." if len(stale) > 3 else "")
+        log.info(f"removed {len(stale)} temp file(s) left by an interrupted save: {names}")
+    if rotated:
+        log.info(f"{out_dir} held the logs of a run that left no checkpoint: moved to {rotated}")
     dev = env.device
     if dev.type == "cpu" and cfg.run.cpu_threads:
         torch.set_num_threads(cfg.run.cpu_threads)
@@ -626,11 +731,11 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
     )
 
     # ============ training ============
-    t0 = time.time()
+    r.t_start = _clock()
     start_epoch = r.step // niter_per_ep
     finished = True
     for epoch in range(start_epoch, o.epochs):
-        finished = train_one_epoch(r, epoch)
+        finished = _run_epoch(r, epoch)
         if not finished:
             save_checkpoint(r, out_dir / CHECKPOINT)
             if env.is_main:
@@ -649,11 +754,10 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
                 export_backbone(teacher.backbone, out_dir, f"backbone_epoch{done:04d}")
             if cfg.run.jacobian_every_epochs and done % cfg.run.jacobian_every_epochs == 0:
                 condition_numbers(r, done)
-        window = r.losses[-niter_per_ep:]
-        mean_loss = sum(window) / max(len(window), 1)
+        mean_loss = r.epoch_loss["sum"] / max(r.epoch_loss["count"], 1)
         log.info(
             f"epoch {done}/{o.epochs}: mean loss {mean_loss:.4f} (step {r.step}, "
-            f"{time.time() - t0:.0f}s)"
+            f"{r.elapsed():.0f}s)"
         )
         if _max_steps_reached(cfg, r.step) and done < o.epochs:
             finished = False
@@ -669,9 +773,10 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
             "step": r.step,
             "epoch": r.step // niter_per_ep,
             "finished": finished,
-            "time_s": time.time() - t0,
+            "time_s": r.elapsed(),
             "nonfinite_skipped": r.nonfinite_skipped,
             "collapse": r.collapse.summary(),
+            "bad_images_skipped": r.bad_images["total"],
             "backbone": str(out_dir / "backbone.pt"),
         }
         write_json(out_dir / "summary.json", summary)
@@ -688,5 +793,5 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
     log.close()
     return TrainResult(
         out_dir, r.step, r.step // niter_per_ep, final, r.nonfinite_skipped, not finished, r.losses,
-        r.collapse.summary(),
+        collapse=r.collapse.summary(), bad_images_skipped=r.bad_images["total"],
     )  # fmt: skip
