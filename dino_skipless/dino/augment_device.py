@@ -165,7 +165,7 @@ class SeededDecode(Dataset):
         finally:
             torch.set_rng_state(torch_state)
             random.setstate(py_state)
-        pixels = torch.from_numpy(_as_array(img)).permute(2, 0, 1).contiguous()
+        pixels = torch.from_numpy(_as_array(img).copy()).permute(2, 0, 1).contiguous()
         scale = torch.tensor([img.height / full_h, img.width / full_w], dtype=torch.float64)
         return pixels, params, scale
 

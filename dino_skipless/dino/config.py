@@ -28,6 +28,7 @@ from .augment import AugConfig
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 ON_NONFINITE = ("stop", "skip")
+AUGMENT_ON = ("cpu", "device")
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,12 @@ class DataConfig:
     synthetic_n: int = 1000  # synthetic fallback: number of scenes (not a published value)
     synthetic_size: int = 128  # synthetic fallback: image side in px
     synthetic_seed: int = 0  # synthetic fallback: generator seed
+    # Where the multi-crop recipe runs. "cpu" (default): the official PIL pipeline in the loader
+    # workers, bit-for-bit the published recipe. "device": workers only decode and sample the
+    # (identical) random parameters; the crops are computed batched on run.device
+    # (dino/augment_device.py; float arithmetic, documented deviations of ~1/255).
+    augment_on: str = "cpu"
+    decode_draft: int = 0  # device path: JPEG draft decode keeping sides >= N px (0 = off)
 
 
 @dataclass
@@ -140,6 +147,14 @@ class PretrainConfig:
         _choice("optim.optimizer", o.optimizer, OPTIMIZERS)
         _choice("run.precision", r.precision, PRECISIONS)
         _choice("run.on_nonfinite", r.on_nonfinite, ON_NONFINITE)
+        _choice("data.augment_on", self.data.augment_on, AUGMENT_ON)
+        if self.data.decode_draft and self.data.augment_on != "device":
+            raise ConfigError(
+                f"data.decode_draft={self.data.decode_draft} needs data.augment_on=device "
+                "(the CPU path decodes at full size, as the official code)"
+            )
+        if self.data.decode_draft < 0:
+            raise ConfigError(f"data.decode_draft must be >= 0, got {self.data.decode_draft}")
         if m.drop_path != 0:
             raise ConfigError(
                 f"model.drop_path={m.drop_path}: only 0 is supported (the paper disables "
