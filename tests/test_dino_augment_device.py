@@ -49,7 +49,7 @@ def _chw(img: Image.Image) -> torch.Tensor:
 
 
 def _one_batch(img: Image.Image, params: torch.Tensor, scale=(1.0, 1.0)) -> dict:
-    pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+    pixels = torch.from_numpy(np.array(img))
     return collate_decoded([(pixels, params, torch.tensor(scale, dtype=torch.float64))])
 
 
@@ -258,9 +258,7 @@ def test_parameter_distributions_match_the_cpu_path(monkeypatch):
     cfg = AugConfig(global_size=16, local_size=8, n_local=2)
     img = _smooth(50, 40)
     area, n = 50 * 40, 600
-    crops, n_jit, blur_cpu, solar_cpu, jit_cpu = _official_draws(
-        monkeypatch, cfg, img, range(n)
-    )
+    crops, n_jit, blur_cpu, solar_cpu, jit_cpu = _official_draws(monkeypatch, cfg, img, range(n))
 
     def draw(c, seeds):
         out = []
@@ -270,7 +268,9 @@ def test_parameter_distributions_match_the_cpu_path(monkeypatch):
         return torch.stack(out).numpy()
 
     dev = draw(cfg, range(10_000, 10_000 + n))
-    wrong = draw(AugConfig(global_size=16, local_size=8, n_local=2, global_scale=(0.3, 1.0)), range(n))
+    wrong = draw(
+        AugConfig(global_size=16, local_size=8, n_local=2, global_scale=(0.3, 1.0)), range(n)
+    )
     for views in (slice(0, 2), slice(2, 4)):
         s_cpu, r_cpu = _scale_logratio(crops[:, views, 2:], area)
         s_dev, r_dev = _scale_logratio(dev[:, views][..., [HEIGHT, WIDTH]], area)
@@ -377,7 +377,7 @@ def test_draft_decode_keeps_parameters_and_is_close(tmp_path):
     base = ImageFolderDataset(d.parent)
     full, draft = SeededDecode(base, cfg, 0), SeededDecode(base, cfg, 0, draft=100)
     (px_f, p_f, s_f), (px_d, p_d, s_d) = full[(0, 0)], draft[(0, 0)]
-    assert px_f.shape[1:] == (300, 400) and px_d.shape[1:] == (150, 200)
+    assert px_f.shape == (300, 400, 3) and px_d.shape == (150, 200, 3)
     assert s_f.tolist() == [1.0, 1.0] and s_d.tolist() == [0.5, 0.5]
     torch.testing.assert_close(p_f, p_d, rtol=0, atol=0, equal_nan=True)
     a = device_multicrop(collate_decoded([full[(0, 0)]]), cfg, "cpu")

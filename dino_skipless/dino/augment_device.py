@@ -48,6 +48,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -78,33 +79,74 @@ def views(cfg: AugConfig) -> list[tuple[int, tuple[float, float], float, float |
     ]
 
 
+class _Draws:
+    """torchvision's draws (``RandomResizedCrop.get_params``, ``torch.rand(1)``,
+    ``ColorJitter.get_params``) consuming torch's global generator identically, on reused
+    one-element buffers: the same numbers at a fraction of the per-call overhead (the
+    parameter sampling runs ~10x per image in every loader worker). Equality with the official
+    draws is tested (``test_parameters_are_the_official_pipelines_draws``)."""
+
+    def __init__(self) -> None:
+        self.f = torch.empty(1)
+        self.i = torch.empty(1, dtype=torch.int64)
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return self.f.uniform_(lo, hi).item()  # == torch.empty(1).uniform_(lo, hi)
+
+    def rand(self) -> float:
+        return self.f.uniform_(0.0, 1.0).item()  # torch.rand(1) is uniform_(0, 1)
+
+    def randint(self, high: int) -> int:
+        return int(self.i.random_(0, high).item())  # == torch.randint(0, high, (1,))
+
+    def crop(self, height: int, width: int, scale, log_ratio, ratio) -> tuple[int, ...]:
+        """RandomResizedCrop.get_params, line for line."""
+        area = height * width
+        for _ in range(10):
+            target_area = area * self.uniform(scale[0], scale[1])
+            aspect_ratio = math.exp(self.uniform(log_ratio[0], log_ratio[1]))
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                i = self.randint(height - h + 1)
+                j = self.randint(width - w + 1)
+                return i, j, h, w
+        in_ratio = float(width) / float(height)  # fallback: central crop
+        if in_ratio < min(ratio):
+            w = width
+            h = int(round(w / min(ratio)))
+        elif in_ratio > max(ratio):
+            h = height
+            w = int(round(h * max(ratio)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+
 def sample_params(cfg: AugConfig, height: int, width: int) -> torch.Tensor:
     """``(n_views, N_PARAMS)`` float64 rows drawn from the *global* torch / Python RNGs in the
     exact order of ``MultiCropAugmentation`` (crop, flip, jitter p + params, grayscale, blur
     p + sigma, solarise p), so equal RNG states give the CPU path's parameters."""
     b, c, s, h = cfg.jitter
-    jitter = transforms.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)
-    shape_only = torch.empty(1, 1, 1).expand(3, height, width)  # get_params reads the size
+    ranges = transforms.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)
+    ranges = [ranges.brightness, ranges.contrast, ranges.saturation, ranges.hue]
+    # torchvision: torch.log(torch.tensor(ratio)), float32, then used as uniform_ bounds
+    log_ratio = torch.log(torch.tensor(list(cfg.ratio))).tolist()
+    draw = _Draws()
     rows = []
     for _, scale, blur_p, solar_p in views(cfg):
         row = [math.nan] * N_PARAMS
-        i, j, hh, ww = transforms.RandomResizedCrop.get_params(
-            shape_only, list(scale), list(cfg.ratio)
-        )
-        row[TOP], row[LEFT], row[HEIGHT], row[WIDTH] = i, j, hh, ww
-        row[FLIP] = float(torch.rand(1) < cfg.flip_p)  # RandomHorizontalFlip
-        row[JITTER] = float(not cfg.jitter_p < torch.rand(1))  # RandomApply
-        if row[JITTER]:
-            order, *factors = transforms.ColorJitter.get_params(
-                jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue
-            )
-            row[ORDER] = [float(k) for k in order]
-            row[FACTORS] = [math.nan if f is None else float(f) for f in factors]
-        row[GRAY] = float(torch.rand(1) < cfg.grayscale_p)  # RandomGrayscale
+        row[TOP : WIDTH + 1] = draw.crop(height, width, scale, log_ratio, cfg.ratio)
+        row[FLIP] = float(draw.rand() < cfg.flip_p)  # RandomHorizontalFlip
+        row[JITTER] = float(not cfg.jitter_p < draw.rand())  # RandomApply
+        if row[JITTER]:  # ColorJitter.get_params: a random order, then each enabled factor
+            row[ORDER] = [float(k) for k in torch.randperm(4).tolist()]
+            row[FACTORS] = [math.nan if r is None else draw.uniform(r[0], r[1]) for r in ranges]
+        row[GRAY] = float(draw.rand() < cfg.grayscale_p)  # RandomGrayscale
         row[BLUR] = float(random.random() <= blur_p)  # augment.GaussianBlur
         if row[BLUR]:
             row[SIGMA] = random.uniform(*cfg.blur_sigma)
-        row[SOLARIZE] = float(solar_p is not None and random.random() < solar_p)  # augment.Solarization
+        row[SOLARIZE] = float(solar_p is not None and random.random() < solar_p)
         rows.append(row)
     return torch.tensor(rows, dtype=torch.float64)
 
@@ -128,7 +170,7 @@ def load_rgb_draft(path: Path, min_side: int) -> tuple[Image.Image, tuple[int, i
 
 
 class SeededDecode(Dataset):
-    """``ds[(epoch, index)] -> (uint8 CHW image, params (n_views, N_PARAMS), (sy, sx))``.
+    """``ds[(epoch, index)] -> (uint8 HWC image, params (n_views, N_PARAMS), (sy, sx))``.
 
     The loader side of the device path: decode, sample the parameters from the (seed, epoch,
     index) RNGs as ``trainer.SeededMultiCrop`` (the caller's RNG streams are restored), and
@@ -165,25 +207,20 @@ class SeededDecode(Dataset):
         finally:
             torch.set_rng_state(torch_state)
             random.setstate(py_state)
-        pixels = torch.from_numpy(_as_array(img).copy()).permute(2, 0, 1).contiguous()
+        pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # HWC: one copy, no permute
         scale = torch.tensor([img.height / full_h, img.width / full_w], dtype=torch.float64)
         return pixels, params, scale
 
 
-def _as_array(img: Image.Image):
-    import numpy as np
-
-    return np.asarray(img, dtype=np.uint8)
-
-
 def collate_decoded(batch: list) -> dict[str, torch.Tensor]:
-    """Pad the uint8 images into one ``(B, 3, H_max, W_max)`` canvas (top-left aligned)."""
+    """Pad the uint8 HWC images into one ``(B, H_max, W_max, 3)`` canvas (top-left aligned;
+    the padding gets zero resampling weight)."""
     pixels, params, scales = zip(*batch)
-    h = max(p.shape[1] for p in pixels)
-    w = max(p.shape[2] for p in pixels)
-    canvas = torch.zeros(len(pixels), 3, h, w, dtype=torch.uint8)
+    h = max(p.shape[0] for p in pixels)
+    w = max(p.shape[1] for p in pixels)
+    canvas = torch.zeros(len(pixels), h, w, 3, dtype=torch.uint8)
     for k, p in enumerate(pixels):
-        canvas[k, :, : p.shape[1], : p.shape[2]] = p
+        canvas[k, : p.shape[0], : p.shape[1]] = p
     return {"canvas": canvas, "params": torch.stack(params), "scale": torch.stack(scales)}
 
 
@@ -211,8 +248,8 @@ def resample_weights(
     scale = length / out_size
     fscale = scale.clamp(min=1.0)
     support = 2.0 * fscale
-    centre = start[:, None] + (torch.arange(out_size, dtype=torch.float64, device=start.device)
-                               + 0.5) * scale[:, None]  # fmt: skip
+    x = torch.arange(out_size, dtype=torch.float64, device=start.device) + 0.5
+    centre = start[:, None] + x * scale[:, None]
     lo = torch.floor(centre - support[:, None] + 0.5).maximum(start.round()[:, None])
     hi = torch.floor(centre + support[:, None] + 0.5).minimum((start + length).round()[:, None])
     u = torch.arange(in_size, dtype=torch.float64, device=start.device)
@@ -336,7 +373,7 @@ def device_multicrop(
     ``device``, from a ``collate_decoded`` batch (what ``MultiCropAugmentation`` + the default
     collate give on the CPU path)."""
     device = torch.device(device)
-    canvas = batch["canvas"].to(device, non_blocking=True).float().div_(255.0)
+    canvas = batch["canvas"].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
     params, scale = batch["params"], batch["scale"]
     mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1)
