@@ -355,13 +355,20 @@ def resized_crops(canvas: torch.Tensor, p: torch.Tensor, scale: torch.Tensor, si
     _, _, hh, ww = canvas.shape
     flat = p.reshape(v * b, N_PARAMS)
     sy, sx = scale[:, 0].repeat(v), scale[:, 1].repeat(v)
-    wy = resample_weights(flat[:, TOP] * sy, flat[:, HEIGHT] * sy, size, hh)
-    wx = resample_weights(flat[:, LEFT] * sx, flat[:, WIDTH] * sx, size, ww)
-    flip = flat[:, FLIP] > 0.5
-    wx[flip] = wx[flip].flip(1)  # output column x <- resized column size - 1 - x
-    dev = canvas.device
-    wy = wy.to(dev, non_blocking=True).view(v, b, size, hh)
-    wx = wx.to(dev, non_blocking=True).view(v, b, size, ww)
+    # only the boxes travel; the (N, size, H) matrices are built on the device, not the CPU
+    boxes = torch.stack(
+        [
+            flat[:, TOP] * sy,
+            flat[:, HEIGHT] * sy,
+            flat[:, LEFT] * sx,
+            flat[:, WIDTH] * sx,
+            flat[:, FLIP],
+        ]
+    ).to(canvas.device, non_blocking=True)
+    wy = resample_weights(boxes[0], boxes[1], size, hh).view(v, b, size, hh)
+    wx = resample_weights(boxes[2], boxes[3], size, ww)
+    flip = (boxes[4] > 0.5).view(-1, 1, 1)
+    wx = torch.where(flip, wx.flip(1), wx).view(v, b, size, ww)  # column x <- size - 1 - x
     rows = torch.einsum("vboh,bchw->vbcow", wy, canvas)
     return torch.einsum("vbcow,vbpw->vbcop", rows, wx).clamp_(0.0, 1.0)
 
