@@ -62,14 +62,15 @@ def _torchrun(args, tmp_path):
     return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("augment_on", ["cpu", pytest.param("device", marks=pytest.mark.slow)])
+def test_two_gloo_processes_match_one_process(tmp_path, augment_on):
     data = tmp_path / "imgs" / "a"
     data.mkdir(parents=True)
     rng = np.random.default_rng(1)
     for i in range(16):
         img = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
         Image.fromarray(img).resize((40, 40), Image.BICUBIC).save(data / f"{i}.png")
-    common = [*OVERRIDES, f"data.path={data.parent}"]
+    common = [*OVERRIDES, f"data.path={data.parent}", f"data.augment_on={augment_on}"]
 
     ddp_out = tmp_path / "ddp"
     proc = _torchrun(

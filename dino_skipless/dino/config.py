@@ -29,6 +29,7 @@ from .decode import ON_ERROR
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 ON_NONFINITE = ("stop", "skip")
+AUGMENT_ON = ("cpu", "device")
 
 
 class ConfigError(ValueError):
@@ -100,6 +101,12 @@ class DataConfig:
     # epoch's samples were bad. Not in DINO (a bad file kills its run).
     on_error: str = "raise"
     max_bad_fraction: float = 0.01
+    # Where the multi-crop recipe runs. "cpu" (default): the official PIL pipeline in the loader
+    # workers, bit-for-bit the published recipe. "device": workers only decode and sample the
+    # (identical) random parameters; the crops are computed batched on run.device
+    # (dino/augment_device.py; float arithmetic, documented deviations of ~1/255).
+    augment_on: str = "cpu"
+    decode_draft: int = 0  # device path: JPEG draft decode keeping sides >= N px (0 = off)
 
 
 @dataclass
@@ -161,6 +168,19 @@ class PretrainConfig:
             raise ConfigError(
                 f"data.max_bad_fraction must be in [0, 1], got {self.data.max_bad_fraction}"
             )
+        _choice("data.augment_on", self.data.augment_on, AUGMENT_ON)
+        if self.data.decode_draft and self.data.augment_on != "device":
+            raise ConfigError(
+                f"data.decode_draft={self.data.decode_draft} needs data.augment_on=device "
+                "(the CPU path decodes at full size, as the official code)"
+            )
+        if self.data.augment_on == "device" and self.data.on_error != "raise":
+            raise ConfigError(
+                "data.on_error=skip is not supported with data.augment_on=device yet (a bad image "
+                "stops the run with its path); use data.augment_on=cpu to skip bad images"
+            )
+        if self.data.decode_draft < 0:
+            raise ConfigError(f"data.decode_draft must be >= 0, got {self.data.decode_draft}")
         if m.drop_path != 0:
             raise ConfigError(
                 f"model.drop_path={m.drop_path}: only 0 is supported (the paper disables "

@@ -40,6 +40,7 @@ from ..data import DatasetError
 from ..models import build_model
 from ..optim import build_optimizer, get_param_groups
 from . import DINOHead, DINOLoss, MultiCropAugmentation, MultiCropWrapper, ema_update_
+from .augment_device import SeededDecode, collate_decoded, device_multicrop
 from .checkpoint import (
     CHECKPOINT,
     FORMAT_VERSION,
@@ -195,6 +196,8 @@ def build_dataset(cfg: PretrainConfig, env: DistEnv, log: RunLogger) -> Dataset:
             f"{d.synthetic_size}x{d.synthetic_size} px (cached in {root}); pass --data "
             "/path/to/imagenet/train for real pretraining"
         )
+    if d.augment_on == "device":  # workers decode + sample parameters; crops on the device
+        return SeededDecode(base, cfg.aug, cfg.run.seed, draft=d.decode_draft)
     return SeededMultiCrop(base, MultiCropAugmentation(cfg.aug), cfg.run.seed, d.on_error)
 
 
@@ -213,6 +216,7 @@ def build_loader(dataset: Dataset, cfg: PretrainConfig, env: DistEnv):
         sampler=sampler,
         batch_size=batch,
         num_workers=workers,
+        collate_fn=collate_decoded if isinstance(dataset, SeededDecode) else None,
         pin_memory=cfg.data.pin_memory and env.device.type == "cuda",
         drop_last=True,  # as main_dino.py
         persistent_workers=workers > 0,
@@ -507,12 +511,18 @@ def train_one_epoch(r: _Run, epoch: int) -> bool:
         env.is_main and cfg.run.progress,
     )
     t_window, n_window = time.perf_counter(), 0
-    for i, (crops, status, problems) in enumerate(r.loader, start=start_i):
+    for i, batch in enumerate(r.loader, start=start_i):
+        # the CPU path yields (crops, decode status, problems); the device path a decoded batch
+        crops, status, problems = (batch, None, None) if isinstance(batch, dict) else batch
         it = epoch * r.niter_per_ep + i  # global training iteration
-        _count_bad_images(r, status, problems, it)
+        if status is not None:
+            _count_bad_images(r, status, problems, it)
         sched = r.schedules.at(it)
         apply_schedules_(r.optimizer, sched["lr"], sched["wd"])
-        crops = [c.to(dev, non_blocking=True) for c in crops]
+        if cfg.data.augment_on == "device":
+            crops = device_multicrop(crops, cfg.aug, dev)
+        else:
+            crops = [c.to(dev, non_blocking=True) for c in crops]
 
         # --- forward: teacher on the 2 global crops, student on all crops --------------------
         center_before = r.loss_fn.center.clone() if cfg.run.on_nonfinite == "skip" else None
