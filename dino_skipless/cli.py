@@ -8,16 +8,27 @@ baseline, plus ``--device``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import pickle
+import re
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from .models import ARCHS, VARIANT_HELP, VARIANTS, BackboneSpec, build_model, load_backbone
+from .models import (
+    ARCHS,
+    TRUST_HELP,
+    VARIANT_HELP,
+    VARIANTS,
+    BackboneSpec,
+    build_model,
+    load_backbone,
+)
 
 
 def add_backbone_args(parser: argparse.ArgumentParser, multiple: bool = False) -> None:
@@ -46,6 +57,7 @@ def add_backbone_args(parser: argparse.ArgumentParser, multiple: bool = False) -
         action="append" if multiple else "store",
         help=f"untrained baseline of this variant ({VARIANT_HELP})",
     )
+    g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     g.add_argument("--arch", default="vit_small", choices=sorted(ARCHS), help="with --random-init")
     g.add_argument("--patch-size", type=int, default=16, help="with --random-init")
     g.add_argument("--depth", type=int, default=None, help="with --random-init (default: arch's)")
@@ -53,6 +65,55 @@ def add_backbone_args(parser: argparse.ArgumentParser, multiple: bool = False) -
     g.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
     )
+    add_debug_arg(parser)
+
+
+def add_debug_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--debug", action="store_true", help="on an error, show the full Python traceback"
+    )
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data import DatasetError
+    from .dino.checkpoint import ResumeError
+    from .models import CheckpointError
+
+    return (DatasetError, CheckpointError, ResumeError, pickle.UnpicklingError)
+
+
+_WORKER_TB = "Original Traceback (most recent call last):"
+
+
+def error_message(e: BaseException) -> str:
+    """The message of ``e``; for an error re-raised from a DataLoader worker, the original one
+    (PyTorch prepends the worker's whole traceback to it)."""
+    msg = str(e)
+    if _WORKER_TB in msg:
+        tail = msg.split(_WORKER_TB, 1)[1].splitlines()
+        # the traceback's frames are indented; the original "pkg.Type: message" line is not
+        start = next((i for i, line in enumerate(tail) if line and not line[0].isspace()), None)
+        if start is not None:
+            msg = "\n".join(tail[start:])
+            msg = re.sub(r"^[\w.]+: ", "", msg, count=1)
+    return msg.strip() or type(e).__name__
+
+
+def cli_main(fn: Callable) -> Callable:
+    """Wrap a stage's ``main(argv)``: a user error (bad data, checkpoint or resume) ends the
+    program with its message on one or two lines and exit status 1 instead of a traceback;
+    ``--debug`` re-raises it with the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(argv: Sequence[str] | None = None, *a, **kw):
+        try:
+            return fn(argv, *a, **kw)
+        except _user_errors() as e:
+            if "--debug" in (sys.argv[1:] if argv is None else argv):
+                raise
+            raise SystemExit(f"error: {error_message(e)}\n(--debug shows the traceback)") from None
+
+    return wrapper
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -82,7 +143,7 @@ def backbones_from_args(args) -> list[tuple[torch.nn.Module, BackboneSpec, str]]
         raise SystemExit("give a backbone: --ckpt PATH or --random-init VARIANT [--arch ARCH]")
     out = []
     for path in ckpts:
-        model, spec = load_backbone(path)
+        model, spec = load_backbone(path, trust=getattr(args, "trust_checkpoint", False))
         out.append((model, spec, label_for(path, spec)))
     for variant in inits:
         out.append(_random_backbone(args, variant))

@@ -30,6 +30,7 @@ from dino_skipless.cli import (
     add_backbone_args,
     atomic_write_text,
     backbone_from_args,
+    cli_main,
     command_line,
     markdown_table,
     resolve_device,
@@ -195,6 +196,7 @@ def extract_cls(model, dataset, cfg: KNNConfig, device, progress=True):
 # ---------------------------------------------------------------------------------- CLI
 
 
+@cli_main
 def main(argv=None) -> int:
     d = KNNConfig()
     p = argparse.ArgumentParser(

@@ -37,6 +37,7 @@ import torch
 from dino_skipless.cli import (
     add_backbone_args,
     atomic_write_text,
+    cli_main,
     command_line,
     label_for,
     markdown_table,
@@ -326,13 +327,14 @@ def load_backbones(args) -> list[tuple]:
             desc = {"random_init": variant, "arch": args.arch, "seed": args.seed}
             out.append((model, model.spec, f"random-{variant}", desc))
         else:
-            model, spec = load_backbone(e)
+            model, spec = load_backbone(e, trust=args.trust_checkpoint)
             st = os.stat(e)
             desc = {"path": str(Path(e).resolve()), "size": st.st_size, "mtime": st.st_mtime}
             out.append((model, spec, label_for(e, spec), desc))
     return out
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg, modes = config_from_args(args)

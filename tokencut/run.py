@@ -27,6 +27,7 @@ from dino_skipless.cli import (
     add_backbone_args,
     atomic_write_text,
     backbone_from_args,
+    cli_main,
     command_line,
     markdown_table,
     resolve_device,
@@ -271,6 +272,7 @@ def config_from_args(args) -> TokenCutConfig:
     )
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)

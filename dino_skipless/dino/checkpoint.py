@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..cli import atomic_write_text
+from ..models.loading import CheckpointError, safe_torch_load
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -65,9 +66,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 def rng_state() -> dict:
+    # numpy's state as plain lists: a checkpoint of tensors, containers and numbers loads with
+    # torch.load(weights_only=True), which runs no code from the file.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -77,7 +81,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]  # older checkpoints: keys as a uint32 array
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
@@ -85,16 +90,16 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, trust: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ResumeError(
             f"--resume: no checkpoint at {path} (a run writes DIR/{CHECKPOINT}; check --out)"
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # corrupt/truncated file (cannot happen with atomic writes)
-        raise ResumeError(f"cannot read checkpoint {path}: {e}") from None
+        ckpt = safe_torch_load(path, trust)
+    except CheckpointError as e:  # refused, or corrupt/truncated (not by our atomic writes)
+        raise ResumeError(str(e)) from None
     if not isinstance(ckpt, dict) or "student" not in ckpt or "meta" not in ckpt:
         raise ResumeError(f"{path} is not a dino_skipless training checkpoint")
     return ckpt
