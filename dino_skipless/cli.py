@@ -15,6 +15,7 @@ import pickle
 import re
 import sys
 import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -176,6 +177,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def new_run_id() -> str:
+    """Stamped into every file of one stage run, so a reader can tell files of two runs apart
+    (a reused ``--out`` may still hold another run's files)."""
+    return uuid.uuid4().hex[:16]
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

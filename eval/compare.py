@@ -40,7 +40,14 @@ def load_counts(path: str | Path, probe: str) -> tuple[np.ndarray, str, dict]:
             probes = [k for k in z.files if k != "val_digest"]
             raise ValueError(f"{npz}: no '{probe}' probe (this run has {probes}); use --probe")
         counts, digest = z[probe], str(z["val_digest"])
+        counts_id = str(z["run_id"]) if "run_id" in z.files else None
     result = json.loads(res.read_text()) if res.is_file() else {}
+    if result and result.get("run_id") != counts_id:
+        raise ValueError(
+            f"{npz} (run {counts_id}) and {res} (run {result.get('run_id')}) were written by "
+            "different eval.linprobe runs into the same --out; rerun the probe into that folder "
+            "(it replaces both) or into a fresh one"
+        )
     return counts, digest, result
 
 

@@ -33,6 +33,7 @@ from dino_skipless.cli import (
     cli_main,
     command_line,
     markdown_table,
+    new_run_id,
     resolve_device,
     write_json,
 )
@@ -265,6 +266,7 @@ def main(argv=None) -> int:
         per_k[str(k)] = topk_accuracy(s, va_y, ks=(1, min(5, len(classes))))
     main_k = str(cfg.k[0])
     result = {
+        "run_id": new_run_id(),
         **{"top1": per_k[main_k]["top1"], "top5": list(per_k[main_k].values())[-1]},
         "k": cfg.k[0],
         "per_k": per_k,

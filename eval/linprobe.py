@@ -17,7 +17,8 @@ single-block probe; with ``--mode both`` the multiscale one is under ``multiscal
 with ``--mode multiscale`` alone it is the top level. ``--sweep-ckpts`` writes one such file per
 checkpoint under ``DIR/<label>/`` and the joint table to ``DIR/sweep.{json,md}``. With
 ``--bootstrap`` > 0 (default) ``per_image_counts.npz`` beside each ``results.json`` keeps the best
-lr's per-image TP/FP/FN for paired comparisons (``python -m eval.compare A B``).
+lr's per-image TP/FP/FN for paired comparisons (``python -m eval.compare A B``); both files carry
+the same ``run_id``, which ``eval.compare`` checks.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from dino_skipless.cli import (
     command_line,
     label_for,
     markdown_table,
+    new_run_id,
     resolve_device,
     write_json,
 )
@@ -52,6 +54,7 @@ from .probe_lib import LinProbeConfig, default_layers, probe_from_cache
 
 DATASETS = ("voc", "ade20k", "cocostuff", "cocostuff27", "synthetic")
 SUBSET_DATASETS = ("ade20k", "cocostuff", "cocostuff27")  # paper: 3,000 training images
+COUNTS = "per_image_counts.npz"
 TABLE_HEADERS = ["dataset", "ckpt", "probe", "layers", "best lr", "mIoU", "± s.e.", "pAcc"]
 
 
@@ -178,19 +181,26 @@ def masks_digest(masks) -> str:
     return h.hexdigest()
 
 
-def save_counts(folder: Path, run: dict) -> None:
+def save_counts(folder: Path, run: dict, run_id: str) -> None:
     """Move the per-image counts out of ``run`` (they are not JSON) into
-    ``folder/per_image_counts.npz``: one ``(N_val, C, 3)`` array per probe, plus the digest."""
+    ``folder/per_image_counts.npz``: one ``(N_val, C, 3)`` array per probe, plus the digest and
+    the run id that ``results.json`` carries too. Without counts (``--bootstrap 0``) an older
+    run's file is removed, so the folder never pairs this run's results with another's counts."""
     arrays = {
         mode: np.asarray(r.pop("per_image_counts"), dtype=np.int64)
         for mode, r in run["results"].items()
         if "per_image_counts" in r
     }
-    if arrays:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / ".per_image_counts.tmp.npz"
-        np.savez_compressed(tmp, val_digest=np.array(run["val_digest"]), **arrays)
-        os.replace(tmp, folder / "per_image_counts.npz")
+    path = folder / COUNTS
+    if not arrays:
+        path.unlink(missing_ok=True)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".per_image_counts.tmp.npz"
+    np.savez_compressed(
+        tmp, val_digest=np.array(run["val_digest"]), run_id=np.array(run_id), **arrays
+    )
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------ outputs
@@ -386,8 +396,9 @@ def main(argv=None) -> int:
             "command": command_line() if argv is None else " ".join(["eval.linprobe", *argv]),
         }
         folder = out_dir / safe_name(label) if sweep else out_dir
-        save_counts(folder, run)
-        result = assemble(run, modes, meta)
+        run_id = new_run_id()
+        save_counts(folder, run, run_id)
+        result = assemble(run, modes, {"run_id": run_id, **meta})
         r = table_rows(args.dataset, label, run)
         rows += r
         write_json(folder / "results.json", result)

@@ -30,6 +30,7 @@ from dino_skipless.cli import (
     cli_main,
     command_line,
     markdown_table,
+    new_run_id,
     resolve_device,
     write_json,
 )
@@ -332,6 +333,7 @@ def main(argv=None) -> int:
             e["best_iou_per_layer"] = {str(li): preds[li][k].best_iou for li in layers}
     reasons = ("too_small", "no_gt", "no_hard_dropped")
     results = {
+        "run_id": new_run_id(),
         "dataset": args.dataset,
         "root": str(root),
         "ckpt": label,
@@ -370,15 +372,16 @@ def main(argv=None) -> int:
             per_layer[li],
             len(plan.items),
             len(plan.skipped),
+            results["n_degenerate_per_layer"][str(li)],
         ]
         for li in layers
     ]
-    table = markdown_table(
-        ["dataset", "ckpt", "layer", "feature", "CorLoc", "n_images", "n_skipped"], rows
-    )
+    headers = ["dataset", "ckpt", "layer", "feature", "CorLoc", "n_images", "n_skipped"]
+    # per block: one block's graphs can all be degenerate while another's are fine
+    table = markdown_table([*headers, "degenerate"], rows)
     note = (
-        f"\nskipped: {results['skipped']}; degenerate graphs (whole image predicted): "
-        f"{results['n_degenerate']}; {results['ms_per_image']:.1f} ms/image on {device}\n"
+        f"\nskipped: {results['skipped']}; degenerate: graphs of the block that are all one "
+        f"component (whole image predicted); {results['ms_per_image']:.1f} ms/image on {device}\n"
     )
     atomic_write_text(out / "results.md", table + "\n" + note)
     print(table + "\n" + note)
