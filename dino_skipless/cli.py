@@ -165,11 +165,25 @@ def label_for(path: str | os.PathLike, spec: BackboneSpec) -> str:
     return f"{name} ({spec.variant})" if name else spec.variant
 
 
+def current_umask() -> int:
+    umask = os.umask(0o022)  # the only way to read the umask is to set it
+    os.umask(umask)
+    return umask
+
+
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """``mkstemp`` in ``path``'s folder, with the permissions ``open()`` would give: mkstemp
+    makes 0600 files, which colleagues sharing the results folder could not read."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~current_umask())
+    return fd, tmp
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write via a temporary file + rename so readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

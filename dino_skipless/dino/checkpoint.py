@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..cli import atomic_write_text
+from ..cli import atomic_write_text, temp_file_beside
 from ..models.loading import CheckpointError, safe_torch_load
 
 CHECKPOINT = "checkpoint.pt"
@@ -53,7 +52,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
