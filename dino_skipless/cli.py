@@ -117,6 +117,16 @@ def cli_main(fn: Callable) -> Callable:
     return wrapper
 
 
+def default_num_workers(wanted: int = 4) -> int:
+    """``wanted`` loader workers, capped at the CPUs this process may use: more workers than
+    cores only contend (and PyTorch warns about it)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(wanted, cpus))
+
+
 def resolve_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -17,7 +17,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from dino_skipless.cli import (
     backbone_from_args,
     cli_main,
     command_line,
+    default_num_workers,
     markdown_table,
     new_run_id,
     resolve_device,
@@ -51,7 +52,7 @@ class KNNConfig:
     chunk: int = 256  # test images per similarity chunk
     val_fraction: float = 0.2  # only when the root has no train/val split
     split_seed: int = 0
-    num_workers: int = 4
+    num_workers: int = field(default_factory=default_num_workers)  # 4, at most the CPU count
 
     def to_dict(self) -> dict:
         return asdict(self)

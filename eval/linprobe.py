@@ -113,8 +113,12 @@ def probe_backbone(
     key_parts: dict | None = None,
     extractor=extract,
     progress: bool = True,
+    on_probe=None,
 ) -> dict:
-    """Extract once (union of the probes' blocks), then run each probe from the same cache."""
+    """Extract once (union of the probes' blocks), then run each probe from the same cache.
+
+    ``on_probe(partial)``: called after each probe but the last with the run so far (same
+    layout as the return value), so a long ``--mode both`` run keeps its finished probe."""
     layers = validate(model, cfg, modes)
     union = sorted({la for ls in layers.values() for la in ls})
     device = torch.device(device)
@@ -152,22 +156,32 @@ def probe_backbone(
     stats: dict = {}
     results = {}
     probe_s = {}
-    for mode, ls in layers.items():
+
+    def run_so_far() -> dict:
+        return {
+            "results": dict(results),
+            "timings": {
+                "features_s": t1 - t0,
+                "probe_s": dict(probe_s),
+                "total_s": time.perf_counter() - t0,
+            },
+            "backbone_passes": {"train": tr.passes, "val": va.passes},
+            "n_train": len(tr),
+            "n_val": len(va),
+            "cached_layers": union,
+            "grid": list(tr.grid),
+            "val_digest": masks_digest(va.masks),
+        }
+
+    for i, (mode, ls) in enumerate(layers.items()):
         tm = time.perf_counter()
         results[mode] = probe_from_cache(
             tr, va, ls, train_ds.num_classes, train_ds.class_names, cfg, device, stats, progress
         )
         probe_s[mode] = time.perf_counter() - tm
-    return {
-        "results": results,
-        "timings": {"features_s": t1 - t0, "probe_s": probe_s, "total_s": time.perf_counter() - t0},
-        "backbone_passes": {"train": tr.passes, "val": va.passes},
-        "n_train": len(tr),
-        "n_val": len(va),
-        "cached_layers": union,
-        "grid": list(tr.grid),
-        "val_digest": masks_digest(va.masks),
-    }
+        if on_probe is not None and i < len(layers) - 1:
+            on_probe(run_so_far())
+    return run_so_far()
 
 
 def masks_digest(masks) -> str:
@@ -265,7 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="which probes (default: single; multiscale with --multiscale)",
     )
-    p.add_argument("--resolution", type=int, default=d.resolution)
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help=f"input side (default {d.resolution}; --dataset synthetic on CPU: the scenes' side "
+        "rounded up to the patch size)",
+    )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--lrs", type=float, nargs="+", default=list(d.lrs))
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -296,11 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> tuple[LinProbeConfig, tuple[str, ...]]:
+    d = LinProbeConfig()
     mode = args.mode or ("multiscale" if args.multiscale else "single")
     modes = ("single", "multiscale") if mode == "both" else (mode,)
     cfg = replace(
         LinProbeConfig(),
-        resolution=args.resolution,
+        resolution=args.resolution or d.resolution,
         epochs=args.epochs,
         lrs=tuple(args.lrs),
         batch_size=args.batch_size,
@@ -350,6 +371,16 @@ def main(argv=None) -> int:
     cfg, modes = config_from_args(args)
     device = resolve_device(args.device)
     backbones = load_backbones(args)
+    if args.resolution is None and args.dataset == "synthetic" and device.type == "cpu":
+        # 448 px upsamples the small scenes ~12x in pixels: minutes per epoch on a CPU
+        patch = backbones[0][1].patch_size
+        side = -(-args.synthetic_size // patch) * patch
+        cfg = replace(cfg, resolution=side)
+        print(
+            f"--dataset synthetic on CPU: --resolution {side} (the scenes' side; the published "
+            f"{LinProbeConfig().resolution} is for real datasets: pass --resolution to choose)",
+            file=sys.stderr,
+        )
     # Fail fast: every backbone's layers and patch size checked before any data is read.
     for model, _, label, _ in backbones:
         try:
@@ -372,17 +403,8 @@ def main(argv=None) -> int:
             "subset_seed": cfg.subset_seed,
             "voc_split": cfg.voc_train_split,
         }
-        run = probe_backbone(
-            model,
-            train_ds,
-            val_ds,
-            cfg,
-            modes,
-            device,
-            args.cache_dir,
-            key,
-            progress=not args.quiet,
-        )
+        folder = out_dir / safe_name(label) if sweep else out_dir
+        run_id = new_run_id()
         meta = {
             "dataset": args.dataset,
             "root": str(root),
@@ -395,8 +417,30 @@ def main(argv=None) -> int:
             "device": str(device),
             "command": command_line() if argv is None else " ".join(["eval.linprobe", *argv]),
         }
-        folder = out_dir / safe_name(label) if sweep else out_dir
-        run_id = new_run_id()
+
+        def write_partial(partial, folder=folder, meta=meta, run_id=run_id):
+            # the finished single-block probe survives an interrupted multiscale one
+            pending = [m for m in modes if m not in partial["results"]]
+            partial = {**partial, "results": {k: dict(v) for k, v in partial["results"].items()}}
+            save_counts(folder, partial, run_id)
+            res = assemble(partial, modes, {"run_id": run_id, "pending": pending, **meta})
+            write_json(folder / "results.json", res)
+            print(
+                f"wrote {folder / 'results.json'} ({', '.join(pending)} pending)", file=sys.stderr
+            )
+
+        run = probe_backbone(
+            model,
+            train_ds,
+            val_ds,
+            cfg,
+            modes,
+            device,
+            args.cache_dir,
+            key,
+            progress=not args.quiet,
+            on_probe=write_partial,
+        )
         save_counts(folder, run, run_id)
         result = assemble(run, modes, {"run_id": run_id, **meta})
         r = table_rows(args.dataset, label, run)

@@ -29,6 +29,7 @@ from dino_skipless.cli import (
     backbone_from_args,
     cli_main,
     command_line,
+    default_num_workers,
     markdown_table,
     new_run_id,
     resolve_device,
@@ -245,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hard", action="store_true", help="drop difficult/truncated boxes")
     p.add_argument("--max-images", type=int, default=None, help="first N images only")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    p.add_argument("--num-workers", type=int, default=4, help="image-loading workers")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=default_num_workers(),
+        help="image-loading workers (4, at most the CPU count)",
+    )
     p.add_argument("--synthetic-n", type=int, default=40, help="--dataset synthetic: scenes")
     p.add_argument("--synthetic-size", type=int, default=128, help="--dataset synthetic: side")
     p.add_argument("--synthetic-seed", type=int, default=0, help="--dataset synthetic: seed")
