@@ -8,16 +8,28 @@ baseline, plus ``--device``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import pickle
+import re
 import sys
 import tempfile
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from .models import ARCHS, VARIANT_HELP, VARIANTS, BackboneSpec, build_model, load_backbone
+from .models import (
+    ARCHS,
+    TRUST_HELP,
+    VARIANT_HELP,
+    VARIANTS,
+    BackboneSpec,
+    build_model,
+    load_backbone,
+)
 
 
 def add_backbone_args(parser: argparse.ArgumentParser, multiple: bool = False) -> None:
@@ -46,6 +58,7 @@ def add_backbone_args(parser: argparse.ArgumentParser, multiple: bool = False) -
         action="append" if multiple else "store",
         help=f"untrained baseline of this variant ({VARIANT_HELP})",
     )
+    g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     g.add_argument("--arch", default="vit_small", choices=sorted(ARCHS), help="with --random-init")
     g.add_argument("--patch-size", type=int, default=16, help="with --random-init")
     g.add_argument("--depth", type=int, default=None, help="with --random-init (default: arch's)")
@@ -53,6 +66,65 @@ def add_backbone_args(parser: argparse.ArgumentParser, multiple: bool = False) -
     g.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
     )
+    add_debug_arg(parser)
+
+
+def add_debug_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--debug", action="store_true", help="on an error, show the full Python traceback"
+    )
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data import DatasetError
+    from .dino.checkpoint import ResumeError
+    from .models import CheckpointError
+
+    return (DatasetError, CheckpointError, ResumeError, pickle.UnpicklingError)
+
+
+_WORKER_TB = "Original Traceback (most recent call last):"
+
+
+def error_message(e: BaseException) -> str:
+    """The message of ``e``; for an error re-raised from a DataLoader worker, the original one
+    (PyTorch prepends the worker's whole traceback to it)."""
+    msg = str(e)
+    if _WORKER_TB in msg:
+        tail = msg.split(_WORKER_TB, 1)[1].splitlines()
+        # the traceback's frames are indented; the original "pkg.Type: message" line is not
+        start = next((i for i, line in enumerate(tail) if line and not line[0].isspace()), None)
+        if start is not None:
+            msg = "\n".join(tail[start:])
+            msg = re.sub(r"^[\w.]+: ", "", msg, count=1)
+    return msg.strip() or type(e).__name__
+
+
+def cli_main(fn: Callable) -> Callable:
+    """Wrap a stage's ``main(argv)``: a user error (bad data, checkpoint or resume) ends the
+    program with its message on one or two lines and exit status 1 instead of a traceback;
+    ``--debug`` re-raises it with the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(argv: Sequence[str] | None = None, *a, **kw):
+        try:
+            return fn(argv, *a, **kw)
+        except _user_errors() as e:
+            if "--debug" in (sys.argv[1:] if argv is None else argv):
+                raise
+            raise SystemExit(f"error: {error_message(e)}\n(--debug shows the traceback)") from None
+
+    return wrapper
+
+
+def default_num_workers(wanted: int = 4) -> int:
+    """``wanted`` loader workers, capped at the CPUs this process may use: more workers than
+    cores only contend (and PyTorch warns about it)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(wanted, cpus))
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -82,7 +154,7 @@ def backbones_from_args(args) -> list[tuple[torch.nn.Module, BackboneSpec, str]]
         raise SystemExit("give a backbone: --ckpt PATH or --random-init VARIANT [--arch ARCH]")
     out = []
     for path in ckpts:
-        model, spec = load_backbone(path)
+        model, spec = load_backbone(path, trust=getattr(args, "trust_checkpoint", False))
         out.append((model, spec, label_for(path, spec)))
     for variant in inits:
         out.append(_random_backbone(args, variant))
@@ -103,11 +175,25 @@ def label_for(path: str | os.PathLike, spec: BackboneSpec) -> str:
     return f"{name} ({spec.variant})" if name else spec.variant
 
 
+def current_umask() -> int:
+    umask = os.umask(0o022)  # the only way to read the umask is to set it
+    os.umask(umask)
+    return umask
+
+
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """``mkstemp`` in ``path``'s folder, with the permissions ``open()`` would give: mkstemp
+    makes 0600 files, which colleagues sharing the results folder could not read."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~current_umask())
+    return fd, tmp
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write via a temporary file + rename so readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -115,6 +201,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def new_run_id() -> str:
+    """Stamped into every file of one stage run, so a reader can tell files of two runs apart
+    (a reused ``--out`` may still hold another run's files)."""
+    return uuid.uuid4().hex[:16]
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cli import add_debug_arg, cli_main
 from .linalg import (
     EPS64,
     extreme_singular_values,
@@ -415,7 +416,7 @@ def plot(path: Path, records: list[dict], prop1: dict | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import ARCHS, VARIANT_HELP, VARIANTS
+    from .models import ARCHS, TRUST_HELP, VARIANT_HELP, VARIANTS
 
     p = argparse.ArgumentParser(
         prog="python -m dino_skipless.jacobian",
@@ -430,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"repeatable; default all ({VARIANT_HELP})",
     )
     p.add_argument("--ckpt", help="analyse this checkpoint (its own arch/variant) instead")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument("--tokens", type=int, default=CFG.n_tokens, help="n tokens ~ N(0, I)")
     p.add_argument("--layers", type=int, nargs="+", help="default: Table 6's 0 4 7 11 (scaled)")
     p.add_argument("--full", action="store_true", help="also kappa(J J^T) of the whole network")
@@ -449,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     p.add_argument("--out", required=True, help="output folder")
+    add_debug_arg(p)
     return p
 
 
@@ -456,7 +459,7 @@ def _models(args):
     from .models import VARIANTS, build_model, load_backbone
 
     if args.ckpt:
-        model, spec = load_backbone(args.ckpt)
+        model, spec = load_backbone(args.ckpt, trust=args.trust_checkpoint)
         return [(model, spec.variant, spec.to_dict())]
     variants = args.variant or ["all"]
     if "all" in variants:
@@ -472,6 +475,7 @@ def _models(args):
     return out
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> dict:
     from tqdm import tqdm
 

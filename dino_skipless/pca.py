@@ -23,7 +23,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cli import add_backbone_args, backbones_from_args, command_line, resolve_device, write_json
+from .cli import (
+    add_backbone_args,
+    backbones_from_args,
+    cli_main,
+    command_line,
+    resolve_device,
+    write_json,
+)
 from .features import check_layers, extract, normalize_image, patch_size
 from .figures import GridStyle, image_grid
 from .pca_lib import (
@@ -204,6 +211,7 @@ def output_paths(out: str, pdf: bool) -> list[Path]:
     return [p, p.with_suffix(".pdf")] if pdf else [p]
 
 
+@cli_main
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)

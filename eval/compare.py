@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dino_skipless.cli import markdown_table, write_report
+from dino_skipless.cli import add_debug_arg, cli_main, markdown_table, write_report
 
 from .metrics import paired_bootstrap_miou
 
@@ -40,7 +40,14 @@ def load_counts(path: str | Path, probe: str) -> tuple[np.ndarray, str, dict]:
             probes = [k for k in z.files if k != "val_digest"]
             raise ValueError(f"{npz}: no '{probe}' probe (this run has {probes}); use --probe")
         counts, digest = z[probe], str(z["val_digest"])
+        counts_id = str(z["run_id"]) if "run_id" in z.files else None
     result = json.loads(res.read_text()) if res.is_file() else {}
+    if result and result.get("run_id") != counts_id:
+        raise ValueError(
+            f"{npz} (run {counts_id}) and {res} (run {result.get('run_id')}) were written by "
+            "different eval.linprobe runs into the same --out; rerun the probe into that folder "
+            "(it replaces both) or into a fresh one"
+        )
     return counts, digest, result
 
 
@@ -95,6 +102,7 @@ def render(r: dict) -> str:
     return markdown_table(headers, [row]) + note + "\n"
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("a", help="run A: eval.linprobe --out folder (or its results.json)")
@@ -103,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the comparison here (.json, .md beside it)")
+    add_debug_arg(p)
     args = p.parse_args(argv)
     try:
         r = compare_runs(args.a, args.b, args.probe, args.n_boot, args.seed)

@@ -23,7 +23,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +36,11 @@ from dino_skipless.cli import (
     add_backbone_args,
     atomic_write_text,
     backbone_from_args,
+    cli_main,
     command_line,
+    default_num_workers,
     markdown_table,
+    new_run_id,
     resolve_device,
     write_json,
 )
@@ -55,7 +58,7 @@ class KNNConfig:
     chunk: int = 256  # test images per similarity chunk
     val_fraction: float = 0.2  # only when the root has no train/val split
     split_seed: int = 0
-    num_workers: int = 4
+    num_workers: int = field(default_factory=default_num_workers)  # 4, at most the CPU count
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -247,6 +250,7 @@ def extract_cls(model, dataset, cfg: KNNConfig, device, progress=True):
 # ---------------------------------------------------------------------------------- CLI
 
 
+@cli_main
 def main(argv=None) -> int:
     d = KNNConfig()
     p = argparse.ArgumentParser(
@@ -330,6 +334,7 @@ def main(argv=None) -> int:
     main_k = str(cfg.k[0])
     top1 = per_k[main_k]["top1"]
     result = {
+        "run_id": new_run_id(),
         **{"top1": top1, "top5": list(per_k[main_k].values())[-1]},
         "top1_se": top1_se(top1, len(val)),
         "k": cfg.k[0],

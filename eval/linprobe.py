@@ -17,7 +17,8 @@ single-block probe; with ``--mode both`` the multiscale one is under ``multiscal
 with ``--mode multiscale`` alone it is the top level. ``--sweep-ckpts`` writes one such file per
 checkpoint under ``DIR/<label>/`` and the joint table to ``DIR/sweep.{json,md}``. With
 ``--bootstrap`` > 0 (default) ``per_image_counts.npz`` beside each ``results.json`` keeps the best
-lr's per-image TP/FP/FN for paired comparisons (``python -m eval.compare A B``).
+lr's per-image TP/FP/FN for paired comparisons (``python -m eval.compare A B``); both files carry
+the same ``run_id``, which ``eval.compare`` checks.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ import torch
 from dino_skipless.cli import (
     add_backbone_args,
     atomic_write_text,
+    cli_main,
     command_line,
     label_for,
     markdown_table,
+    new_run_id,
     resolve_device,
     write_json,
 )
@@ -51,6 +54,7 @@ from .probe_lib import LinProbeConfig, default_layers, probe_from_cache
 
 DATASETS = ("voc", "ade20k", "cocostuff", "cocostuff27", "synthetic")
 SUBSET_DATASETS = ("ade20k", "cocostuff", "cocostuff27")  # paper: 3,000 training images
+COUNTS = "per_image_counts.npz"
 TABLE_HEADERS = ["dataset", "ckpt", "probe", "layers", "best lr", "mIoU", "± s.e.", "pAcc"]
 
 
@@ -109,8 +113,12 @@ def probe_backbone(
     key_parts: dict | None = None,
     extractor=extract,
     progress: bool = True,
+    on_probe=None,
 ) -> dict:
-    """Extract once (union of the probes' blocks), then run each probe from the same cache."""
+    """Extract once (union of the probes' blocks), then run each probe from the same cache.
+
+    ``on_probe(partial)``: called after each probe but the last with the run so far (same
+    layout as the return value), so a long ``--mode both`` run keeps its finished probe."""
     layers = validate(model, cfg, modes)
     union = sorted({la for ls in layers.values() for la in ls})
     device = torch.device(device)
@@ -148,22 +156,32 @@ def probe_backbone(
     stats: dict = {}
     results = {}
     probe_s = {}
-    for mode, ls in layers.items():
+
+    def run_so_far() -> dict:
+        return {
+            "results": dict(results),
+            "timings": {
+                "features_s": t1 - t0,
+                "probe_s": dict(probe_s),
+                "total_s": time.perf_counter() - t0,
+            },
+            "backbone_passes": {"train": tr.passes, "val": va.passes},
+            "n_train": len(tr),
+            "n_val": len(va),
+            "cached_layers": union,
+            "grid": list(tr.grid),
+            "val_digest": masks_digest(va.masks),
+        }
+
+    for i, (mode, ls) in enumerate(layers.items()):
         tm = time.perf_counter()
         results[mode] = probe_from_cache(
             tr, va, ls, train_ds.num_classes, train_ds.class_names, cfg, device, stats, progress
         )
         probe_s[mode] = time.perf_counter() - tm
-    return {
-        "results": results,
-        "timings": {"features_s": t1 - t0, "probe_s": probe_s, "total_s": time.perf_counter() - t0},
-        "backbone_passes": {"train": tr.passes, "val": va.passes},
-        "n_train": len(tr),
-        "n_val": len(va),
-        "cached_layers": union,
-        "grid": list(tr.grid),
-        "val_digest": masks_digest(va.masks),
-    }
+        if on_probe is not None and i < len(layers) - 1:
+            on_probe(run_so_far())
+    return run_so_far()
 
 
 def masks_digest(masks) -> str:
@@ -177,19 +195,26 @@ def masks_digest(masks) -> str:
     return h.hexdigest()
 
 
-def save_counts(folder: Path, run: dict) -> None:
+def save_counts(folder: Path, run: dict, run_id: str) -> None:
     """Move the per-image counts out of ``run`` (they are not JSON) into
-    ``folder/per_image_counts.npz``: one ``(N_val, C, 3)`` array per probe, plus the digest."""
+    ``folder/per_image_counts.npz``: one ``(N_val, C, 3)`` array per probe, plus the digest and
+    the run id that ``results.json`` carries too. Without counts (``--bootstrap 0``) an older
+    run's file is removed, so the folder never pairs this run's results with another's counts."""
     arrays = {
         mode: np.asarray(r.pop("per_image_counts"), dtype=np.int64)
         for mode, r in run["results"].items()
         if "per_image_counts" in r
     }
-    if arrays:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / ".per_image_counts.tmp.npz"
-        np.savez_compressed(tmp, val_digest=np.array(run["val_digest"]), **arrays)
-        os.replace(tmp, folder / "per_image_counts.npz")
+    path = folder / COUNTS
+    if not arrays:
+        path.unlink(missing_ok=True)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".per_image_counts.tmp.npz"
+    np.savez_compressed(
+        tmp, val_digest=np.array(run["val_digest"]), run_id=np.array(run_id), **arrays
+    )
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------ outputs
@@ -254,7 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="which probes (default: single; multiscale with --multiscale)",
     )
-    p.add_argument("--resolution", type=int, default=d.resolution)
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help=f"input side (default {d.resolution}; --dataset synthetic on CPU: the scenes' side "
+        "rounded up to the patch size)",
+    )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--lrs", type=float, nargs="+", default=list(d.lrs))
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -285,11 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> tuple[LinProbeConfig, tuple[str, ...]]:
+    d = LinProbeConfig()
     mode = args.mode or ("multiscale" if args.multiscale else "single")
     modes = ("single", "multiscale") if mode == "both" else (mode,)
     cfg = replace(
         LinProbeConfig(),
-        resolution=args.resolution,
+        resolution=args.resolution or d.resolution,
         epochs=args.epochs,
         lrs=tuple(args.lrs),
         batch_size=args.batch_size,
@@ -326,18 +358,29 @@ def load_backbones(args) -> list[tuple]:
             desc = {"random_init": variant, "arch": args.arch, "seed": args.seed}
             out.append((model, model.spec, f"random-{variant}", desc))
         else:
-            model, spec = load_backbone(e)
+            model, spec = load_backbone(e, trust=args.trust_checkpoint)
             st = os.stat(e)
             desc = {"path": str(Path(e).resolve()), "size": st.st_size, "mtime": st.st_mtime}
             out.append((model, spec, label_for(e, spec), desc))
     return out
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg, modes = config_from_args(args)
     device = resolve_device(args.device)
     backbones = load_backbones(args)
+    if args.resolution is None and args.dataset == "synthetic" and device.type == "cpu":
+        # 448 px upsamples the small scenes ~12x in pixels: minutes per epoch on a CPU
+        patch = backbones[0][1].patch_size
+        side = -(-args.synthetic_size // patch) * patch
+        cfg = replace(cfg, resolution=side)
+        print(
+            f"--dataset synthetic on CPU: --resolution {side} (the scenes' side; the published "
+            f"{LinProbeConfig().resolution} is for real datasets: pass --resolution to choose)",
+            file=sys.stderr,
+        )
     # Fail fast: every backbone's layers and patch size checked before any data is read.
     for model, _, label, _ in backbones:
         try:
@@ -360,17 +403,8 @@ def main(argv=None) -> int:
             "subset_seed": cfg.subset_seed,
             "voc_split": cfg.voc_train_split,
         }
-        run = probe_backbone(
-            model,
-            train_ds,
-            val_ds,
-            cfg,
-            modes,
-            device,
-            args.cache_dir,
-            key,
-            progress=not args.quiet,
-        )
+        folder = out_dir / safe_name(label) if sweep else out_dir
+        run_id = new_run_id()
         meta = {
             "dataset": args.dataset,
             "root": str(root),
@@ -383,9 +417,32 @@ def main(argv=None) -> int:
             "device": str(device),
             "command": command_line() if argv is None else " ".join(["eval.linprobe", *argv]),
         }
-        folder = out_dir / safe_name(label) if sweep else out_dir
-        save_counts(folder, run)
-        result = assemble(run, modes, meta)
+
+        def write_partial(partial, folder=folder, meta=meta, run_id=run_id):
+            # the finished single-block probe survives an interrupted multiscale one
+            pending = [m for m in modes if m not in partial["results"]]
+            partial = {**partial, "results": {k: dict(v) for k, v in partial["results"].items()}}
+            save_counts(folder, partial, run_id)
+            res = assemble(partial, modes, {"run_id": run_id, "pending": pending, **meta})
+            write_json(folder / "results.json", res)
+            print(
+                f"wrote {folder / 'results.json'} ({', '.join(pending)} pending)", file=sys.stderr
+            )
+
+        run = probe_backbone(
+            model,
+            train_ds,
+            val_ds,
+            cfg,
+            modes,
+            device,
+            args.cache_dir,
+            key,
+            progress=not args.quiet,
+            on_probe=write_partial,
+        )
+        save_counts(folder, run, run_id)
+        result = assemble(run, modes, {"run_id": run_id, **meta})
         r = table_rows(args.dataset, label, run)
         rows += r
         write_json(folder / "results.json", result)

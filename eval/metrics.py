@@ -18,6 +18,20 @@ import numpy as np
 import torch
 
 
+def _check_range(pred, target, num_classes: int, ignore_index: int) -> None:
+    """Out-of-range values would be counted in another (image, class) cell of the flat bincount
+    without an error, so they are refused: labels outside 0..C-1 and ignore_index, predictions
+    (of the kept pixels) outside 0..C-1."""
+    for what, v, allowed in (
+        ("label", target, f"0..{num_classes - 1} or {ignore_index}"),
+        ("prediction", pred, f"0..{num_classes - 1}"),
+    ):
+        if v.numel() and (int(v.max()) >= num_classes or int(v.min()) < 0):
+            raise ValueError(
+                f"{what} values must be in {allowed}, got {int(v.min())}..{int(v.max())}"
+            )
+
+
 def confusion_matrix(
     pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
 ) -> torch.Tensor:
@@ -26,11 +40,7 @@ def confusion_matrix(
     target = target.reshape(-1).long()
     keep = target != ignore_index
     pred, target = pred[keep], target[keep]
-    if target.numel() and (int(target.max()) >= num_classes or int(target.min()) < 0):
-        raise ValueError(
-            f"label values must be in 0..{num_classes - 1} or {ignore_index}, "
-            f"got {int(target.min())}..{int(target.max())}"
-        )
+    _check_range(pred, target, num_classes, ignore_index)
     idx = target * num_classes + pred
     return torch.bincount(idx, minlength=num_classes * num_classes).reshape(
         num_classes, num_classes
@@ -47,6 +57,7 @@ def batched_confusion(
     target = target.reshape(-1).long()
     keep = target != ignore_index
     pred, target = pred[:, keep], target[keep]
+    _check_range(pred, target, num_classes, ignore_index)
     offs = torch.arange(n_l, device=pred.device).view(-1, 1) * num_classes * num_classes
     idx = offs + target.view(1, -1) * num_classes + pred
     return torch.bincount(idx.reshape(-1), minlength=n_l * num_classes * num_classes).reshape(
@@ -63,6 +74,7 @@ def per_image_confusion(
     pred = pred.reshape(n_l, b, -1).long()
     target = target.reshape(b, -1).long()
     keep = target != ignore_index
+    _check_range(pred[:, keep], target[keep], num_classes, ignore_index)
     cc = num_classes * num_classes
     image = torch.arange(b, device=target.device).view(b, 1).expand_as(target)
     base = (image * cc + target * num_classes)[keep]  # (K,) over kept pixels of all images

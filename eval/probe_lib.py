@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dino_skipless.cli import default_num_workers
+
 from .metrics import (
     batched_confusion,
     bootstrap_miou,
@@ -70,7 +72,7 @@ class LinProbeConfig:
     # of the paper's protocol; it reports how much the number would move with other images.
     bootstrap: int = 1000
     extract_batch_size: int = 16
-    num_workers: int = 4
+    num_workers: int = field(default_factory=default_num_workers)  # 4, at most the CPU count
     # Cap on the upsampled logits of one chunk (elements); a step is split over lrs, then over
     # images, into chunks that fit (the features of a batch are still read once for all lrs).
     # None = by device: 2**28 on GPUs (few large kernels), 2**22 on CPUs, where tensors above

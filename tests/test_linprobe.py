@@ -450,3 +450,65 @@ def test_per_image_confusion_equals_one_confusion_per_image():
                 labels=[0, 1, 2, 3],
             )  # fmt: skip
             np.testing.assert_array_equal(got[li, b].numpy(), ref)
+
+
+def test_mode_both_keeps_the_single_probe_when_multiscale_is_interrupted(
+    synth_root, tmp_path, monkeypatch
+):
+    import eval.linprobe as lp
+
+    real, calls = lp.probe_from_cache, []
+
+    def interrupted_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # the multiscale probe: the user presses Ctrl-C
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(lp, "probe_from_cache", interrupted_second)
+    out = tmp_path / "lp"
+    argv = [
+        "--dataset", "synthetic", "--root", str(synth_root.parent), "--synthetic-n", "12",
+        "--synthetic-size", "64", "--random-init", "skipless_init", "--arch", "vit_mini",
+        "--depth", "2", "--patch-size", "8", "--resolution", "32", "--epochs", "1",
+        "--lrs", "0.1", "--mode", "both", "--num-workers", "0", "--bootstrap", "10",
+        "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    res = json.loads((out / "results.json").read_text())
+    assert res["probe"] == "single" and res["pending"] == ["multiscale"]
+    assert "multiscale" not in res and 0 <= res["miou"] <= 100 and res["layers"] == [1]
+    with np.load(out / "per_image_counts.npz") as z:
+        assert str(z["run_id"]) == res["run_id"] and "multiscale" not in z.files
+        # the saved counts pool back to the reported mIoU
+        assert np.nanmean(iou_from_counts(z["single"].sum(0))) * 100 == pytest.approx(res["miou"])
+
+
+def test_synthetic_on_cpu_defaults_to_the_scene_side(synth_root, tmp_path, capsys):
+    out = tmp_path / "lp"
+    argv = [
+        "--dataset", "synthetic", "--root", str(synth_root.parent), "--synthetic-n", "12",
+        "--synthetic-size", "60", "--random-init", "skipless_init", "--arch", "vit_mini",
+        "--depth", "2", "--patch-size", "8", "--epochs", "1", "--lrs", "0.1", "--device", "cpu",
+        "--num-workers", "0", "--bootstrap", "0", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((out / "results.json").read_text())["config"]["resolution"] == 64  # 60 -> 8k
+    assert "--resolution 64" in capsys.readouterr().err
+    # real datasets keep the published 448
+    from eval.linprobe import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--dataset", "voc", "--random-init", "skip"])
+    assert config_from_args(args)[0].resolution == 448 == LinProbeConfig().resolution
+
+
+def test_default_workers_capped_at_the_cpu_count(monkeypatch):
+    import os
+
+    from dino_skipless.cli import default_num_workers
+
+    for cpus, want in ((1, 1), (2, 2), (16, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert default_num_workers() == want
+        assert LinProbeConfig().num_workers == want

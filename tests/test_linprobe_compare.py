@@ -89,3 +89,27 @@ def test_cli_on_two_real_probe_runs(tmp_path, capsys):
         lp_compare.main([str(tmp_path / "a"), str(tmp_path / "c")])
     with pytest.raises(SystemExit, match="per_image_counts.npz not found"):
         lp_compare.main([str(tmp_path / "a"), str(tmp_path)])
+
+
+def test_reused_out_never_pairs_another_runs_counts(tmp_path):
+    """Issue 18: a probe rerun into a folder holding an older run's per_image_counts.npz made
+    eval.compare report different mIoUs for two identical probes."""
+    args = ["--dataset", "synthetic", "--synthetic-n", "8", "--synthetic-size", "32"]
+    args += ["--resolution", "32", "--arch", "vit_mini", "--patch-size", "8", "--depth", "2"]
+    args += ["--epochs", "1", "--num-workers", "0", "--quiet", "--bootstrap", "20"]
+    a, x = tmp_path / "a", tmp_path / "x"
+    linprobe_main([*args, "--random-init", "skip", "--out", str(x)])  # an older, other run
+    linprobe_main([*args, "--random-init", "skipless_init", "--out", str(a)])
+    # the same probe as A into the reused folder, without counts this time
+    linprobe_main([*args, "--random-init", "skipless_init", "--out", str(x), "--bootstrap", "0"])
+    res_a, res_x = (json.loads((d / "results.json").read_text()) for d in (a, x))
+    assert res_a["miou"] == res_x["miou"] and res_a["run_id"] != res_x["run_id"]
+    assert not (x / "per_image_counts.npz").exists()  # the older run's counts are gone
+    with pytest.raises(SystemExit, match="per_image_counts.npz not found"):
+        lp_compare.main([str(a), str(x)])
+    # counts from another run beside results.json (e.g. copied, or a crash between the writes)
+    (x / "per_image_counts.npz").write_bytes((a / "per_image_counts.npz").read_bytes())
+    with pytest.raises(SystemExit, match="different eval.linprobe runs"):
+        lp_compare.main([str(a), str(x)])
+    with np.load(a / "per_image_counts.npz") as z:
+        assert str(z["run_id"]) == res_a["run_id"]

@@ -93,3 +93,82 @@ def test_pos_embed_resampled_for_other_grid(tmp_path):
     loaded, _ = load_backbone(tmp_path)
     assert loaded.pos_embed.shape == (1, 1 + 16, 128)
     assert torch.equal(loaded.pos_embed[:, 0], src.pos_embed[:, 0])  # cls position untouched
+
+
+class _Payload:
+    """Unpickling this calls ``open(marker, "w")``: a file appears iff the payload ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    m = mini("skip", depth=2)
+    for name, obj in (
+        ("evil.pt", {**m.state_dict(), "x": _Payload(marker)}),
+        ("evil_ckpt.pt", {"teacher": m.state_dict(), "args": _Payload(marker)}),
+    ):
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(CheckpointError, match="--trust-checkpoint") as e:
+            load_backbone(tmp_path / name)
+        assert "refused to load" in str(e.value) and "open" in str(e.value)
+        assert not marker.exists()
+    torch.load(tmp_path / "evil.pt", weights_only=False)  # the payload is live: plain pickle
+    assert marker.exists()  # runs it
+
+
+def test_training_checkpoint_resume_refuses_payload(tmp_path):
+    from dino_skipless.dino.checkpoint import ResumeError, load_checkpoint
+
+    marker = tmp_path / "pwned"
+    torch.save({"student": {}, "meta": {}, "rng": _Payload(marker)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ResumeError, match="refused to load"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
+    assert not marker.exists()
+
+
+def test_trust_checkpoint_opts_in_to_full_pickle(tmp_path):
+    """An object outside the allow-list (here a Path in an otherwise valid state dict wrapper)
+    is refused by default and loads only with trust=True."""
+    from pathlib import PurePosixPath
+
+    m = mini("skip", depth=2)
+    torch.save({"model": m.state_dict(), "where": PurePosixPath("/x")}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="pathlib"):
+        load_backbone(tmp_path / "w.pt")
+    loaded, _ = load_backbone(tmp_path / "w.pt", trust=True)
+    assert _same_output(m, loaded)
+
+
+def test_random_bytes_renamed_pt_is_a_checkpoint_error(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"definitely not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="cannot read .*junk.pt"):
+        load_backbone(tmp_path / "junk.pt")
+
+
+def test_rng_state_is_plain_and_roundtrips():
+    """Our checkpoints' RNG state needs no allow-listed global (weights_only=True loads it)."""
+    import io
+    import random
+
+    import numpy as np
+
+    from dino_skipless.dino.checkpoint import rng_state, set_rng_state
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    state = rng_state()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)  # no safe_globals: plain lists only
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(loaded)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+    # older checkpoints stored numpy's state as the tuple holding a uint32 array
+    set_rng_state({**loaded, "numpy": np.random.get_state()})

@@ -8,6 +8,7 @@ from eval.metrics import (
     confusion_matrix,
     mean_iou,
     per_class_iou,
+    per_image_confusion,
     pixel_accuracy,
 )
 
@@ -58,3 +59,20 @@ def test_confusion_agrees_with_sklearn_and_batched_version():
 def test_out_of_range_label_is_reported():
     with pytest.raises(ValueError, match="0..2"):
         confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 7]), 3)
+
+
+def test_out_of_range_prediction_is_refused_not_miscounted():
+    """Issue 18: prediction 3 with C = 3 landed in the next row's cell of the flat bincount
+    (target 0, pred 3 was counted as target 1, pred 0)."""
+    target = torch.tensor([[0, 1, 255]])
+    for bad in (3, -1):
+        pred = torch.tensor([[0, bad, 1]])
+        with pytest.raises(ValueError, match=r"prediction values must be in 0\.\.2, got"):
+            confusion_matrix(pred, target, 3)
+        with pytest.raises(ValueError, match="prediction"):
+            batched_confusion(pred[None], target, 3)
+        with pytest.raises(ValueError, match="prediction"):
+            per_image_confusion(pred[None], target, 3)
+    # a prediction under an ignored pixel is not counted, so it may be anything
+    got = confusion_matrix(torch.tensor([0, 1, 9]), torch.tensor([0, 1, 255]), 3)
+    np.testing.assert_array_equal(got.numpy(), np.diag([1, 1, 0]))

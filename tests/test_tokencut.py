@@ -166,11 +166,50 @@ def test_iou_hand_values():
     gt = np.array([[0, 0, 10, 10], [5, 5, 15, 15], [20, 20, 30, 30], [0, 0, 10, 20]], float)
     iou = box_iou([0, 0, 10, 10], gt, eps=0)
     np.testing.assert_allclose(iou, [1.0, 25 / 175, 0.0, 0.5])
-    # The official eps (1e-7 on heights and union) only nudges values, pushing exact 0.5 below.
+    # The official eps (1e-7 on heights and union) vanishes in float32: exact 0.5 stays 0.5.
     iou_off = box_iou([0, 0, 10, 10], gt)
     np.testing.assert_allclose(iou_off, iou, atol=1e-7)
-    assert iou_off[3] < 0.5
+    assert iou_off[3] == 0.5 and corloc([iou_off[3]]) == 100.0
+    # in float64 the same eps would push it below: the decision depends on the precision
+    assert box_iou([0, 0, 10, 10], gt, dtype=np.float64)[3] < 0.5
     assert box_iou([0, 0, 10, 10], np.zeros((0, 4))).shape == (0,)
+
+
+def _official_bbox_iou(box1, box2, eps=1e-7):
+    """LOST/TokenCut ``bbox_iou`` (YOLOv5, x1y1x2y2), called as ``main_tokencut.py`` calls it:
+    ``bbox_iou(torch.from_numpy(pred), torch.from_numpy(gt_bbxs))`` with integer boxes."""
+    box2 = box2.T
+    b1_x1, b1_y1, b1_x2, b1_y2 = box1[0], box1[1], box1[2], box1[3]
+    b2_x1, b2_y1, b2_x2, b2_y2 = box2[0], box2[1], box2[2], box2[3]
+    inter = (torch.min(b1_x2, b2_x2) - torch.max(b1_x1, b2_x1)).clamp(0) * (
+        torch.min(b1_y2, b2_y2) - torch.max(b1_y1, b2_y1)
+    ).clamp(0)
+    w1, h1 = b1_x2 - b1_x1, b1_y2 - b1_y1 + eps
+    w2, h2 = b2_x2 - b2_x1, b2_y2 - b2_y1 + eps
+    union = w1 * h1 + w2 * h2 - inter + eps
+    return inter / union
+
+
+def test_iou_equals_the_official_float32_computation():
+    rng = np.random.default_rng(0)
+    # exact-0.5 cases: [0,0,10,10] vs [0,0,10,20] and vs [0,0,20,10], plus random integer boxes
+    preds = [np.array([0, 0, 10, 10])] * 2
+    gts = [np.array([[0, 0, 10, 20]]), np.array([[0, 0, 20, 10], [3, 3, 4, 4]])]
+    for _ in range(300):
+        xy = np.sort(rng.integers(0, 500, (2, 2)), axis=0)  # x0 <= x1, y0 <= y1
+        preds.append(np.array([xy[0, 0], xy[0, 1], xy[1, 0] + 1, xy[1, 1] + 1]))
+        k = rng.integers(1, 4)
+        g = np.sort(rng.integers(0, 500, (k, 2, 2)), axis=1)
+        gts.append(np.concatenate([g[:, 0], g[:, 1] + 1], axis=1))
+    hits = []
+    for p, g in zip(preds, gts):
+        ref = _official_bbox_iou(torch.from_numpy(p), torch.from_numpy(g))
+        assert ref.dtype == torch.float32
+        ours = box_iou(p, g)
+        np.testing.assert_array_equal(ours, ref.double().numpy())  # bit for bit
+        hits.append(bool((ref >= 0.5).any()))
+    assert hits[:2] == [True, True]  # the official evaluation counts exactly 0.5 as correct
+    assert corloc([box_iou(p, g).max() for p, g in zip(preds, gts)]) == 100 * np.mean(hits)
 
 
 def test_corloc_matches_a_hand_count():
@@ -188,3 +227,33 @@ def test_corloc_matches_a_hand_count():
         corloc([])
     with pytest.raises(ValueError):
         corloc([0.7, float("nan")])
+
+
+def test_cpu_eigensolve_runs_on_one_thread(monkeypatch):
+    """Issue 18: multi-threaded LAPACK eigh of small graphs stalled at its thread barriers on a
+    busy machine (1 ms to 34 s for the same 100 x 100 solve); the solve uses one thread and
+    gives the thread count back."""
+    import tokencut.ncut as nc
+
+    real, seen = torch.linalg.eigh, []
+
+    def spy(x):
+        seen.append(torch.get_num_threads())
+        return real(x)
+
+    monkeypatch.setattr(nc.torch.linalg, "eigh", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = affinity(torch.randn(2, 12, 8, generator=torch.Generator().manual_seed(0)))
+        x, lam = second_eigvec_torch(a)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    # still the second-smallest solution of (D - A) x = lambda D x
+    d = torch.diag_embed(a.sum(-1))
+    np.testing.assert_allclose(
+        ((d - a) @ x.unsqueeze(-1)).squeeze(-1),
+        lam[:, None] * (d @ x.unsqueeze(-1)).squeeze(-1),
+        atol=1e-10,
+    )

@@ -200,3 +200,30 @@ def test_vis_draws_boxes_and_mask(tmp_path):
     assert tuple(a[47, 30]) == GT_COLOR  # bottom edge of the GT box
     assert a[12, 12, 2] > 0 and a[12, 12, 0] == 0  # tinted mask patch (blue)
     assert tuple(a[2, 60]) == (0, 0, 0)  # untouched
+
+
+def test_degenerate_graphs_reported_per_block(tmp_path, monkeypatch):
+    """Issue 18: the summary said "degenerate graphs: 0" (the reported block's count) while
+    another block was degenerate on every image."""
+    _count_forwards(monkeypatch)
+    real_batch = tc_run.tokencut_batch
+    calls = {"n": 0}
+
+    def block1_degenerate(feats, grid, patch, sizes, cfg):
+        # run_tokencut calls this once per block (0, 1, 0, 1, ...) for each image batch
+        block = calls["n"] % 2
+        calls["n"] += 1
+        return real_batch(torch.ones_like(feats) if block == 1 else feats, grid, patch, sizes, cfg)
+
+    monkeypatch.setattr(tc_run, "tokencut_batch", block1_degenerate)
+    out = tmp_path / "out"
+    argv = [*SYN, *TINY, "--root", str(tmp_path / "cache"), "--out", str(out), "--quiet"]
+    argv += ["--sweep-layers", "--num-workers", "0", "--batch-size", "4"]
+    assert tc_run.main(argv) == 0
+    r = json.loads((out / "results.json").read_text())
+    n = r["n_images"]
+    assert r["n_degenerate_per_layer"] == {"0": 0, "1": n}
+    rows = [line for line in (out / "results.md").read_text().splitlines() if "| synthetic" in line]
+    assert [row.rstrip(" |").split("|")[-1].strip() for row in rows] == ["0", str(n)]
+    assert "degenerate" in (out / "results.md").read_text().splitlines()[0]
+    assert len(r["run_id"]) == 16

@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dino_skipless.cli import markdown_table, write_report
+from dino_skipless.cli import add_debug_arg, cli_main, markdown_table, write_report
 
 from .corloc import mcnemar_exact
 
@@ -184,6 +184,7 @@ def render(report: dict, name_a: str, name_b: str) -> str:
     return markdown_table(headers, rows) + note
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("a", help="run A: tokencut.run --out folder or its results.json")
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layer-a", type=int, default=None, help="block of A (default: reported)")
     p.add_argument("--layer-b", type=int, default=None, help="block of B (default: reported)")
     p.add_argument("--out", default=None, help="write the comparison here (.json, .md beside it)")
+    add_debug_arg(p)
     args = p.parse_args(argv)
     a, b = _load(args.a), _load(args.b)
     try:

@@ -27,8 +27,11 @@ from dino_skipless.cli import (
     add_backbone_args,
     atomic_write_text,
     backbone_from_args,
+    cli_main,
     command_line,
+    default_num_workers,
     markdown_table,
+    new_run_id,
     resolve_device,
     write_json,
 )
@@ -243,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hard", action="store_true", help="drop difficult/truncated boxes")
     p.add_argument("--max-images", type=int, default=None, help="first N images only")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    p.add_argument("--num-workers", type=int, default=4, help="image-loading workers")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=default_num_workers(),
+        help="image-loading workers (4, at most the CPU count)",
+    )
     p.add_argument("--synthetic-n", type=int, default=40, help="--dataset synthetic: scenes")
     p.add_argument("--synthetic-size", type=int, default=128, help="--dataset synthetic: side")
     p.add_argument("--synthetic-seed", type=int, default=0, help="--dataset synthetic: seed")
@@ -271,6 +279,7 @@ def config_from_args(args) -> TokenCutConfig:
     )
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
@@ -330,6 +339,7 @@ def main(argv=None) -> int:
             e["best_iou_per_layer"] = {str(li): preds[li][k].best_iou for li in layers}
     reasons = ("too_small", "no_gt", "no_hard_dropped")
     results = {
+        "run_id": new_run_id(),
         "dataset": args.dataset,
         "root": str(root),
         "ckpt": label,
@@ -368,15 +378,16 @@ def main(argv=None) -> int:
             per_layer[li],
             len(plan.items),
             len(plan.skipped),
+            results["n_degenerate_per_layer"][str(li)],
         ]
         for li in layers
     ]
-    table = markdown_table(
-        ["dataset", "ckpt", "layer", "feature", "CorLoc", "n_images", "n_skipped"], rows
-    )
+    headers = ["dataset", "ckpt", "layer", "feature", "CorLoc", "n_images", "n_skipped"]
+    # per block: one block's graphs can all be degenerate while another's are fine
+    table = markdown_table([*headers, "degenerate"], rows)
     note = (
-        f"\nskipped: {results['skipped']}; degenerate graphs (whole image predicted): "
-        f"{results['n_degenerate']}; {results['ms_per_image']:.1f} ms/image on {device}\n"
+        f"\nskipped: {results['skipped']}; degenerate: graphs of the block that are all one "
+        f"component (whole image predicted); {results['ms_per_image']:.1f} ms/image on {device}\n"
     )
     atomic_write_text(out / "results.md", table + "\n" + note)
     print(table + "\n" + note)

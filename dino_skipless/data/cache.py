@@ -65,6 +65,9 @@ def synthetic_root(
         return final
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+    from ..cli import current_umask
+
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the cache from colleagues
     try:
         from .synthetic import generate
 

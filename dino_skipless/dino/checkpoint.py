@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..cli import atomic_write_text
+from ..cli import atomic_write_text, temp_file_beside
+from ..models.loading import CheckpointError, safe_torch_load
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -52,7 +52,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -88,9 +88,12 @@ def remove_stale_temp_files(out_dir: str | Path) -> list[Path]:
 
 
 def rng_state() -> dict:
+    # numpy's state as plain lists: a checkpoint of tensors, containers and numbers loads with
+    # torch.load(weights_only=True), which runs no code from the file.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -100,7 +103,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]  # older checkpoints: keys as a uint32 array
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
@@ -108,16 +112,16 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, trust: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ResumeError(
             f"--resume: no checkpoint at {path} (a run writes DIR/{CHECKPOINT}; check --out)"
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # corrupt/truncated file (cannot happen with atomic writes)
-        raise ResumeError(f"cannot read checkpoint {path}: {e}") from None
+        ckpt = safe_torch_load(path, trust)
+    except CheckpointError as e:  # refused, or corrupt/truncated (not by our atomic writes)
+        raise ResumeError(str(e)) from None
     if not isinstance(ckpt, dict) or "student" not in ckpt or "meta" not in ckpt:
         raise ResumeError(f"{path} is not a dino_skipless training checkpoint")
     return ckpt

@@ -1,11 +1,14 @@
 """Backbones: ViT with a ``skip`` switch, named configs, checkpoint loading."""
 
 from .loading import (
+    SAFE_GLOBALS,
+    TRUST_HELP,
     CheckpointError,
     infer_spec,
     load_backbone,
     load_state_dict_strict,
     resolve_checkpoint,
+    safe_torch_load,
 )
 from .vit import (
     ARCHS,
@@ -34,6 +37,9 @@ __all__ = [
     "infer_spec",
     "load_backbone",
     "load_state_dict_strict",
+    "SAFE_GLOBALS",
+    "TRUST_HELP",
     "resolve_checkpoint",
+    "safe_torch_load",
     "set_skip",
 ]

@@ -12,11 +12,19 @@ Accepted by :func:`load_backbone` (and so by ``--ckpt`` of every stage):
 External checkpoints carry no variant: they are residual ViTs, so they load as ``skip``.
 Anything that does not fit fails with the missing, unexpected and mis-shaped keys listed —
 never a silent half-load.
+
+Unpickling runs code, so ``.pt`` files are read with ``torch.load(weights_only=True)``: tensors,
+containers and numbers, plus exactly :data:`SAFE_GLOBALS` (the ``argparse.Namespace`` of the
+official DINO checkpoints, and the numpy arrays of the numpy RNG state in our older
+checkpoints; newer ones store it as plain lists). Anything else is refused with a
+:class:`CheckpointError` unless ``trust=True`` (``--trust-checkpoint``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -31,6 +39,49 @@ _WIDTH_TO_ARCH = {v["embed_dim"]: k for k, v in ARCHS.items()}
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded into the requested backbone."""
+
+
+def _numpy_rng_globals() -> list:
+    import numpy as np
+
+    try:  # numpy >= 2 pickles arrays through numpy._core, older numpy through numpy.core
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # pragma: no cover
+        from numpy.core.multiarray import _reconstruct
+    # _reconstruct only builds an empty array of an allowed class (ndarray); the data is
+    # restored by ndarray.__setstate__ from bytes, so these three cannot run foreign code.
+    return [_reconstruct, np.ndarray, np.dtype]
+
+
+# Everything outside plain tensors/containers that an accepted checkpoint may hold.
+SAFE_GLOBALS = [argparse.Namespace, *_numpy_rng_globals()]
+TRUST_HELP = (
+    "load --ckpt/--resume files with full pickle, which can run code stored in the file: only "
+    "for files you trust (needed only for checkpoints holding objects other than tensors, "
+    "containers, numbers, argparse.Namespace and numpy arrays)"
+)
+
+
+def safe_torch_load(path: str | Path, trust: bool = False):
+    """``torch.load`` that executes nothing from the file unless ``trust``."""
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise CheckpointError(
+                f"refused to load {path}: it holds {found.group(1)}, which is not among the "
+                "objects a checkpoint may hold without running code from the file (tensors, "
+                "containers, numbers, argparse.Namespace, numpy arrays); if you trust the file, "
+                "pass --trust-checkpoint"
+            ) from None
+        raise CheckpointError(
+            f"cannot read {path} as a PyTorch checkpoint (truncated, or not a .pt file?): {first}"
+        ) from None
 
 
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -107,12 +158,15 @@ def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], 
     return model
 
 
-def _read_weights(path: Path) -> dict:
+def _read_weights(path: Path, trust: bool = False) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise CheckpointError(f"cannot read {path} as safetensors: {e}") from None
+    return safe_torch_load(path, trust)
 
 
 def _spec_from_dino_args(args, sd) -> BackboneSpec:
@@ -124,7 +178,9 @@ def _spec_from_dino_args(args, sd) -> BackboneSpec:
     return spec
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], BackboneSpec, str]:
+def resolve_checkpoint(
+    path: str | Path, trust: bool = False
+) -> tuple[dict[str, torch.Tensor], BackboneSpec, str]:
     """Return ``(backbone_state_dict, spec, kind)`` for any accepted checkpoint."""
     path = Path(path)
     if path.is_dir():
@@ -138,7 +194,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Backb
             )
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
-    obj = _read_weights(path)
+    obj = _read_weights(path, trust)
     sidecar = path.with_suffix(".json")
     if isinstance(obj, dict) and "teacher" in obj:
         sd = _backbone_keys(obj["teacher"])
@@ -154,20 +210,26 @@ def resolve_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Backb
         raise CheckpointError(f"{path} holds no state dict of tensors (type {type(obj).__name__})")
     sd = _backbone_keys(obj)
     if sidecar.exists():
-        with open(sidecar) as f:
-            return sd, BackboneSpec.from_dict(json.load(f)), "exported backbone"
+        try:
+            spec = BackboneSpec.from_dict(json.loads(sidecar.read_text()))
+        except (ValueError, TypeError, AttributeError) as e:  # bad JSON, unknown arch/variant
+            raise CheckpointError(
+                f"{sidecar} (the backbone spec beside {path.name}): {e}"
+            ) from None
+        return sd, spec, "exported backbone"
     return sd, infer_spec(sd), "bare ViT state dict (assumed residual: variant skip)"
 
 
 def load_backbone(
-    path: str | Path, expect: BackboneSpec | None = None
+    path: str | Path, expect: BackboneSpec | None = None, trust: bool = False
 ) -> tuple[torch.nn.Module, BackboneSpec]:
     """Build the backbone a checkpoint describes and load its weights (eval mode, CPU).
 
     ``expect``: if given, the checkpoint must fit this spec (e.g. an official DINO checkpoint
-    loaded into a model the user named), else the error lists what differs.
+    loaded into a model the user named), else the error lists what differs. ``trust``: unpickle
+    with full pickle (``--trust-checkpoint``); see :func:`safe_torch_load`.
     """
-    sd, spec, kind = resolve_checkpoint(path)
+    sd, spec, kind = resolve_checkpoint(path, trust)
     if expect is not None:
         spec = expect
     model = build_vit(spec, seed=None, init_weights=False)

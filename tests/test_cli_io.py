@@ -1,0 +1,41 @@
+"""Output files are written atomically with the permissions ``open()`` would give."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+
+from dino_skipless.cli import write_json
+from dino_skipless.dino.checkpoint import atomic_torch_save
+
+
+@pytest.fixture
+def umask():
+    old = os.umask(0o022)
+    yield lambda m: os.umask(m)
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_written_files_respect_the_umask(tmp_path, umask, mask):
+    umask(mask)
+    write_json(tmp_path / "r.json", {"a": 1})
+    atomic_torch_save({"w": torch.ones(2)}, tmp_path / "c.pt")
+    with open(tmp_path / "ref.txt", "w") as f:  # what a plain open() makes
+        f.write("x")
+    want = stat.S_IMODE(os.stat(tmp_path / "ref.txt").st_mode)
+    assert want == 0o666 & ~mask
+    for name in ("r.json", "c.pt"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == want, name
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_synthetic_cache_folder_respects_the_umask(tmp_path, umask):
+    from dino_skipless.data import synthetic_root
+
+    umask(0o022)
+    root = synthetic_root("imagefolder", n=2, size=16, seed=0, cache_dir=tmp_path)
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o755
