@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep evaluation stages whose results.json already exists in OUT (resume a killed "
         "run, or rebuild the page); pretraining is always reused when its backbone exists",
     )
+    p.add_argument(
+        "--ceilings",
+        nargs="*",
+        default=["cls", "seg"],
+        choices=["cls", "seg"],
+        help="supervised ceilings to train and evaluate (cls: k-NN; seg: linear probe, TokenCut)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument(
         "pretrain_overrides", nargs="*", help="extra key=value for every pretraining run"
@@ -331,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
             else ["--seg-n", "24" if quick else "1336", "--seg-size", "48" if quick else "96",
                   "--seg-seed", str(SEG_CEILING_SEED)]
         )  # fmt: skip
-        for task in ("cls", "seg"):
+        for task in args.ceilings:
             name = f"supervised_{task}"
             sdir = out / "runs" / name
             (out / "logs" / name).mkdir(parents=True, exist_ok=True)
