@@ -531,7 +531,8 @@ def evaluations(results: dict) -> dict:
                 row["vs_floor"] = paired_test(ev, r, base[v])
                 if "ceiling" in e:
                     lo, hi = e["floor"][v]["value"], e["ceiling"]["value"]
-                    row["gap_closed"] = (row["value"] - lo) / (hi - lo) if hi != lo else None
+                    # no room above the floor: a share of it means nothing
+                    row["gap_closed"] = (row["value"] - lo) / (hi - lo) if hi > lo else None
             e["runs"][name] = row
         out[ev] = e
     return out
@@ -718,9 +719,14 @@ def headroom_markdown(results: dict) -> list[str]:
             lines.append(f"| floor: random init {v} | {val(f)} | – | 0 % |")
         if e.get("ceiling"):
             c = e["ceiling"]
+            room = (
+                "100 %"
+                if c["value"] > e["floor"].get("skip", {"value": 0})["value"]
+                else ("no headroom")
+            )
             lines.append(
                 f"| ceiling: {c['model']} | {val(c)} | {test(e.get('ceiling_vs_floor_skip'))} "
-                "(vs skip floor) | 100 % |"
+                f"(vs skip floor) | {room} |"
             )
         for name, r in e["runs"].items():
             g = r.get("gap_closed")
@@ -810,7 +816,11 @@ def results_markdown(results: dict) -> str:
     ]
     if results.get("timings_s"):
         total = sum(results["timings_s"].values())
-        lines += [f"Wall time of all stages: {total / 60:.1f} min.", ""]
+        lines += [
+            f"Wall time of the stages: {total / 60:.1f} min (a stage reused from an earlier, "
+            "interrupted invocation counts 0 when that invocation wrote no timings).",
+            "",
+        ]
     return "\n".join(lines)
 
 
