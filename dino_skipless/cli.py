@@ -244,4 +244,24 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def command_line() -> str:
-    return " ".join([Path(sys.executable).name, *sys.argv])
+    """The running command as ``python -m package.module args``, re-runnable from the working
+    directory: ``python -m`` puts the script's full path in ``sys.argv[0]``, and a results file
+    must not record this machine's layout."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    head = [sys.argv[0]] if sys.argv else []
+    if script is not None and script.suffix == ".py":
+        parts = []
+        for parent in script.parents:  # walk up while the folder is a package
+            parts.insert(0, parent.name)
+            if not (parent / "__init__.py").is_file():
+                parts.pop(0)
+                break
+        module = ".".join([*parts, script.stem])
+        if parts:
+            head = ["-m", module]
+        else:
+            try:
+                head = [str(script.relative_to(Path.cwd()))]
+            except ValueError:
+                head = [script.name]
+    return " ".join(["python", *head, *sys.argv[1:]])

@@ -3,7 +3,7 @@
     python -m dino_skipless.pca --ckpt runs/skip --ckpt runs/skipless_init \\
         --dataset cocostuff --root data/cocostuff --n 40 --layers 11 --out fig4.png
     python -m dino_skipless.pca --random-init skip --random-init skipless_init --arch vit_small \\
-        --dataset synthetic --n 10 --layers 3 7 11 --out /tmp/pca.png --pdf
+        --dataset synthetic --n 10 --layers 3 7 11 --out runs/pca.png --pdf
 
 One row per image -- the first N in dataset order (or sorted file order for ``--images DIR``,
 top-level files only), never chosen by hand -- then one column per (model, block). PCA is fitted

@@ -1,8 +1,8 @@
 """Compare our SOAP (dino_skipless.optim.SOAP) with the SOAP of the PyPI package pytorch-optimizer.
 
 Not a dependency of the project: install it somewhere aside to run this, e.g.
-    pip install --no-deps --target /tmp/pyopt pytorch-optimizer==4.1.0
-    PYTHONPATH=.:/tmp/pyopt python scripts/compare_soap.py --steps 50
+    pip install --no-deps --target .pyopt pytorch-optimizer==4.1.0
+    PYTHONPATH=.:.pyopt python scripts/compare_soap.py --steps 50
 
 Both optimisers train identical copies of a small model (conv patch embed, LayerNorm, Linear
 layers: 4-D, 2-D and 1-D parameters) on the same seeded data with the official SOAP defaults plus

@@ -1,7 +1,7 @@
 """The paper's story at small scale: train the three variants, evaluate them, write the results page.
 
     python scripts/replicate_small.py --out results/small_scale            # CPU, synthetic scenes
-    python scripts/replicate_small.py --quick --out /tmp/replicate_quick   # minutes: pipeline check
+    python scripts/replicate_small.py --quick --out runs/replicate_quick   # minutes: pipeline check
     python scripts/replicate_small.py --out runs/paper --config configs/dino_vits16_skipless_init_adamw.yaml \
         --data /path/to/imagenet/train --dataset-roots voc=/data/VOC coco20k=/data/COCO \
         --optimizers adamw soap --eval-resolution 448          # paper scale, on GPUs

@@ -39,3 +39,33 @@ def test_synthetic_cache_folder_respects_the_umask(tmp_path, umask):
     umask(0o022)
     root = synthetic_root("imagefolder", n=2, size=16, seed=0, cache_dir=tmp_path)
     assert stat.S_IMODE(os.stat(root).st_mode) == 0o755
+
+
+def test_command_line_is_a_relative_python_m_command(monkeypatch, tmp_path):
+    import sys
+    from pathlib import Path
+
+    from dino_skipless.cli import command_line
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setattr(sys, "argv", [str(repo / "eval" / "knn.py"), "--out", "runs/x"])
+    assert command_line() == "python -m eval.knn --out runs/x"
+    monkeypatch.setattr(sys, "argv", [str(repo / "dino_skipless" / "dino" / "config.py")])
+    assert command_line() == "python -m dino_skipless.dino.config"
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(sys, "argv", [str(repo / "scripts" / "replicate_small.py"), "--quick"])
+    assert command_line() == "python scripts/replicate_small.py --quick"
+
+
+def test_tracked_results_record_no_absolute_paths():
+    import re
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "results"
+    pattern = re.compile(r"(?<![\w.~])/(root|home|work|tmp|Users|private)/")
+    bad = [
+        str(p.relative_to(results))
+        for p in results.rglob("*")
+        if p.suffix in {".json", ".md", ".txt", ".yaml", ".jsonl"} and pattern.search(p.read_text())
+    ]
+    assert not bad, f"absolute machine paths in {bad[:5]}"
