@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dino_skipless.dino.collapse import CollapseError, CollapseMonitor, target_information
 from dino_skipless.dino.config import ConfigError, build_config
@@ -92,18 +90,6 @@ def test_window_zero_never_fires_and_bad_config_is_refused(tmp_path):
         build_config(None, {"run.collapse_window": -1}).validate()
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        d = root / f"c{i % 2}"
-        d.mkdir(exist_ok=True)
-        small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((40, 40), Image.BICUBIC).save(d / f"{i:02d}.png")
-    return root
-
-
 def _cfg(out, data, **extra):
     return build_config(None, {**TINY, "data.path": str(data), "run.out": str(out), **extra})
 
@@ -114,9 +100,9 @@ def _cfg(out, data, **extra):
 COLLAPSING = {"dino.teacher_temp": 10.0, "dino.warmup_teacher_temp": 10.0}
 
 
-def test_collapsing_run_warns_in_log_summary_and_records(tmp_path, images, capsys):
+def test_collapsing_run_warns_in_log_summary_and_records(tmp_path, image_dir, capsys):
     torch.set_num_threads(1)
-    res = train(_cfg(tmp_path / "c", images, **COLLAPSING))
+    res = train(_cfg(tmp_path / "c", image_dir, **COLLAPSING))
     assert res.collapse["collapsed"] and res.collapse["collapsed_at_step"] == 2
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert summary["collapse"]["collapsed"] and summary["collapse"]["collapsed_at_end"]
@@ -128,7 +114,7 @@ def test_collapsing_run_warns_in_log_summary_and_records(tmp_path, images, capsy
     assert [r["collapsed"] for r in recs][:4] == [False, False, True, True]
 
 
-def test_on_collapse_stop_is_an_error_naming_the_step(tmp_path, images):
+def test_on_collapse_stop_is_an_error_naming_the_step(tmp_path, image_dir):
     with pytest.raises(CollapseError, match=r"step 2.*No checkpoint was written yet"):
-        train(_cfg(tmp_path / "s", images, **COLLAPSING, **{"run.on_collapse": "stop"}))
+        train(_cfg(tmp_path / "s", image_dir, **COLLAPSING, **{"run.on_collapse": "stop"}))
     assert "DINO COLLAPSE" in (tmp_path / "s" / "log.txt").read_text()

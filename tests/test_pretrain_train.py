@@ -10,7 +10,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dino_skipless.dino import trainer as trainer_mod
 from dino_skipless.dino.config import build_config
@@ -57,19 +56,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    """16 smooth random RGB images in two class folders."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(N_IMAGES):
-        d = root / f"class{i % 2}"
-        d.mkdir(exist_ok=True)
-        small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((40, 40), Image.BICUBIC).save(d / f"{i:02d}.png")
-    return root
 
 
 def tiny_cfg(out, data, **extra):
