@@ -8,7 +8,13 @@ import pytest
 
 from dino_skipless.data import SYNTHETIC_FORMATS, build_detection_dataset, synthetic_root
 from dino_skipless.data.check import main as check_main
-from dino_skipless.data.scenes import THING_KINDS, object_boundaries, render_scene
+from dino_skipless.data.scenes import (
+    THING_KINDS,
+    object_boundaries,
+    pattern_mask,
+    render_scene,
+    render_texture,
+)
 from dino_skipless.data.synthetic import generate, main
 
 
@@ -90,6 +96,35 @@ def test_scene_contents():
     assert sc.objects == [] and not object_boundaries(sc.instances).any()
     sc = render_scene(np.random.default_rng(0), 64, 64, dominant=3)
     assert sc.dominant_kind() == 3
+
+
+@pytest.mark.parametrize(
+    "kind,fraction",
+    [("plain", 0.0), ("stripes", 0.5), ("checker", 0.5), ("dots", np.pi / 9),
+     ("rings", 0.5), ("zigzag", 0.5)],
+)  # fmt: skip
+def test_pattern_area_fractions(kind, fraction):
+    # Over whole periods the second colour covers the pattern's area fraction.
+    u, v = np.meshgrid(np.linspace(0, 6, 1200, endpoint=False), np.linspace(0, 6, 1200))
+    m = pattern_mask(THING_KINDS.index(kind), u, v, u)  # rings: bands of radius, like u
+    assert m.mean() == pytest.approx(fraction, abs=0.01)
+
+
+def test_class_folder_images_are_full_frame_textures(tmp_path):
+    from PIL import Image
+
+    truth = generate(tmp_path, "imagefolder", n=12, size=48, seed=2)
+    for rel, label in truth.labels.items():
+        kind = rel.split("/")[0]
+        assert truth.class_names[label] == kind
+        img = np.asarray(Image.open(tmp_path / rel).convert("RGB"), dtype=np.float64)
+        # A plain image is one colour under a smooth ramp; a pattern alternates two colours of
+        # hues 0.3-0.7 apart over the whole frame (their luminance may coincide, so use RGB).
+        rough = np.abs(np.diff(img, axis=1)).sum(-1).mean()
+        assert (rough < 10) == (kind == "plain"), (rel, rough)
+    a = render_texture(np.random.default_rng(0), 40, 56, 2)
+    assert a.shape == (40, 56, 3) and a.dtype == np.uint8
+    assert (a == render_texture(np.random.default_rng(0), 40, 56, 2)).all()
 
 
 def test_generation_speed_reasonable(tmp_path):

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 FORMATS = ("voc", "ade20k", "cocostuff", "coco20k", "imagefolder")
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 MANIFEST = "synthetic.json"
 DEFAULT_N = 100
 DEFAULT_SIZE = 128

@@ -21,7 +21,8 @@ What each format gets (``n`` scenes each; see ``scenes.py`` for the scenes):
   polygons, crowd objects as RLE) and ``coco_20k_filenames.txt`` listing nine in ten images.
   Image 1 has no annotation and image 2 only a crowd one.
 * ``imagefolder``: ``<kind>/<kind>_NNNNNN.jpg``, one folder per object kind (surface pattern);
-  each image shows one large object of its folder's kind on stuff, for k-NN.
+  each image is its folder's pattern filling the frame, in random colours, period, orientation
+  and shading (a DTD-like texture set: the pretraining images and the k-NN classes).
 
 ``synthetic_root(fmt, ...)`` generates once into a cache and returns the root.
 """
@@ -52,7 +53,14 @@ from .classes import (
     cocostuff_lut,
     voc_palette,
 )
-from .scenes import THING_KINDS, Scene, object_boundaries, render_scene, semantic_map
+from .scenes import (
+    THING_KINDS,
+    Scene,
+    object_boundaries,
+    render_scene,
+    render_texture,
+    semantic_map,
+)
 
 # Real class names standing in for the generic scene kinds (STUFF_KINDS / THING_KINDS order).
 VOC_THINGS = ("aeroplane", "bird", "boat", "car", "cat", "person")
@@ -408,9 +416,8 @@ def write_imagefolder(out: Path, n: int, size: int, seed: int, vary: bool, truth
         kind = i % len(THING_KINDS)
         rng = _rng(seed, "imagefolder", i)
         h, w = _dims(rng, size, vary)
-        scene = render_scene(rng, h, w, dominant=kind)
         rel = f"{THING_KINDS[kind]}/{THING_KINDS[kind]}_{i:06d}.jpg"
-        _save_jpeg(out / rel, scene.image)
+        _save_jpeg(out / rel, render_texture(rng, h, w, kind))
         if truth is not None:
             truth.labels[rel] = classes.index(THING_KINDS[kind])
     if truth is not None:
