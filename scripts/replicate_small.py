@@ -72,6 +72,12 @@ SEG_CEILING_SEED = 1
 SUPERVISED_LR = 0.0025
 
 
+def finished(run_dir: Path) -> bool:
+    """A training stage ran to its end: its summary.json exists and does not say otherwise."""
+    summary = run_dir / "summary.json"
+    return summary.exists() and bool(load_json(summary).get("finished", True))
+
+
 def run(cmd: list[str], log: Path) -> float:
     """Run one stage; on failure show the tail of its log (the stage explains itself there)."""
     t0 = time.perf_counter()
@@ -133,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reuse-evals",
         action="store_true",
         help="keep evaluation stages whose results.json already exists in OUT (resume a killed "
-        "run, or rebuild the page); pretraining is always reused when its backbone exists",
+        "run, or rebuild the page); a finished pretraining run is always reused, a killed one resumed",
     )
     p.add_argument(
         "--ceilings",
@@ -280,12 +286,17 @@ def main(argv: list[str] | None = None) -> dict:
             logs.mkdir(parents=True, exist_ok=True)
             run_dirs[name] = rdir
             rec: dict = {"variant": variant, "optimizer": opt}
-            if (rdir / "backbone.json").exists():
+            # A finished run (summary.json says so) is reused and a killed one resumed exactly;
+            # backbone.json alone proves nothing: it is tracked with the results.
+            if finished(rdir):
                 timings[f"{name}/pretrain"] = float(prev_timings.get(f"{name}/pretrain", 0.0))
             else:
-                timings[f"{name}/pretrain"] = run(
+                resume = ["--resume"] if (rdir / "checkpoint.pt").exists() else []
+                timings[f"{name}/pretrain"] = float(
+                    prev_timings.get(f"{name}/pretrain", 0.0) if resume else 0.0
+                ) + run(
                     [py, "-m", "dino_skipless.pretrain", "--config", args.config, "--variant", variant,
-                     "--optimizer", opt, "--out", str(rdir), *overrides],
+                     "--optimizer", opt, "--out", str(rdir), *overrides, *resume],
                     logs / "pretrain.txt",
                 )  # fmt: skip
             last = last_record(rdir)
@@ -342,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
             name = f"supervised_{task}"
             sdir = out / "runs" / name
             (out / "logs" / name).mkdir(parents=True, exist_ok=True)
-            if (sdir / "backbone.json").exists():
+            if finished(sdir):
                 timings[f"{name}/train"] = float(prev_timings.get(f"{name}/train", 0.0))
             else:
                 timings[f"{name}/train"] = run(

@@ -164,3 +164,17 @@ def test_claim_verdicts_follow_the_numbers_and_their_noise():
     assert list(verdicts([a], {"skip": b}).values()) == ["within noise"]
     a["linprobe_single_miou"] = 10.0  # 10 points below: more than 2 s.e. of the difference
     assert list(verdicts([a], {"skip": b}).values()) == ["not shown"]
+
+
+def test_finished_reuses_only_completed_runs(tmp_path):
+    # backbone.json is tracked with the results, so only summary.json tells a run is complete
+    finished = _load_script().finished
+    assert not finished(tmp_path)
+    (tmp_path / "backbone.json").write_text("{}")
+    assert not finished(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"finished": False}))
+    assert not finished(tmp_path)  # stopped at run.max_steps: resume it
+    (tmp_path / "summary.json").write_text(json.dumps({"finished": True}))
+    assert finished(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"task": "cls", "steps": 496}))
+    assert finished(tmp_path)  # supervised summaries are written only at the end
