@@ -17,7 +17,11 @@ structure. The paper's skipless-init network is no good here: at random init its
 collapse (rank collapse), every graph is uniform, TokenCut skips the solve for all of them and
 the benchmark would time nothing but overhead.
 
-    python scripts/bench_tokencut.py                           # CPU, 20 scenes of 264-440 px
+The default scenes (336-560 px a side; seed 0: 506-1120 tokens at patch 16) bracket VOC's typical
+500 x 375 image (32 x 24 = 768 tokens). The solve's speed-up grows with the size: the dense solve
+is O(N^3), Lanczos O(N^2) per step.
+
+    python scripts/bench_tokencut.py                           # CPU, 20 scenes of 336-560 px
     python scripts/bench_tokencut.py --n 40 --solvers torch scipy
     python scripts/bench_tokencut.py --device cuda --n 200 --fixed
 """
@@ -62,7 +66,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--n", type=int, default=20, help="synthetic scenes")
-    p.add_argument("--size", type=int, default=352, help="side (varies +-25%% unless --fixed)")
+    p.add_argument(
+        "--size", type=int, default=448, help="side (varies +-25%% unless --fixed); VOC-like"
+    )
     p.add_argument("--fixed", action="store_true", help="all scenes size x size (one bucket)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--solvers", nargs="+", default=["torch", "dense", "scipy"], choices=SOLVERS)
