@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
+import tokencut.ncut as nc
 from tokencut.corloc import box_iou, corloc
 from tokencut.ncut import (
     TokenCutConfig,
     affinity,
     component_box,
+    second_eigvec,
+    second_eigvec_lanczos,
     second_eigvec_torch,
     seed_and_bipartition,
     seed_component,
@@ -18,7 +22,7 @@ from tokencut.ncut import (
 )
 from tokencut.scipy_ref import ncut_official, second_eigvec_scipy
 
-SOLVERS = ("torch", "lobpcg", "scipy")
+SOLVERS = ("torch", "dense", "lobpcg", "scipy")
 
 
 def two_group_feats(h, w, rows, cols, noise=0.02, seed=0, dim=16):
@@ -257,3 +261,134 @@ def test_cpu_eigensolve_runs_on_one_thread(monkeypatch):
         lam[:, None] * (d @ x.unsqueeze(-1)).squeeze(-1),
         atol=1e-10,
     )
+
+
+def _aligned(x, ref):
+    return x * torch.sign((x * ref).sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("hw", [(4, 5), (7, 9), (12, 15), (20, 24)])
+def test_lanczos_matches_scipy_on_random_graphs(hw):
+    """Issue 18: the Lanczos solver (default "torch") gives scipy's eigenpair, bipartition, seed
+    and box on graphs of several sizes, without falling back to the dense solve."""
+    h, w = hw
+    g = torch.Generator().manual_seed(h * w)
+    # a few feature clusters (objects) plus noise: graphs with structure, like real ones
+    centers = torch.randn(4, 32, generator=g)
+    labels = torch.randint(0, 4, (3, h * w), generator=g)
+    feats = centers[labels] + 0.7 * torch.randn(3, h * w, 32, generator=g)
+    a = affinity(feats)
+    xl, ll, fb = second_eigvec_lanczos(a)
+    xs, ls = second_eigvec_scipy(a)
+    assert not fb.any()
+    torch.testing.assert_close(ll, ls, rtol=0, atol=1e-10)
+    torch.testing.assert_close(_aligned(xl, xs), xs, rtol=0, atol=1e-8)
+    d = a.sum(-1)
+    torch.testing.assert_close((xl * xl * d).sum(-1), torch.ones(3, dtype=torch.float64))
+    sizes = [(h * 16 - 3, w * 16 - 7)] * 3
+    ours = tokencut_batch(feats, hw, 16, sizes, TokenCutConfig(solver="torch"))
+    ref = tokencut_batch(feats, hw, 16, sizes, TokenCutConfig(solver="scipy"))
+    # (against tokencut_batch's scipy path rather than ncut_official: clustered binary graphs
+    # have exact ties in |x|, which np.argmax breaks by round-off; see SEED_RTOL)
+    for r, rr in zip(ours, ref):
+        np.testing.assert_array_equal(r.bipartition, rr.bipartition)
+        np.testing.assert_array_equal(r.mask, rr.mask)
+        assert r.seed == rr.seed and r.box == rr.box and not r.fallback
+
+
+def _three_cluster_graph(delta: float, k: int = 12) -> torch.Tensor:
+    """Three clusters of ``k`` nodes, weakly linked; cluster A's inner weights are ``1 + delta``.
+
+    With ``delta = 0`` the clusters are interchangeable and the second and third eigenvalues
+    coincide (any cut of one cluster from the other two is as good); ``delta`` splits them by
+    ~4e-3 * delta: a near-degenerate eigengap."""
+    a = torch.full((3 * k, 3 * k), 0.02, dtype=torch.float64)
+    for c in range(3):
+        a[c * k : (c + 1) * k, c * k : (c + 1) * k] = 1.0 + (delta if c == 0 else 0.0)
+    return a[None]
+
+
+def _gap(a):
+    d = torch.diag(a[0].sum(-1)).numpy()
+    vals = scipy.linalg.eigh(d - a[0].numpy(), d, eigvals_only=True, subset_by_index=[1, 2])
+    return vals[1] - vals[0]
+
+
+@pytest.mark.parametrize(
+    "delta, gap_below, want_fallback", [(1e-3, 1e-4, False), (1e-10, 1e-11, True)]
+)
+def test_lanczos_near_degenerate_gap(delta, gap_below, want_fallback):
+    """Gap ~4e-5: Lanczos needs more steps but gets there. Gap ~4e-12: its eigenvector is not
+    determined to tolerance (residual / gap too large) -> the dense fallback, flagged. Either
+    way the bipartition and seed are scipy's."""
+    a = _three_cluster_graph(delta)
+    assert _gap(a) < gap_below
+    x, lam, fb = second_eigvec_lanczos(a)
+    assert bool(fb[0]) is want_fallback
+    xs, ls = second_eigvec_scipy(a)
+    torch.testing.assert_close(lam, ls, rtol=0, atol=1e-10)
+    bip, seed, _ = seed_and_bipartition(x)
+    bref, sref, _ = seed_and_bipartition(xs)
+    assert torch.equal(bip, bref) and torch.equal(seed, sref)
+
+
+def test_lanczos_falls_back_to_dense_when_it_does_not_converge(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, 80, 16, generator=g) + 0.5 * torch.randn(2, 1, 16, generator=g)
+    a = affinity(feats)
+    x, lam, fb = second_eigvec_lanczos(a, max_steps=3)  # far too few steps
+    assert fb.all()
+    xd, ld = second_eigvec_torch(a)
+    torch.testing.assert_close(x, xd, rtol=0, atol=0)
+    torch.testing.assert_close(lam, ld, rtol=0, atol=0)
+    # through tokencut_batch: flagged on the result, box still the official one
+    monkeypatch.setitem(
+        nc._SOLVE, "torch", lambda a, dtype: second_eigvec_lanczos(a, dtype, max_steps=3)
+    )
+    res = tokencut_batch(feats, (8, 10), 16, [(128, 160)] * 2)
+    for i in range(2):
+        assert res[i].fallback
+        assert res[i].box == ncut_official(feats[i], (8, 10), 16, (128, 160))["box"]
+    monkeypatch.undo()
+    assert not any(r.fallback for r in tokencut_batch(feats, (8, 10), 16, [(128, 160)] * 2))
+
+
+def test_lanczos_result_does_not_depend_on_the_batch():
+    g = torch.Generator().manual_seed(4)
+    a = affinity(torch.randn(3, 48, 8, generator=g))
+    x, lam, _ = second_eigvec_lanczos(a)
+    for i in range(3):
+        xi, li, _ = second_eigvec_lanczos(a[i : i + 1])
+        assert torch.equal(xi[0], x[i]) and torch.equal(li[0], lam[i])
+
+
+def test_second_eigvec_by_name():
+    a = affinity(torch.randn(2, 20, 8, generator=torch.Generator().manual_seed(6)))
+    xs, ls, _ = second_eigvec(a, "scipy")
+    for s in ("torch", "dense", "lobpcg"):
+        x, lam, fb = second_eigvec(a, s)
+        assert not fb.any()
+        torch.testing.assert_close(lam, ls, rtol=0, atol=1e-10)
+        torch.testing.assert_close(_aligned(x, xs), xs, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="solver"):
+        second_eigvec(a, "nope")
+
+
+def test_tokencut_step_runs_on_one_cpu_thread(monkeypatch):
+    """Issue 18: not only the eigensolve -- the elementwise passes over the N x N graph stalled
+    the same way on a loaded machine."""
+    seen = []
+    real = nc.affinity
+
+    def spy(*args, **kw):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(nc, "affinity", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tokencut_batch(torch.randn(1, 20, 8), (4, 5), 16, [(64, 80)])
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
