@@ -364,7 +364,7 @@ def fmt_kappa(rec: dict) -> str:
 
 def kappa_table(records: list[dict]) -> str:
     """Markdown in the layout of Table 6: one row per variant, one column per layer."""
-    from .cli import markdown_table
+    from .fileio import markdown_table
 
     layers = sorted({r["layer"] for r in records})
     variants = list(dict.fromkeys(r["label"] for r in records))
@@ -479,7 +479,8 @@ def _models(args):
 def main(argv: Sequence[str] | None = None) -> dict:
     from tqdm import tqdm
 
-    from .cli import command_line, markdown_table, resolve_device, write_json
+    from .cli import resolve_device
+    from .fileio import command_line, markdown_table, write_json
 
     args = build_parser().parse_args(argv)
     if args.tokens < 1 or args.batch < 1:

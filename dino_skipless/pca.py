@@ -23,16 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cli import (
-    add_backbone_args,
-    backbones_from_args,
-    cli_main,
-    command_line,
-    resolve_device,
-    write_json,
-)
+from .cli import add_backbone_args, backbones_from_args, cli_main, resolve_device
 from .features import check_layers, extract, normalize_image, patch_size
 from .figures import GridStyle, image_grid
+from .fileio import command_line, write_json
 from .pca_lib import (
     FIT_MODES,
     UPSAMPLE_MODES,

@@ -242,7 +242,7 @@ def train_supervised(task: str, cfg: PretrainConfig, seg: dict | None = None) ->
                 )
         epoch += 1
     export_backbone(backbone, out_dir)
-    from .cli import write_json
+    from .fileio import write_json
 
     acc = correct / max(seen, 1)
     write_json(

@@ -34,14 +34,16 @@ from tqdm import tqdm
 
 from dino_skipless.cli import (
     add_backbone_args,
-    atomic_write_text,
     backbone_from_args,
     cli_main,
-    command_line,
     default_num_workers,
+    resolve_device,
+)
+from dino_skipless.fileio import (
+    atomic_write_text,
+    command_line,
     markdown_table,
     new_run_id,
-    resolve_device,
     write_json,
 )
 

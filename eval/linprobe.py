@@ -35,18 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dino_skipless.cli import (
-    add_backbone_args,
+from dino_skipless.cli import add_backbone_args, cli_main, label_for, resolve_device
+from dino_skipless.features import check_input_size, check_layers, extract
+from dino_skipless.fileio import (
     atomic_write_text,
-    cli_main,
     command_line,
-    label_for,
     markdown_table,
     new_run_id,
-    resolve_device,
     write_json,
 )
-from dino_skipless.features import check_input_size, check_layers, extract
 from dino_skipless.models import build_model, load_backbone
 
 from .feature_cache import build_cache

@@ -25,17 +25,19 @@ from tqdm import tqdm
 
 from dino_skipless.cli import (
     add_backbone_args,
-    atomic_write_text,
     backbone_from_args,
     cli_main,
-    command_line,
     default_num_workers,
-    markdown_table,
-    new_run_id,
     resolve_device,
-    write_json,
 )
 from dino_skipless.features import FEATURE_KINDS, check_layers, extract, normalize_image, patch_size
+from dino_skipless.fileio import (
+    atomic_write_text,
+    command_line,
+    markdown_table,
+    new_run_id,
+    write_json,
+)
 
 from .corloc import box_iou, corloc
 from .ncut import SOLVERS, TokenCutConfig, tokencut_batch

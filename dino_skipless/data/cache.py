@@ -9,6 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..fileio import current_umask
+
 FORMATS = ("voc", "ade20k", "cocostuff", "coco20k", "imagefolder")
 GENERATOR_VERSION = 3
 MANIFEST = "synthetic.json"
@@ -65,8 +67,6 @@ def synthetic_root(
         return final
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
-    from ..cli import current_umask
-
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the cache from colleagues
     try:
         from .synthetic import generate

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cli import atomic_write_text, temp_file_beside
+from ..fileio import atomic_write_text, temp_file_beside
 from ..models.loading import CheckpointError, safe_torch_load
 
 CHECKPOINT = "checkpoint.pt"

@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data import DatasetError
+from ..fileio import atomic_write_text, write_json
 from ..models import build_model
 from ..optim import build_optimizer, get_param_groups
 from . import DINOHead, DINOLoss, MultiCropAugmentation, MultiCropWrapper, ema_update_
@@ -727,8 +728,6 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
         resume(r)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        from ..cli import atomic_write_text
-
         atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
     n_params = sum(p.numel() for p in student.parameters())
     log.info(
@@ -776,8 +775,6 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
     barrier()
     final = r.losses[-1] if r.losses else None
     if env.is_main:
-        from ..cli import write_json
-
         summary = {
             "final_loss": final,
             "step": r.step,
