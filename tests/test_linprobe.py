@@ -10,7 +10,8 @@ from sklearn.metrics import confusion_matrix as sk_confusion
 from dino_skipless.features import extract
 from dino_skipless.models import build_model
 from eval.feature_cache import build_cache
-from eval.linprobe import build_datasets, main, probe_backbone, validate
+from eval.linprobe import main
+from eval.linprobe_lib import build_datasets, probe_backbone, validate
 from eval.metrics import (
     bootstrap_miou,
     iou_from_counts,
@@ -455,7 +456,7 @@ def test_per_image_confusion_equals_one_confusion_per_image():
 def test_mode_both_keeps_the_single_probe_when_multiscale_is_interrupted(
     synth_root, tmp_path, monkeypatch
 ):
-    import eval.linprobe as lp
+    import eval.linprobe_lib as lp
 
     real, calls = lp.probe_from_cache, []
 
