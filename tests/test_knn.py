@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.knn import (
+from eval.knn import main
+from eval.knn_lib import (
     PixelBaseline,
     knn_scores,
     knn_vote,
-    main,
     paired_knn,
     search_torch,
     split_indices,
