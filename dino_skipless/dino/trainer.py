@@ -418,7 +418,7 @@ def resume(r: _Run) -> None:
 def condition_numbers(r: _Run, epoch: int) -> None:
     """Paper App. A.7: kappa of each self-attention map of the teacher backbone."""
     try:
-        from ..jacobian import layer_condition_numbers
+        from ..jacobian_lib import layer_condition_numbers
     except ImportError as e:
         r.log.warn(f"run.jacobian_every_epochs set but dino_skipless.jacobian unavailable: {e}")
         return
