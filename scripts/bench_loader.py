@@ -42,7 +42,7 @@ from dino_skipless.dino.augment_device import (  # noqa: E402
     collate_decoded,
     device_multicrop,
 )
-from dino_skipless.dino.trainer import SeededMultiCrop  # noqa: E402
+from dino_skipless.dino.sampling import SeededMultiCrop  # noqa: E402
 from dino_skipless.fileio import markdown_table  # noqa: E402
 
 TARGET_IMG_S = 3000.0

@@ -14,13 +14,8 @@ import torch
 from dino_skipless.dino import trainer as trainer_mod
 from dino_skipless.dino.config import build_config
 from dino_skipless.dino.logging import read_jsonl
-from dino_skipless.dino.trainer import (
-    EpochSampler,
-    NonFiniteLossError,
-    SeededMultiCrop,
-    build_student_teacher,
-    train,
-)
+from dino_skipless.dino.sampling import EpochSampler, SeededMultiCrop
+from dino_skipless.dino.trainer import NonFiniteLossError, build_student_teacher, train
 from dino_skipless.models import load_backbone
 from dino_skipless.pretrain import main
 
