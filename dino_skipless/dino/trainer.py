@@ -42,19 +42,16 @@ from .augment_device import SeededDecode, collate_decoded, device_multicrop
 from .checkpoint import (
     CHECKPOINT,
     FORMAT_VERSION,
-    atomic_torch_save,
-    check_compatible,
     export_backbone,
-    load_checkpoint,
     remove_stale_temp_files,
-    rng_state,
-    set_rng_state,
+    resume,
+    save_checkpoint,
 )
 from .collapse import ADVICE, CollapseError, CollapseMonitor
 from .config import ConfigError, PretrainConfig
 from .decode import REPLACED, UNUSABLE, too_many_message, unusable_message
 from .distributed import DistEnv, all_reduce_mean, barrier, init_distributed
-from .logging import RunLogger, memory_gb, progress_bar, rotate_logs, truncate_jsonl
+from .logging import RunLogger, memory_gb, progress_bar, rotate_logs
 from .sampling import EpochSampler, SeededMultiCrop
 from .schedules import (
     apply_schedules_,
@@ -194,11 +191,12 @@ def autocast(precision: str, device: torch.device):
 
 
 def make_grad_scaler(precision: str):
-    if precision != "fp16":
-        return None
+    """Loss scaling for fp16 only; for fp32/bf16 a disabled scaler, whose ``scale``,
+    ``unscale_``, ``step`` and ``update`` pass through, so every precision takes one path."""
+    enabled = precision == "fp16"
     if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler("cuda")
-    return torch.cuda.amp.GradScaler()  # pragma: no cover - torch < 2.3
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # pragma: no cover - torch < 2.3
 
 
 def oom_message(batch: int, device: torch.device) -> str:
@@ -257,7 +255,7 @@ class _Run:
     teacher_fwd: nn.Module
     loss_fn: DINOLoss
     optimizer: torch.optim.Optimizer
-    scaler: object
+    scaler: torch.amp.GradScaler  # disabled (a pass-through) unless fp16
     schedules: object
     precision: str
     meta: dict
@@ -279,60 +277,6 @@ class _Run:
 
 def _clock() -> float:
     return time.monotonic()
-
-
-def save_checkpoint(r: _Run, path: Path) -> None:
-    """Rank 0 writes the full state for an exact resume at ``r.step`` (atomically)."""
-    if path.name == CHECKPOINT:
-        r.saved_step = r.step
-    if not r.env.is_main:
-        return
-    state = {
-        "student": r.student.state_dict(),
-        "teacher": r.teacher.state_dict(),
-        "optimizer": r.optimizer.state_dict(),
-        "dino_loss": r.loss_fn.state_dict(),
-        "scaler": r.scaler.state_dict() if r.scaler is not None else None,
-        "step": r.step,
-        "epoch": r.step // r.niter_per_ep,
-        "sampler": {"epoch": r.step // r.niter_per_ep, "skip_batches": r.step % r.niter_per_ep},
-        "nonfinite_skipped": r.nonfinite_skipped,
-        "collapse": r.collapse.state_dict(),
-        "bad_images": dict(r.bad_images),
-        "epoch_loss": dict(r.epoch_loss),
-        "elapsed_s": r.elapsed(),
-        "rng": rng_state(),
-        "config": r.cfg.to_dict(),
-        "meta": r.meta,
-    }
-    atomic_torch_save(state, path)
-
-
-def resume(r: _Run) -> None:
-    path = r.out_dir / CHECKPOINT
-    ckpt = load_checkpoint(path)
-    check_compatible(ckpt["meta"], r.meta, path)
-    r.student.load_state_dict(ckpt["student"])
-    r.teacher.load_state_dict(ckpt["teacher"])
-    r.optimizer.load_state_dict(ckpt["optimizer"])
-    r.loss_fn.load_state_dict(ckpt["dino_loss"])
-    if r.scaler is not None and ckpt.get("scaler"):
-        r.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    r.step = int(ckpt["step"])
-    r.nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0))
-    r.collapse.load_state_dict(ckpt.get("collapse", {}))
-    r.bad_images = dict(ckpt.get("bad_images", r.bad_images))
-    r.epoch_loss = dict(ckpt.get("epoch_loss", r.epoch_loss))
-    r.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
-    r.saved_step = r.step
-    if r.env.is_main:
-        dropped = truncate_jsonl(r.out_dir / "log.jsonl", r.step)
-        extra = f"; dropped {dropped} log records written after it" if dropped else ""
-        r.log.info(
-            f"resumed from {path} at step {r.step} (epoch {r.step // r.niter_per_ep}, "
-            f"iteration {r.step % r.niter_per_ep}/{r.niter_per_ep}){extra}"
-        )
 
 
 def condition_numbers(r: _Run, epoch: int) -> None:
@@ -472,21 +416,15 @@ def train_one_epoch(r: _Run, epoch: int) -> bool:
 
             # --- backward, clipping, last-layer freeze, optimizer step ----------------------
             r.optimizer.zero_grad(set_to_none=True)
+            # the scaler is a pass-through unless fp16 (see make_grad_scaler)
             norms = None
-            if r.scaler is not None:
-                r.scaler.scale(loss).backward()
-                if cfg.optim.clip_grad:
-                    r.scaler.unscale_(r.optimizer)  # clip the true gradients
-                    norms = clip_gradients(r.student, cfg.optim.clip_grad)
-                cancel_gradients_last_layer(epoch, r.student, cfg.optim.freeze_last_layer)
-                r.scaler.step(r.optimizer)
-                r.scaler.update()
-            else:
-                loss.backward()
-                if cfg.optim.clip_grad:
-                    norms = clip_gradients(r.student, cfg.optim.clip_grad)
-                cancel_gradients_last_layer(epoch, r.student, cfg.optim.freeze_last_layer)
-                r.optimizer.step()
+            r.scaler.scale(loss).backward()
+            if cfg.optim.clip_grad:
+                r.scaler.unscale_(r.optimizer)  # clip the true gradients
+                norms = clip_gradients(r.student, cfg.optim.clip_grad)
+            cancel_gradients_last_layer(epoch, r.student, cfg.optim.freeze_last_layer)
+            r.scaler.step(r.optimizer)
+            r.scaler.update()
 
             # --- EMA teacher ----------------------------------------------------------------
             ema_update_(r.teacher, r.student, sched["momentum"])
@@ -624,7 +562,6 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
     o = cfg.optim
     optimizer = build_optimizer(o.optimizer, get_param_groups(student), adamw=o.adamw, soap=o.soap)
     precision = effective_precision(cfg.run.precision, dev)
-    scaler = make_grad_scaler(precision)
     total_batch = cfg.data.batch_size_per_gpu * env.world_size
     schedules = build_schedules(
         lr=o.lr,
@@ -638,11 +575,25 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
         total_batch=total_batch,
     )
     r = _Run(
-        cfg, env, log, loader, sampler, niter_per_ep, student, teacher, student_fwd, teacher_fwd,
-        loss_fn, optimizer, scaler, schedules, precision,
-        run_meta(cfg, teacher, niter_per_ep, env), out_dir,
-    )  # fmt: skip
-    r.collapse = CollapseMonitor(cfg.run.collapse_window, cfg.run.collapse_min_info)
+        cfg=cfg,
+        env=env,
+        log=log,
+        loader=loader,
+        sampler=sampler,
+        niter_per_ep=niter_per_ep,
+        student=student,
+        teacher=teacher,
+        student_fwd=student_fwd,
+        teacher_fwd=teacher_fwd,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scaler=make_grad_scaler(precision),
+        schedules=schedules,
+        precision=precision,
+        meta=run_meta(cfg, teacher, niter_per_ep, env),
+        out_dir=out_dir,
+        collapse=CollapseMonitor(cfg.run.collapse_window, cfg.run.collapse_min_info),
+    )
 
     if resume_run:
         resume(r)
@@ -665,16 +616,15 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
     finished = True
     for epoch in range(start_epoch, o.epochs):
         finished = _run_epoch(r, epoch)
+        # every epoch, as main_dino.py, and where run.max_steps stops mid-epoch
+        save_checkpoint(r, out_dir / CHECKPOINT)
+        if env.is_main:
+            export_backbone(teacher.backbone, out_dir)
         if not finished:
-            save_checkpoint(r, out_dir / CHECKPOINT)
-            if env.is_main:
-                export_backbone(teacher.backbone, out_dir)
             log.info(f"stopped at step {r.step} (run.max_steps); checkpoint {out_dir / CHECKPOINT}")
             break
         done = epoch + 1
-        save_checkpoint(r, out_dir / CHECKPOINT)  # every epoch, as main_dino.py
         if env.is_main:
-            export_backbone(teacher.backbone, out_dir)
             snapshot = (cfg.run.saveckp_freq and done % cfg.run.saveckp_freq == 0) or (
                 done in cfg.run.keep_epochs
             )
