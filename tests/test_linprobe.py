@@ -34,13 +34,7 @@ from eval.probe_lib import (
 TINY = dict(resolution=64, epochs=3, batch_size=4, num_workers=0, extract_batch_size=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: thread fan-out only adds overhead (and contention on a shared machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

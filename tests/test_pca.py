@@ -17,13 +17,7 @@ from dino_skipless.pca_lib import (
     upsample,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def low_rank_features(b, n, d, seed=0):
