@@ -8,8 +8,9 @@ import pytest
 
 from dino_skipless.data import SYNTHETIC_FORMATS, build_detection_dataset, synthetic_root
 from dino_skipless.data.check import main as check_main
+from dino_skipless.data.generate import generate
 from dino_skipless.data.scenes import THING_KINDS, object_boundaries, render_scene
-from dino_skipless.data.synthetic import generate, main
+from dino_skipless.data.synthetic import main
 
 
 def _tree(root):
