@@ -23,7 +23,7 @@ from dino_skipless.dino import decode
 from dino_skipless.dino import trainer as trainer_mod
 from dino_skipless.dino.config import ConfigError
 from dino_skipless.dino.distributed import DistEnv
-from dino_skipless.dino.logging import read_jsonl
+from dino_skipless.dino.runlog import read_jsonl
 from dino_skipless.dino.trainer import NonFiniteLossError, train
 from dino_skipless.pretrain import main
 

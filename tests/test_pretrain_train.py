@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_PRETRAIN, tiny_pretrain_config
 
 from dino_skipless.dino import trainer as trainer_mod
-from dino_skipless.dino.logging import read_jsonl
+from dino_skipless.dino.runlog import read_jsonl
 from dino_skipless.dino.sampling import EpochSampler, SeededMultiCrop
 from dino_skipless.dino.trainer import NonFiniteLossError, build_student_teacher, train
 from dino_skipless.models import load_backbone

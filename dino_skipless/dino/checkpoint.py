@@ -22,7 +22,7 @@ import torch
 
 from ..fileio import atomic_write_text, temp_file_beside
 from ..models.loading import CheckpointError, safe_torch_load
-from .logging import truncate_jsonl
+from .runlog import truncate_jsonl
 
 if TYPE_CHECKING:  # the trainer imports this module
     from .trainer import _Run

@@ -51,7 +51,7 @@ from .collapse import ADVICE, CollapseError, CollapseMonitor
 from .config import ConfigError, PretrainConfig
 from .decode import REPLACED, UNUSABLE, too_many_message, unusable_message
 from .distributed import DistEnv, all_reduce_mean, barrier, init_distributed
-from .logging import RunLogger, memory_gb, progress_bar, rotate_logs
+from .runlog import RunLogger, memory_gb, progress_bar, rotate_logs
 from .sampling import EpochSampler, SeededMultiCrop
 from .schedules import (
     apply_schedules_,
