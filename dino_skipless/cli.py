@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import pickle
 import re
 import sys
-import tempfile
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+# scripts/bench_tokencut.py still imports markdown_table from here
+from .fileio import markdown_table as markdown_table
 from .models import (
     ARCHS,
     TRUST_HELP,
@@ -173,95 +172,3 @@ def label_for(path: str | os.PathLike, spec: BackboneSpec) -> str:
         else p.stem
     )
     return f"{name} ({spec.variant})" if name else spec.variant
-
-
-def current_umask() -> int:
-    umask = os.umask(0o022)  # the only way to read the umask is to set it
-    os.umask(umask)
-    return umask
-
-
-def temp_file_beside(path: Path) -> tuple[int, str]:
-    """``mkstemp`` in ``path``'s folder, with the permissions ``open()`` would give: mkstemp
-    makes 0600 files, which colleagues sharing the results folder could not read."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~current_umask())
-    return fd, tmp
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file + rename so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def new_run_id() -> str:
-    """Stamped into every file of one stage run, so a reader can tell files of two runs apart
-    (a reused ``--out`` may still hold another run's files)."""
-    return uuid.uuid4().hex[:16]
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def write_report(out: str | os.PathLike, obj, text: str) -> None:
-    """``OUT.json`` (the record) and ``OUT.md`` (the printed table) side by side."""
-    out = Path(out)
-    write_json(out.with_suffix(".json"), obj)
-    atomic_write_text(out.with_suffix(".md"), text)
-
-
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}" if (abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-2)) else f"{v:.2f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def command_line() -> str:
-    """The running command as ``python -m package.module args``, re-runnable from the working
-    directory: ``python -m`` puts the script's full path in ``sys.argv[0]``, and a results file
-    must not record this machine's layout."""
-    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
-    head = [sys.argv[0]] if sys.argv else []
-    if script is not None and script.suffix == ".py":
-        parts = []
-        for parent in script.parents:  # walk up while the folder is a package
-            parts.insert(0, parent.name)
-            if not (parent / "__init__.py").is_file():
-                parts.pop(0)
-                break
-        module = ".".join([*parts, script.stem])
-        if parts:
-            head = ["-m", module]
-        else:
-            try:
-                head = [str(script.relative_to(Path.cwd()))]
-            except ValueError:
-                head = [script.name]
-    return " ".join(["python", *head, *sys.argv[1:]])

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 FEATURE_KINDS = ("tokens", "q", "k", "v")
@@ -130,12 +129,3 @@ def normalize_image(images: torch.Tensor) -> torch.Tensor:
     mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (images - mean) / std
-
-
-def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad bottom/right to the next multiple (TokenCut/LOST's handling of any image size)."""
-    h, w = images.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
-        return images
-    return F.pad(images, (0, pw, 0, ph))

@@ -56,18 +56,6 @@ class Extremes:
     smin_resid: float = 0.0
     singular: bool = False  # numerically rank deficient at this method's precision
 
-    def as_dict(self) -> dict:
-        return {
-            "smax": self.smax,
-            "smin": self.smin,
-            "method": self.method,
-            "iters": self.iters,
-            "converged": self.converged,
-            "smax_resid": self.smax_resid,
-            "smin_resid": self.smin_resid,
-            "singular": self.singular,
-        }
-
 
 def kappa_gram(smax: float, smin: float) -> float:
     """``kappa(M M^T) = (s_max / s_min)^2``, finite (s_min clamped at ``SMIN_FLOOR * s_max``)."""

@@ -53,8 +53,8 @@ from torchvision.transforms import functional as TF
 from .dino.augment import GaussianBlur, MultiCropAugmentation, Solarization
 from .dino.checkpoint import export_backbone
 from .dino.config import PretrainConfig, build_config
+from .dino.sampling import sample_seeds
 from .dino.schedules import apply_schedules_, build_schedules
-from .dino.trainer import sample_seeds
 from .models import build_model
 from .optim import build_optimizer, get_param_groups
 
@@ -242,7 +242,7 @@ def train_supervised(task: str, cfg: PretrainConfig, seg: dict | None = None) ->
                 )
         epoch += 1
     export_backbone(backbone, out_dir)
-    from .cli import write_json
+    from .fileio import write_json
 
     acc = correct / max(seen, 1)
     write_json(

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dino_skipless.cli import add_debug_arg, cli_main, markdown_table, write_report
+from dino_skipless.cli import add_debug_arg, cli_main
+from dino_skipless.fileio import markdown_table, write_report
 
 from .metrics import paired_bootstrap_miou
 

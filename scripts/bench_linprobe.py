@@ -23,12 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dino_skipless.cli import markdown_table, resolve_device  # noqa: E402
+from dino_skipless.cli import resolve_device  # noqa: E402
 from dino_skipless.data import VOCSegmentation, synthetic_root  # noqa: E402
 from dino_skipless.features import extract  # noqa: E402
+from dino_skipless.fileio import markdown_table  # noqa: E402
 from dino_skipless.models import build_model  # noqa: E402
 from eval.feature_cache import ResizedSegmentation  # noqa: E402
-from eval.linprobe import probe_backbone  # noqa: E402
+from eval.linprobe_lib import probe_backbone  # noqa: E402
 from eval.metrics import mean_iou  # noqa: E402
 from eval.probe_lib import LinProbeConfig, evaluate_probes, train_probes  # noqa: E402
 

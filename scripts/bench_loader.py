@@ -34,7 +34,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dino_skipless.cli import markdown_table  # noqa: E402
 from dino_skipless.data import ImageFolderDataset  # noqa: E402
 from dino_skipless.data.files import load_rgb  # noqa: E402
 from dino_skipless.dino import AugConfig, MultiCropAugmentation  # noqa: E402
@@ -43,7 +42,8 @@ from dino_skipless.dino.augment_device import (  # noqa: E402
     collate_decoded,
     device_multicrop,
 )
-from dino_skipless.dino.trainer import SeededMultiCrop  # noqa: E402
+from dino_skipless.dino.sampling import SeededMultiCrop  # noqa: E402
+from dino_skipless.fileio import markdown_table  # noqa: E402
 
 TARGET_IMG_S = 3000.0
 

@@ -32,12 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dino_skipless.cli import markdown_table  # noqa: E402
 from dino_skipless.dino import DINOLoss, ema_update_  # noqa: E402
 from dino_skipless.dino.config import build_config  # noqa: E402
-from dino_skipless.dino.logging import memory_gb  # noqa: E402
+from dino_skipless.dino.runlog import memory_gb  # noqa: E402
 from dino_skipless.dino.schedules import clip_gradients  # noqa: E402
 from dino_skipless.dino.trainer import build_student_teacher  # noqa: E402
+from dino_skipless.fileio import markdown_table  # noqa: E402
 from dino_skipless.optim import AdamWConfig, build_optimizer, get_param_groups  # noqa: E402
 
 # Dense bf16/fp16 tensor-core peaks (vendor data sheets), TFLOP/s.

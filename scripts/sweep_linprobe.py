@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dino_skipless.cli import atomic_write_text, markdown_table, write_json  # noqa: E402
+from dino_skipless.fileio import atomic_write_text, markdown_table, write_json  # noqa: E402
 
 
 def probes_of(result: dict) -> dict[str, dict]:

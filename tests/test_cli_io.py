@@ -8,8 +8,8 @@ import stat
 import pytest
 import torch
 
-from dino_skipless.cli import write_json
 from dino_skipless.dino.checkpoint import atomic_torch_save
+from dino_skipless.fileio import write_json
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_command_line_is_a_relative_python_m_command(monkeypatch, tmp_path):
     import sys
     from pathlib import Path
 
-    from dino_skipless.cli import command_line
+    from dino_skipless.fileio import command_line
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.setattr(sys, "argv", [str(repo / "eval" / "knn.py"), "--out", "runs/x"])

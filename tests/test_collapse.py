@@ -100,8 +100,8 @@ def _cfg(out, data, **extra):
 COLLAPSING = {"dino.teacher_temp": 10.0, "dino.warmup_teacher_temp": 10.0}
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_collapsing_run_warns_in_log_summary_and_records(tmp_path, image_dir, capsys):
-    torch.set_num_threads(1)
     res = train(_cfg(tmp_path / "c", image_dir, **COLLAPSING))
     assert res.collapse["collapsed"] and res.collapse["collapsed_at_step"] == 2
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())

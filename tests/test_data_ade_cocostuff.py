@@ -13,7 +13,7 @@ from dino_skipless.data import (
     build_segmentation_dataset,
 )
 from dino_skipless.data.classes import cocostuff_lut
-from dino_skipless.data.synthetic import generate
+from dino_skipless.data.generate import generate
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """COCO20k reader: list selection, LOST's box protocol, crowd and empty images."""
 
+import importlib.resources
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from PIL import Image
 
 from dino_skipless.data import COCO20kDetection, DatasetError, build_detection_dataset
 from dino_skipless.data.coco20k import SHIPPED_LIST
-from dino_skipless.data.synthetic import generate
+from dino_skipless.data.generate import generate
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +110,14 @@ def test_lost_rounding_on_handmade_json(tmp_path):
     (tmp_path / "images").mkdir()
     shutil.move(tmp_path / "train2014", tmp_path / "images/train2014")
     assert len(COCO20kDetection(tmp_path, file_list=lst)) == 2
+
+
+def test_shipped_list_is_package_data():
+    # what a non-editable install has: the list inside the package, found by importlib
+    shipped = importlib.resources.files("dino_skipless.data").joinpath("coco_20k_filenames.txt")
+    lines = shipped.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 19817 and lines[0].startswith("train2014/COCO_train2014_")
+    assert Path(str(SHIPPED_LIST)) == Path(str(shipped))
 
 
 def test_shipped_list_and_errors(coco, tmp_path):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from dino_skipless.data import ADE20KSegmentation, DatasetError, ImageFolderDataset
 from dino_skipless.data.check import main as check_main
-from dino_skipless.data.synthetic import generate
+from dino_skipless.data.generate import generate
 
 
 @pytest.fixture(scope="module")

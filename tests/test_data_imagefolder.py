@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from dino_skipless.data import DatasetError, ImageFolderDataset
-from dino_skipless.data.synthetic import generate
+from dino_skipless.data.generate import generate
 
 
 def test_synthetic_round_trip(tmp_path):

@@ -12,7 +12,7 @@ from dino_skipless.data import (
     build_segmentation_dataset,
 )
 from dino_skipless.data.classes import voc_palette
-from dino_skipless.data.synthetic import generate
+from dino_skipless.data.generate import generate
 from dino_skipless.data.voc import parse_voc_xml
 
 

@@ -59,7 +59,8 @@ def test_mlp_weights_are_scale_corrected_orthogonal():
 
 def test_init_written_into_model_with_transposes():
     m = build_model("vit_mini", "skipless_init", depth=2, alpha=1.8, beta=1.0, c=3.0)
-    d, h = 128, 4
+    d, h = m.embed_dim, m.blocks[0].attn.num_heads
+    assert (d, h) == (128, 2)  # vit_mini: 2 heads of 64, like ViT-S
     for blk in m.blocks:
         a = blk.attn
         wv = a.qkv.weight[2 * d :].T.double()  # paper's W^V (d x d)

@@ -8,14 +8,14 @@ import torch
 from scipy.special import softmax
 from timm.models.vision_transformer import Attention
 
-from dino_skipless.jacobian import (
+from dino_skipless.jacobian import main
+from dino_skipless.jacobian_lib import (
     _float64_copy,
     attention_map,
     default_layers,
     full_jacobian_condition,
     gaussian_tokens,
     layer_condition_numbers,
-    main,
     prop1_demo,
     sa_extremes,
 )

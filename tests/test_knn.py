@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.knn import (
+from eval.knn import main
+from eval.knn_lib import (
     PixelBaseline,
     knn_scores,
     knn_vote,
-    main,
     paired_knn,
     search_torch,
     split_indices,
@@ -18,13 +18,7 @@ from eval.knn import (
     topk_accuracy,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def numpy_knn(train, train_y, test, k, t, c):

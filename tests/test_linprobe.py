@@ -10,7 +10,8 @@ from sklearn.metrics import confusion_matrix as sk_confusion
 from dino_skipless.features import extract
 from dino_skipless.models import build_model
 from eval.feature_cache import build_cache
-from eval.linprobe import build_datasets, main, probe_backbone, validate
+from eval.linprobe import main
+from eval.linprobe_lib import build_datasets, probe_backbone, validate
 from eval.metrics import (
     bootstrap_miou,
     iou_from_counts,
@@ -33,13 +34,7 @@ from eval.probe_lib import (
 TINY = dict(resolution=64, epochs=3, batch_size=4, num_workers=0, extract_batch_size=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: thread fan-out only adds overhead (and contention on a shared machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -455,7 +450,7 @@ def test_per_image_confusion_equals_one_confusion_per_image():
 def test_mode_both_keeps_the_single_probe_when_multiscale_is_interrupted(
     synth_root, tmp_path, monkeypatch
 ):
-    import eval.linprobe as lp
+    import eval.linprobe_lib as lp
 
     real, calls = lp.probe_from_cache, []
 

@@ -7,6 +7,7 @@ from PIL import Image
 from sklearn.decomposition import PCA
 
 from dino_skipless import pca as pca_cli
+from dino_skipless import pca_figure
 from dino_skipless.models import build_model
 from dino_skipless.pca_lib import (
     PCAConfig,
@@ -16,13 +17,7 @@ from dino_skipless.pca_lib import (
     upsample,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def low_rank_features(b, n, d, seed=0):
@@ -212,13 +207,13 @@ def test_cli_checkpoints_and_synthetic_dataset(tmp_path):
 @pytest.fixture
 def count_forward(monkeypatch):
     calls = []
-    real = pca_cli.extract
+    real = pca_figure.extract
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(pca_cli, "extract", counting)
+    monkeypatch.setattr(pca_figure, "extract", counting)
     return calls
 
 

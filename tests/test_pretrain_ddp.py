@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from dino_skipless.dino.config import build_config
-from dino_skipless.dino.logging import read_jsonl
+from dino_skipless.dino.runlog import read_jsonl
 from dino_skipless.dino.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,43 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from conftest import TINY_PRETRAIN, tiny_pretrain_config
 from PIL import Image
 
-from dino_skipless.dino.config import build_config
 from dino_skipless.dino.trainer import train
 from dino_skipless.pretrain import main
 
-TINY = {
-    "model.arch": "vit_mini",
-    "model.variant": "skip",
-    "model.depth": 2,
-    "model.patch_size": 8,
-    "aug.global_size": 32,
-    "aug.local_size": 16,
-    "aug.n_local": 2,
-    "dino.out_dim": 256,
-    "dino.head_hidden_dim": 64,
-    "dino.head_bottleneck_dim": 32,
-    "data.batch_size_per_gpu": 4,
-    "data.num_workers": 0,
-    "optim.epochs": 2,
-    "optim.warmup_epochs": 1,
-    "optim.lr": 0.02,
-    "run.precision": "fp32",
-    "run.log_every": 1,
-    "run.progress": False,
-    "run.tensorboard": False,
-    "run.keep_epochs": [],
-}
+TINY = {**TINY_PRETRAIN, "model.variant": "skip", "run.keep_epochs": []}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +31,7 @@ def image_dir(tmp_path_factory):
 
 
 def _cfg(out, data, **extra):
-    return build_config(None, {**TINY, "data.path": str(data), "run.out": str(out), **extra})
+    return tiny_pretrain_config(out, data, TINY, **extra)
 
 
 @pytest.fixture(scope="module")

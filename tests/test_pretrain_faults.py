@@ -14,19 +14,20 @@ from test_pretrain_train import (
     N_IMAGES,
     TINY,
     _NaNAt,
-    one_thread,  # noqa: F401  (autouse: one torch thread)
     tiny_cfg,
 )
 
 from dino_skipless.data import DatasetError
+from dino_skipless.dino import checkpoint as checkpoint_mod
 from dino_skipless.dino import decode
 from dino_skipless.dino import trainer as trainer_mod
 from dino_skipless.dino.config import ConfigError
 from dino_skipless.dino.distributed import DistEnv
-from dino_skipless.dino.logging import read_jsonl
+from dino_skipless.dino.runlog import read_jsonl
 from dino_skipless.dino.trainer import NonFiniteLossError, train
 from dino_skipless.pretrain import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 8  # 2 epochs x 4 iterations
 
 
@@ -172,7 +173,7 @@ def test_restart_after_kill_in_first_save_rotates_log_and_cleans(tmp_path, monke
         raise KeyboardInterrupt  # what a kill leaves: a temp file, no checkpoint
 
     with monkeypatch.context() as m:
-        m.setattr(trainer_mod, "atomic_torch_save", killed_save)
+        m.setattr(checkpoint_mod, "atomic_torch_save", killed_save)
         with pytest.raises(KeyboardInterrupt):
             train(tiny_cfg(out, good_dir, **{"run.max_steps": 3}))
     assert not (out / "checkpoint.pt").exists()

@@ -10,56 +10,23 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_PRETRAIN, tiny_pretrain_config
 
 from dino_skipless.dino import trainer as trainer_mod
-from dino_skipless.dino.config import build_config
-from dino_skipless.dino.logging import read_jsonl
-from dino_skipless.dino.trainer import (
-    EpochSampler,
-    NonFiniteLossError,
-    SeededMultiCrop,
-    build_student_teacher,
-    train,
-)
+from dino_skipless.dino.runlog import read_jsonl
+from dino_skipless.dino.sampling import EpochSampler, SeededMultiCrop
+from dino_skipless.dino.trainer import NonFiniteLossError, build_student_teacher, train
 from dino_skipless.models import load_backbone
 from dino_skipless.pretrain import main
 
 N_IMAGES, BATCH, EPOCHS = 16, 4, 2  # 4 iterations per epoch, 8 steps
-TINY = {
-    "model.arch": "vit_mini",
-    "model.depth": 2,
-    "model.patch_size": 8,
-    "aug.global_size": 32,
-    "aug.local_size": 16,
-    "aug.n_local": 2,
-    "dino.out_dim": 256,
-    "dino.head_hidden_dim": 64,
-    "dino.head_bottleneck_dim": 32,
-    "data.batch_size_per_gpu": BATCH,
-    "data.num_workers": 0,
-    "optim.epochs": EPOCHS,
-    "optim.warmup_epochs": 1,
-    "optim.lr": 0.02,  # scaled to 0.02 * 4 / 256: big enough for the weights to move
-    "run.precision": "fp32",
-    "run.log_every": 1,
-    "run.progress": False,
-    "run.tensorboard": False,
-    "run.keep_epochs": [1],
-}
+TINY = TINY_PRETRAIN
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and LAPACK (paper init's SVDs) can crawl with two
-    threads on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_cfg(out, data, **extra):
-    return build_config(None, {**TINY, "data.path": str(data), "run.out": str(out), **extra})
+tiny_cfg = tiny_pretrain_config
 
 
 @pytest.fixture(scope="module")

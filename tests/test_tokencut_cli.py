@@ -14,6 +14,7 @@ from torchvision.transforms.functional import to_tensor
 
 from dino_skipless.features import normalize_image
 from dino_skipless.models import build_model
+from tokencut import pipeline as tc_lib
 from tokencut import run as tc_run
 from tokencut.corloc import box_iou
 from tokencut.ncut import TokenCutConfig
@@ -39,13 +40,13 @@ def _count_forwards(monkeypatch):
 def test_cli_sweep_layers_one_forward_per_image(tmp_path, monkeypatch):
     seen = _count_forwards(monkeypatch)
     calls = []
-    real_extract = tc_run.extract
+    real_extract = tc_lib.extract
 
     def spy(model, images, layers, **kw):
         calls.append(list(layers))
         return real_extract(model, images, layers, **kw)
 
-    monkeypatch.setattr(tc_run, "extract", spy)
+    monkeypatch.setattr(tc_lib, "extract", spy)
     out = tmp_path / "out"
     argv = [*SYN, *TINY, "--root", str(tmp_path / "cache"), "--out", str(out)]
     argv += ["--sweep-layers", "--num-workers", "0", "--quiet", "--batch-size", "4"]
@@ -131,14 +132,14 @@ def test_small_boxless_and_degenerate_images_are_counted(tmp_path, monkeypatch):
         [img(40, 48), img(6, 40), img(40, 8), img(32, 32), flat, img(33, 41)],
         [gt, gt, gt, np.zeros((0, 4)), gt, gt],
     )
-    monkeypatch.setattr(tc_run, "load_dataset", lambda args: (ds, Path("fake")))
+    monkeypatch.setattr(tc_run, "load_dataset", lambda *a: (ds, Path("fake")))
     _count_forwards(monkeypatch)
     # A constant image still has distinct tokens (position embeddings), so the degenerate graph
     # is forced: the 32x40 image's features are replaced by identical vectors.
     out = tmp_path / "out"
     argv = ["--dataset", "voc07", *TINY, "--out", str(out), "--quiet", "--num-workers", "0"]
     argv += ["--batch-size", "2"]
-    real_batch = tc_run.tokencut_batch
+    real_batch = tc_lib.tokencut_batch
 
     def degenerate_for_flat(feats, grid, patch, sizes, cfg):
         feats = feats.clone()
@@ -147,7 +148,7 @@ def test_small_boxless_and_degenerate_images_are_counted(tmp_path, monkeypatch):
                 feats[j] = 1.0
         return real_batch(feats, grid, patch, sizes, cfg)
 
-    monkeypatch.setattr(tc_run, "tokencut_batch", degenerate_for_flat)
+    monkeypatch.setattr(tc_lib, "tokencut_batch", degenerate_for_flat)
     assert tc_run.main(argv) == 0
     r = json.loads((out / "results.json").read_text())
     assert r["skipped"] == {"too_small": 2, "no_gt": 1, "no_hard_dropped": 0}
@@ -161,8 +162,8 @@ def test_small_boxless_and_degenerate_images_are_counted(tmp_path, monkeypatch):
 def test_images_are_padded_with_zeros_after_normalisation():
     im = Image.fromarray(np.random.default_rng(1).integers(0, 255, (13, 21, 3), dtype=np.uint8))
     ds = _FakeDetection([im], [np.array([[0.0, 0, 5, 5]])])
-    plan = tc_run.plan_images(ds, patch=8, no_hard=False)
-    x, k = tc_run._Images(ds, plan.items, 8)[0]
+    plan = tc_lib.plan_images(ds, patch=8, no_hard=False)
+    x, k = tc_lib._Images(ds, plan.items, 8)[0]
     assert x.shape == (3, 16, 24) and k == 0
     torch.testing.assert_close(x[:, :13, :21], normalize_image(to_tensor(im)[None])[0])
     assert (x[:, 13:] == 0).all() and (x[:, :, 21:] == 0).all()
@@ -170,23 +171,23 @@ def test_images_are_padded_with_zeros_after_normalisation():
 
 def test_bucketing_batches_only_equal_padded_sizes_and_matches_batch_of_one():
     sizes = [(40, 48), (37, 44), (40, 40), (33, 48), (48, 40), (39, 41)]
-    items = [tc_run.Item(i, f"im{i}", hw, np.zeros((1, 4))) for i, hw in enumerate(sizes)]
-    batches = tc_run.bucket_batches(items, 8, batch_size=8)
+    items = [tc_lib.Item(i, f"im{i}", hw, np.zeros((1, 4))) for i, hw in enumerate(sizes)]
+    batches = tc_lib.bucket_batches(items, 8, batch_size=8)
     assert sorted(k for b in batches for k in b) == list(range(6))
     for b in batches:
-        assert len({tc_run.padded_hw(items[k].hw, 8) for k in b}) == 1
+        assert len({tc_lib.padded_hw(items[k].hw, 8) for k in b}) == 1
     assert len(batches) == 3  # padded 40x48 (4 images), 40x40, 48x40
 
     rng = np.random.default_rng(2)
     imgs = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
     ds = _FakeDetection(imgs, [np.array([[0.0, 0, 20, 20]])] * 6)
-    plan = tc_run.plan_images(ds, 8, False)
+    plan = tc_lib.plan_images(ds, 8, False)
     model = _tiny_model()
     cfg = TokenCutConfig()
     dev = torch.device("cpu")
     kw = dict(progress=False)
-    big = tc_run.run_tokencut(model, ds, plan.items, [1], cfg, dev, batch_size=8, **kw)[1]
-    one = tc_run.run_tokencut(model, ds, plan.items, [1], cfg, dev, batch_size=1, **kw)[1]
+    big = tc_lib.run_tokencut(model, ds, plan.items, [1], cfg, dev, batch_size=8, **kw)[1]
+    one = tc_lib.run_tokencut(model, ds, plan.items, [1], cfg, dev, batch_size=1, **kw)[1]
     assert [p.box for p in big] == [p.box for p in one]
 
 
@@ -206,7 +207,7 @@ def test_degenerate_graphs_reported_per_block(tmp_path, monkeypatch):
     """Issue 18: the summary said "degenerate graphs: 0" (the reported block's count) while
     another block was degenerate on every image."""
     _count_forwards(monkeypatch)
-    real_batch = tc_run.tokencut_batch
+    real_batch = tc_lib.tokencut_batch
     calls = {"n": 0}
 
     def block1_degenerate(feats, grid, patch, sizes, cfg):
@@ -215,7 +216,7 @@ def test_degenerate_graphs_reported_per_block(tmp_path, monkeypatch):
         calls["n"] += 1
         return real_batch(torch.ones_like(feats) if block == 1 else feats, grid, patch, sizes, cfg)
 
-    monkeypatch.setattr(tc_run, "tokencut_batch", block1_degenerate)
+    monkeypatch.setattr(tc_lib, "tokencut_batch", block1_degenerate)
     out = tmp_path / "out"
     argv = [*SYN, *TINY, "--root", str(tmp_path / "cache"), "--out", str(out), "--quiet"]
     argv += ["--sweep-layers", "--num-workers", "0", "--batch-size", "4"]

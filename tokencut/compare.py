@@ -18,7 +18,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dino_skipless.cli import add_debug_arg, cli_main, markdown_table, write_report
+from dino_skipless.cli import add_debug_arg, cli_main
+from dino_skipless.fileio import markdown_table, write_report
 
 from .corloc import mcnemar_exact
 

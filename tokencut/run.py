@@ -1,224 +1,47 @@
-"""TokenCut object discovery and CorLoc (paper Sec. 6.2.2, Fig. 3, Table 4).
+"""TokenCut object discovery and CorLoc (paper Sec. 6.2.2, Fig. 3, Table 4): the command line.
 
     python -m tokencut.run --dataset voc07 --root datasets/VOC2007 --ckpt run/backbone.pt
     python -m tokencut.run --dataset synthetic --random-init skipless_init --arch vit_small \\
         --sweep-layers --out runs/tokencut
 
-Each image is read at its own size, ImageNet-normalised, zero-padded bottom/right to a multiple
-of the patch size (padding after normalisation, as the official code); images with the same
-padded size are batched, and with ``--sweep-layers`` one forward pass yields every block's
-features. Writes ``OUT/results.json`` and ``OUT/results.md``.
+With ``--sweep-layers`` one forward pass yields every block's features. Writes
+``OUT/results.json`` and ``OUT/results.md``; the pipeline is ``tokencut.pipeline``.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from torchvision.transforms.functional import to_tensor
-from tqdm import tqdm
 
 from dino_skipless.cli import (
     add_backbone_args,
-    atomic_write_text,
     backbone_from_args,
     cli_main,
-    command_line,
     default_num_workers,
-    markdown_table,
-    new_run_id,
     resolve_device,
-    write_json,
 )
-from dino_skipless.features import FEATURE_KINDS, check_layers, extract, normalize_image, patch_size
+from dino_skipless.features import FEATURE_KINDS, patch_size
+from dino_skipless.fileio import command_line, new_run_id, write_report
 
-from .corloc import box_iou, corloc
-from .ncut import SOLVERS, TokenCutConfig, tokencut_batch
+from .ncut import SOLVERS, TokenCutConfig
+from .pipeline import (
+    DATASETS,
+    discover,
+    load_dataset,
+    report_text,
+    results_record,
+    save_visualisations,
+    stage_layers,
+    vis_count,
+)
 
-DATASETS = ("voc07", "voc12", "coco20k", "synthetic")
-
-
-@dataclass
-class Item:
-    """One image to run TokenCut on."""
-
-    index: int  # index in the dataset
-    image_id: str
-    hw: tuple[int, int]  # original (H, W)
-    gt: np.ndarray  # (K, 4) ground-truth boxes used for CorLoc
-
-
-@dataclass
-class Plan:
-    items: list[Item]
-    skipped: list[dict]  # {"image", "reason"}
-
-    def count(self, reason: str) -> int:
-        return sum(s["reason"] == reason for s in self.skipped)
-
-
-def load_dataset(args):
-    from dino_skipless.data import build_detection_dataset, synthetic_root
-
-    if args.dataset == "synthetic":
-        root = synthetic_root(
-            "voc",
-            n=args.synthetic_n,
-            size=args.synthetic_size,
-            seed=args.synthetic_seed,
-            cache_dir=args.root,
-            vary=args.synthetic_vary,
-        )
-        return build_detection_dataset("voc12", root), root
-    if args.root is None:
-        raise SystemExit(f"--dataset {args.dataset} needs --root (the dataset folder)")
-    # Hard boxes are filtered here rather than by the reader so the dropped images are counted.
-    return build_detection_dataset(args.dataset, args.root, no_hard=False), Path(args.root)
-
-
-def image_hw(ds, i: int) -> tuple[int, int]:
-    rec = ds.records[i]
-    if rec.size is not None:
-        return int(rec.size[1]), int(rec.size[0])
-    with Image.open(ds.image_path(i)) as im:  # reads the header only
-        return im.height, im.width
-
-
-def plan_images(
-    ds, patch: int, no_hard: bool, min_grid: int = 2, max_images: int | None = None
-) -> Plan:
-    """Which images TokenCut runs on, and why the others are left out (all counted):
-
-    - ``no_hard_dropped``: with ``no_hard`` only non-hard boxes are ground truth and images left
-      without one are dropped (official ``--no_hard``);
-    - ``no_gt``: no ground-truth box at all (cannot be scored; the official code, which only
-      drops these under ``--no_hard``, would count them as failures -- they do not occur in VOC);
-    - ``too_small``: fewer than ``min_grid`` patch rows or columns after padding (no cut exists).
-    """
-    n = len(ds) if max_images is None else min(len(ds), max_images)
-    items, skipped = [], []
-    for i in range(n):
-        t = ds.target(i)
-        boxes = np.asarray(t["boxes"], dtype=np.float64).reshape(-1, 4)
-        image_id = str(t["image_id"])
-        if no_hard:
-            boxes = boxes[~np.asarray(t["hard"], dtype=bool)]
-            if len(boxes) == 0:
-                skipped.append({"image": image_id, "reason": "no_hard_dropped"})
-                continue
-        if len(boxes) == 0:
-            skipped.append({"image": image_id, "reason": "no_gt"})
-            continue
-        hw = image_hw(ds, i)
-        if -(-hw[0] // patch) < min_grid or -(-hw[1] // patch) < min_grid:
-            skipped.append({"image": image_id, "reason": "too_small", "size": list(hw)})
-            continue
-        items.append(Item(i, image_id, hw, boxes))
-    return Plan(items, skipped)
-
-
-def padded_hw(hw: tuple[int, int], patch: int) -> tuple[int, int]:
-    return -(-hw[0] // patch) * patch, -(-hw[1] // patch) * patch
-
-
-def bucket_batches(items: list[Item], patch: int, batch_size: int) -> list[list[int]]:
-    """Positions in ``items`` grouped into batches of one padded size (sorted by size, stable)."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for k, it in enumerate(items):
-        groups.setdefault(padded_hw(it.hw, patch), []).append(k)
-    out = []
-    for key in sorted(groups):
-        g = groups[key]
-        out += [g[s : s + batch_size] for s in range(0, len(g), batch_size)]
-    return out
-
-
-class _Images(torch.utils.data.Dataset):
-    """Normalised, zero-padded images (padding after normalisation, as the official code)."""
-
-    def __init__(self, ds, items: list[Item], patch: int):
-        self.ds, self.items, self.patch = ds, items, patch
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, k: int):
-        it = self.items[k]
-        img = self.ds.load(it.index)
-        x = normalize_image(to_tensor(img)[None])[0]
-        if tuple(x.shape[-2:]) != it.hw:
-            raise RuntimeError(f"{it.image_id}: image is {tuple(x.shape[-2:])}, expected {it.hw}")
-        hp, wp = padded_hw(it.hw, self.patch)
-        out = x.new_zeros(3, hp, wp)
-        out[:, : it.hw[0], : it.hw[1]] = x
-        return out, k
-
-
-def _collate(batch):
-    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
-
-
-@dataclass
-class Prediction:
-    box: list[float]
-    best_iou: float
-    degenerate: bool
-    mask: np.ndarray | None = None  # kept only for visualised images
-
-
-def run_tokencut(
-    model,
-    ds,
-    items: list[Item],
-    layers: list[int],
-    cfg: TokenCutConfig,
-    device: torch.device,
-    batch_size: int = 16,
-    num_workers: int = 0,
-    keep_masks: set[int] | None = None,
-    progress: bool = True,
-) -> dict[int, list[Prediction]]:
-    """TokenCut boxes of every item for every block in ``layers`` (one forward pass per batch)."""
-    p = patch_size(model)
-    keep_masks = keep_masks or set()
-    batches = bucket_batches(items, p, batch_size)
-    loader = torch.utils.data.DataLoader(
-        _Images(ds, items, p),
-        batch_sampler=batches,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-    )
-    preds: dict[int, list[Prediction | None]] = {li: [None] * len(items) for li in layers}
-    for x, ks in tqdm(loader, desc="tokencut", unit="batch", disable=not progress):
-        x = x.to(device, non_blocking=True)
-        feats = extract(model, x, layers, kind=cfg.feature)
-        sizes = [items[k].hw for k in ks]
-        for li in layers:
-            res = tokencut_batch(feats.patches(li), feats.grid, p, sizes, cfg)
-            for k, r in zip(ks, res):
-                iou = box_iou(r.box, items[k].gt)
-                preds[li][k] = Prediction(
-                    r.box, float(iou.max()), r.degenerate, r.mask if k in keep_masks else None
-                )
-    return preds
-
-
-def summarise(
-    preds: dict[int, list[Prediction]], cfg: TokenCutConfig
-) -> tuple[dict[int, float], int]:
-    """(CorLoc per block, best block)."""
-    per_layer = {
-        li: corloc([p.best_iou for p in ps], cfg.iou_threshold) for li, ps in preds.items()
-    }
-    # First of the best on ties, so the choice is reproducible.
-    best = max(per_layer, key=lambda li: (per_layer[li], -li))
-    return per_layer, best
+# scripts/bench_tokencut.py imports these from here
+from .pipeline import _Images as _Images
+from .pipeline import bucket_batches as bucket_batches
+from .pipeline import plan_images as plan_images
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,118 +112,30 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     model, spec, label = backbone_from_args(args)
     model = model.to(device).eval()
-    try:
-        layer = check_layers(model, [cfg.layer])[0]
-    except ValueError as e:
-        raise SystemExit(f"--layer: {e}") from None
-    layers = list(range(len(model.blocks))) if args.sweep_layers else [layer]
-    ds, root = load_dataset(args)
-    p = patch_size(model)
-    plan = plan_images(ds, p, cfg.no_hard, cfg.min_grid, args.max_images)
-    if not plan.items:
-        raise SystemExit(
-            f"no image left to evaluate in {args.dataset} at {root} "
-            f"({len(plan.skipped)} skipped: see the reasons with --max-images)"
+    layers = stage_layers(model, cfg.layer, args.sweep_layers)
+    synthetic = dict(
+        n=args.synthetic_n, size=args.synthetic_size, seed=args.synthetic_seed,
+        vary=args.synthetic_vary,
+    )  # fmt: skip
+    ds, root = load_dataset(args.dataset, args.root, synthetic)
+    plan, preds, seconds = discover(
+        model, ds, cfg, layers, device, max_images=args.max_images, batch_size=args.batch_size,
+        num_workers=args.num_workers, vis_max=args.vis_max if args.save_vis else None,
+        progress=not args.quiet, where=f"{args.dataset} at {root}",
+    )  # fmt: skip
+    results = results_record(
+        plan, preds, cfg, seconds, sweep=args.sweep_layers, run_id=new_run_id(),
+        dataset=args.dataset, root=root, label=label, spec=spec, command=command_line(),
+    )  # fmt: skip
+    text = report_text(results, args.sweep_layers, device)
+    write_report(Path(args.out) / "results", results, text)
+    print(text)
+    if args.save_vis:
+        n_vis = vis_count(len(plan.items), args.vis_max)
+        save_visualisations(
+            args.save_vis, ds, plan, preds[results["layer"]], n_vis, patch_size(model)
         )
-    n_vis = 0
-    if args.save_vis:
-        n_vis = len(plan.items) if args.vis_max <= 0 else min(args.vis_max, len(plan.items))
-    t0 = time.perf_counter()
-    preds = run_tokencut(
-        model,
-        ds,
-        plan.items,
-        layers,
-        cfg,
-        device,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        keep_masks=set(range(n_vis)),
-        progress=not args.quiet,
-    )
-    elapsed = time.perf_counter() - t0
-    per_layer, best = summarise(preds, cfg)
-    shown = best if args.sweep_layers else layer
-    ps = preds[shown]
-    per_image = [
-        {
-            "image": it.image_id,
-            "size": list(it.hw),
-            "pred_box": pr.box,
-            "best_iou": pr.best_iou,
-            "correct": pr.best_iou >= cfg.iou_threshold,
-            "degenerate": pr.degenerate,
-            "gt_boxes": it.gt.tolist(),
-        }
-        for it, pr in zip(plan.items, ps)
-    ]
-    if args.sweep_layers:
-        for k, e in enumerate(per_image):
-            e["best_iou_per_layer"] = {str(li): preds[li][k].best_iou for li in layers}
-    reasons = ("too_small", "no_gt", "no_hard_dropped")
-    results = {
-        "run_id": new_run_id(),
-        "dataset": args.dataset,
-        "root": str(root),
-        "ckpt": label,
-        "backbone": spec.to_dict(),
-        "config": {**asdict(cfg), "eig_dtype": str(cfg.eig_dtype).replace("torch.", "")},
-        "command": command_line(),
-        "corloc": per_layer[shown],
-        "layer": shown,
-        "feature": cfg.feature,
-        "n_images": len(plan.items),
-        "n_correct": int(sum(e["correct"] for e in per_image)),
-        "n_skipped": len(plan.skipped),
-        "skipped": {r: plan.count(r) for r in reasons},
-        "skipped_images": plan.skipped,
-        "n_degenerate": int(sum(pr.degenerate for pr in ps)),
-        "n_degenerate_per_layer": {
-            str(li): int(sum(pr.degenerate for pr in preds[li])) for li in layers
-        },
-        "per_layer": {str(li): v for li, v in per_layer.items()},
-        "best_layer": best,
-        "seconds": elapsed,
-        "ms_per_image": 1000 * elapsed / len(plan.items),
-        "per_image": per_image,
-    }
-    if not args.sweep_layers:
-        # A single block: per_layer has one entry and best_layer is that block.
-        results["best_layer"] = layer
-    out = Path(args.out)
-    write_json(out / "results.json", results)
-    rows = [
-        [
-            args.dataset,
-            label,
-            f"{li} (best)" if args.sweep_layers and li == best else str(li),
-            cfg.feature,
-            per_layer[li],
-            len(plan.items),
-            len(plan.skipped),
-            results["n_degenerate_per_layer"][str(li)],
-        ]
-        for li in layers
-    ]
-    headers = ["dataset", "ckpt", "layer", "feature", "CorLoc", "n_images", "n_skipped"]
-    # per block: one block's graphs can all be degenerate while another's are fine
-    table = markdown_table([*headers, "degenerate"], rows)
-    note = (
-        f"\nskipped: {results['skipped']}; degenerate: graphs of the block that are all one "
-        f"component (whole image predicted); {results['ms_per_image']:.1f} ms/image on {device}\n"
-    )
-    atomic_write_text(out / "results.md", table + "\n" + note)
-    print(table + "\n" + note)
-    if args.save_vis:
-        from .vis import save_tokencut_vis
-
-        vis_dir = Path(args.save_vis)
-        for k in range(n_vis):
-            it, pr = plan.items[k], ps[k]
-            save_tokencut_vis(
-                vis_dir / f"{it.image_id}.png", ds.load(it.index), pr.box, it.gt, pr.mask, p
-            )
-        print(f"wrote {n_vis} visualisations to {vis_dir}")
+        print(f"wrote {n_vis} visualisations to {args.save_vis}")
     return 0
 
 

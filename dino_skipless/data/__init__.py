@@ -8,7 +8,6 @@ boxes in the TokenCut/LOST protocol's coordinates; see ``datasets/README.md`` fo
 from .ade20k import ADE20KSegmentation
 from .base import DetectionDataset, SegmentationDataset
 from .build import build_detection_dataset, build_segmentation_dataset
-from .cache import FORMATS as SYNTHETIC_FORMATS
 from .cache import synthetic_root
 from .classes import (
     ADE20K_CLASSES,
@@ -20,6 +19,7 @@ from .classes import (
 from .coco20k import COCO20kDetection
 from .cocostuff import COCOStuffSegmentation
 from .errors import DatasetError
+from .generate import FORMATS as SYNTHETIC_FORMATS
 from .imagefolder import ImageFolderDataset
 from .voc import VOCDetection, VOCSegmentation
 

@@ -1,19 +1,15 @@
-"""Generate-once cache of synthetic datasets (kept apart from ``synthetic`` so that importing
-the package does not import the module that ``python -m`` runs)."""
+"""Generate-once cache of synthetic datasets (the generator is ``generate.py``; the command line
+``synthetic.py`` is not imported by the package, so ``python -m`` runs a fresh module)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-FORMATS = ("voc", "ade20k", "cocostuff", "coco20k", "imagefolder")
-GENERATOR_VERSION = 4
-MANIFEST = "synthetic.json"
-DEFAULT_N = 100
-DEFAULT_SIZE = 128
+from ..fileio import current_umask
+from .generate import DEFAULT_N, DEFAULT_SIZE, FORMATS, generate, manifest_matches
 
 
 def cache_key(fmt: str, n: int, size: int, seed: int, vary: bool = False) -> str:
@@ -23,22 +19,6 @@ def cache_key(fmt: str, n: int, size: int, seed: int, vary: bool = False) -> str
 def default_cache_dir() -> Path:
     base = os.environ.get("SKIPLESS_CACHE") or Path.home() / ".cache" / "skipless_dino"
     return Path(base) / "synthetic"
-
-
-def _is_complete(root: Path, fmt: str, n: int, size: int, seed: int, vary: bool) -> bool:
-    try:
-        m = json.loads((root / MANIFEST).read_text("utf-8"))
-    except (OSError, ValueError):
-        return False
-    want = {
-        "format": fmt,
-        "n": n,
-        "size": size,
-        "seed": seed,
-        "vary": vary,
-        "generator_version": GENERATOR_VERSION,
-    }
-    return all(m.get(k) == v for k, v in want.items())
 
 
 def synthetic_root(
@@ -61,25 +41,21 @@ def synthetic_root(
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     parent = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = parent / cache_key(fmt, n, size, seed, vary)
-    if _is_complete(final, fmt, n, size, seed, vary):
+    if manifest_matches(final, fmt, n, size, seed, vary):
         return final
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
-    from ..cli import current_umask
-
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the cache from colleagues
     try:
-        from .synthetic import generate
-
         generate(tmp, fmt, n, size, seed, vary=vary, keep_truth=False)
-        if final.exists() and not _is_complete(final, fmt, n, size, seed, vary):
+        if final.exists() and not manifest_matches(final, fmt, n, size, seed, vary):
             stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale-", dir=parent))
             os.replace(final, stale / "old")
             shutil.rmtree(stale, ignore_errors=True)
         try:
             os.rename(tmp, final)
         except OSError:
-            if not _is_complete(final, fmt, n, size, seed, vary):
+            if not manifest_matches(final, fmt, n, size, seed, vary):
                 raise
     finally:
         if tmp.exists():

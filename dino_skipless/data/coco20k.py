@@ -7,12 +7,14 @@ with an empty ``(0, 4)`` box array -- the evaluator counts them as misses -- unl
 ``no_hard=True``, which drops them, as LOST does when run with ``--no_hard``.
 
 The image list is ``ROOT/coco_20k_filenames.txt`` when present (the synthetic writer puts one
-there), else ``file_list=``, else the list shipped in the repository's ``datasets/`` folder.
+there), else ``file_list=``, else the list shipped with the package (package data, read
+through ``importlib.resources``, so it is there after any install).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import io
 import json
 import os
@@ -27,7 +29,8 @@ from .errors import DatasetError, require_file, with_layout
 from .files import read_id_list
 
 LIST_NAME = "coco_20k_filenames.txt"
-SHIPPED_LIST = Path(__file__).resolve().parents[2] / "datasets" / LIST_NAME
+# a plain path for an installed package (not a zip), which is how read_id_list opens it
+SHIPPED_LIST = importlib.resources.files(__package__) / LIST_NAME
 ANNOTATION_FILE = Path("annotations") / "instances_train2014.json"
 
 

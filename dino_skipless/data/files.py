@@ -28,17 +28,6 @@ def load_rgb(path: Path) -> Image.Image:
         raise DatasetError(f"corrupt or truncated image {path}: {e}") from e
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the header only."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except FileNotFoundError as e:
-        raise DatasetError(f"image missing: {path}") from e
-    except _DECODE_ERRORS as e:
-        raise DatasetError(f"corrupt image {path}: {e}") from e
-
-
 def load_label(path: Path, palette: np.ndarray | None = None) -> np.ndarray:
     """Raw label ids (HxW uint8) of a palette or grey PNG.
 

@@ -34,7 +34,7 @@ COCO20K = """\
 ROOT/
   train2014/COCO_train2014_XXXXXXXXXXXX.jpg       (or images/train2014/...)
   annotations/instances_train2014.json
-  coco_20k_filenames.txt                          optional; else datasets/coco_20k_filenames.txt
+  coco_20k_filenames.txt                          optional; else the package's copy
 """
 
 IMAGEFOLDER = """\

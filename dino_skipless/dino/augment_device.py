@@ -56,6 +56,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from .augment import AugConfig
+from .sampling import sample_seeds
 
 # Columns of a view's parameter row (one row per view, per sample).
 TOP, LEFT, HEIGHT, WIDTH, FLIP, JITTER = 0, 1, 2, 3, 4, 5
@@ -188,8 +189,6 @@ class SeededDecode(Dataset):
         return len(self.base)
 
     def __getitem__(self, key: tuple[int, int]):
-        from .trainer import sample_seeds
-
         epoch, index = key
         if self.draft:
             img, (full_w, full_h) = load_rgb_draft(self.base.image_path(index), self.draft)

@@ -15,13 +15,17 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ..cli import atomic_write_text, temp_file_beside
+from ..fileio import atomic_write_text, temp_file_beside
 from ..models.loading import CheckpointError, safe_torch_load
+from .runlog import truncate_jsonl
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from .trainer import _Run
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -156,3 +160,64 @@ def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, stem: str = 
     atomic_torch_save(sd, out_dir / f"{stem}.pt")
     atomic_write_text(out_dir / f"{stem}.json", json.dumps(backbone.spec.to_dict(), indent=2))
     return out_dir / f"{stem}.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# A training run's state: save and exact resume
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(r: _Run, path: Path) -> None:
+    """Rank 0 writes the full state for an exact resume at ``r.step`` (atomically)."""
+    if path.name == CHECKPOINT:
+        r.saved_step = r.step
+    if not r.env.is_main:
+        return
+    state = {
+        "student": r.student.state_dict(),
+        "teacher": r.teacher.state_dict(),
+        "optimizer": r.optimizer.state_dict(),
+        "dino_loss": r.loss_fn.state_dict(),
+        "scaler": r.scaler.state_dict() if r.scaler.is_enabled() else None,
+        "step": r.step,
+        "epoch": r.step // r.niter_per_ep,
+        "sampler": {"epoch": r.step // r.niter_per_ep, "skip_batches": r.step % r.niter_per_ep},
+        "nonfinite_skipped": r.nonfinite_skipped,
+        "collapse": r.collapse.state_dict(),
+        "bad_images": dict(r.bad_images),
+        "epoch_loss": dict(r.epoch_loss),
+        "elapsed_s": r.elapsed(),
+        "rng": rng_state(),
+        "config": r.cfg.to_dict(),
+        "meta": r.meta,
+    }
+    atomic_torch_save(state, path)
+
+
+def resume(r: _Run) -> None:
+    """Restore the state of ``DIR/checkpoint.pt`` into ``r`` (and the RNGs), so the run
+    continues as if it had not stopped; log records written after it are dropped."""
+    path = r.out_dir / CHECKPOINT
+    ckpt = load_checkpoint(path)
+    check_compatible(ckpt["meta"], r.meta, path)
+    r.student.load_state_dict(ckpt["student"])
+    r.teacher.load_state_dict(ckpt["teacher"])
+    r.optimizer.load_state_dict(ckpt["optimizer"])
+    r.loss_fn.load_state_dict(ckpt["dino_loss"])
+    if r.scaler.is_enabled() and ckpt.get("scaler"):
+        r.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    r.step = int(ckpt["step"])
+    r.nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0))
+    r.collapse.load_state_dict(ckpt.get("collapse", {}))
+    r.bad_images = dict(ckpt.get("bad_images", r.bad_images))
+    r.epoch_loss = dict(ckpt.get("epoch_loss", r.epoch_loss))
+    r.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+    r.saved_step = r.step
+    if r.env.is_main:
+        dropped = truncate_jsonl(r.out_dir / "log.jsonl", r.step)
+        extra = f"; dropped {dropped} log records written after it" if dropped else ""
+        r.log.info(
+            f"resumed from {path} at step {r.step} (epoch {r.step // r.niter_per_ep}, "
+            f"iteration {r.step % r.niter_per_ep}/{r.niter_per_ep}){extra}"
+        )

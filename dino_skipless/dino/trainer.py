@@ -14,11 +14,8 @@ One iteration (global step ``it = epoch * niter_per_ep + i``), as the official c
 5. EMA teacher update with the scheduled momentum; the collapse alarm (``collapse.py``: the
    teacher target's information about the image, every step); logging; checkpoints.
 
-Data order and augmentations are a pure function of ``(seed, epoch, index)``: the sampler is
-DistributedSampler's permutation (seeded by ``seed + epoch``) and each sample's crops are drawn
-from RNGs seeded by ``(seed, epoch, index)``. So a mid-epoch resume replays exactly, any number
-of loader workers gives the same batches, and N processes with batch B/N see the same crops as
-one process with batch B (the official code instead draws augmentations from per-worker RNGs).
+Data order and augmentations are a pure function of ``(seed, epoch, index)`` (``sampling``), so
+a mid-epoch resume replays exactly and N processes see the crops of one process.
 """
 
 from __future__ import annotations
@@ -34,9 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from ..data import DatasetError
+from ..fileio import atomic_write_text, write_json
 from ..models import build_model
 from ..optim import build_optimizer, get_param_groups
 from . import DINOHead, DINOLoss, MultiCropAugmentation, MultiCropWrapper, ema_update_
@@ -44,19 +42,17 @@ from .augment_device import SeededDecode, collate_decoded, device_multicrop
 from .checkpoint import (
     CHECKPOINT,
     FORMAT_VERSION,
-    atomic_torch_save,
-    check_compatible,
     export_backbone,
-    load_checkpoint,
     remove_stale_temp_files,
-    rng_state,
-    set_rng_state,
+    resume,
+    save_checkpoint,
 )
 from .collapse import ADVICE, CollapseError, CollapseMonitor
 from .config import ConfigError, PretrainConfig
-from .decode import REPLACED, UNUSABLE, load_image, too_many_message, unusable_message
+from .decode import REPLACED, UNUSABLE, too_many_message, unusable_message
 from .distributed import DistEnv, all_reduce_mean, barrier, init_distributed
-from .logging import RunLogger, memory_gb, progress_bar, rotate_logs, truncate_jsonl
+from .runlog import RunLogger, memory_gb, progress_bar, rotate_logs
+from .sampling import EpochSampler, SeededMultiCrop
 from .schedules import (
     apply_schedules_,
     build_schedules,
@@ -88,86 +84,8 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: deterministic order and per-sample deterministic multi-crop augmentation
+# Data (order and crops: ``sampling``)
 # ---------------------------------------------------------------------------------------------
-
-
-def sample_seeds(seed: int, epoch: int, index: int) -> tuple[int, int]:
-    """Two independent 32-bit seeds (torch, python) for sample ``index`` in ``epoch``."""
-    a, b = np.random.SeedSequence([seed, epoch, index]).generate_state(2)
-    return int(a), int(b)
-
-
-class SeededMultiCrop(Dataset):
-    """``ds[(epoch, index)] -> [g1, g2, l1..ln]``: crops depend only on (seed, epoch, index).
-
-    The multi-crop transform draws from torch's and Python's global RNGs (as upstream); they are
-    seeded per sample and restored afterwards, so the caller's RNG streams are untouched.
-    With ``on_error`` (``data.on_error``) a sample is ``(crops, status, problem)`` of
-    ``decode.load_image`` instead, so unreadable images reach the main process as data.
-    """
-
-    def __init__(
-        self,
-        base: Dataset,
-        transform: MultiCropAugmentation,
-        seed: int,
-        on_error: str | None = None,
-    ):
-        self.base = base
-        self.transform = transform
-        self.seed = seed
-        self.on_error = on_error
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor]:
-        epoch, index = key
-        if self.on_error is None:
-            img = self.base[index][0]
-        else:
-            img, status, problem = load_image(self.base, self.seed, epoch, index, self.on_error)
-        torch_seed, py_seed = sample_seeds(self.seed, epoch, index)
-        torch_state, py_state = torch.get_rng_state(), random.getstate()
-        try:
-            torch.default_generator.manual_seed(torch_seed)
-            random.seed(py_seed)
-            crops = self.transform(img)
-            return crops if self.on_error is None else (crops, status, problem)
-        finally:
-            torch.set_rng_state(torch_state)
-            random.setstate(py_state)
-
-
-class EpochSampler(Sampler):
-    """``torch.utils.data.DistributedSampler`` (shuffle, pad to a multiple of the world size,
-    rank-strided shard; permutation seeded by ``seed + epoch``) yielding ``(epoch, index)``,
-    with ``skip`` samples dropped from the front for a mid-epoch resume."""
-
-    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
-        self.n, self.num_replicas, self.rank, self.seed = n, num_replicas, rank, seed
-        self.num_samples = math.ceil(n / num_replicas)
-        self.total_size = self.num_samples * num_replicas
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-
-    def indices(self) -> list[int]:
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        idx = torch.randperm(self.n, generator=g).tolist()
-        pad = self.total_size - len(idx)
-        if pad > 0:
-            idx += (idx * math.ceil(pad / len(idx)))[:pad]
-        return idx[self.rank : self.total_size : self.num_replicas]
-
-    def __iter__(self):
-        return iter([(self.epoch, i) for i in self.indices()[self.skip :]])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.skip
 
 
 def build_dataset(cfg: PretrainConfig, env: DistEnv, log: RunLogger) -> Dataset:
@@ -273,11 +191,12 @@ def autocast(precision: str, device: torch.device):
 
 
 def make_grad_scaler(precision: str):
-    if precision != "fp16":
-        return None
+    """Loss scaling for fp16 only; for fp32/bf16 a disabled scaler, whose ``scale``,
+    ``unscale_``, ``step`` and ``update`` pass through, so every precision takes one path."""
+    enabled = precision == "fp16"
     if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler("cuda")
-    return torch.cuda.amp.GradScaler()  # pragma: no cover - torch < 2.3
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # pragma: no cover - torch < 2.3
 
 
 def oom_message(batch: int, device: torch.device) -> str:
@@ -336,7 +255,7 @@ class _Run:
     teacher_fwd: nn.Module
     loss_fn: DINOLoss
     optimizer: torch.optim.Optimizer
-    scaler: object
+    scaler: torch.amp.GradScaler  # disabled (a pass-through) unless fp16
     schedules: object
     precision: str
     meta: dict
@@ -360,64 +279,10 @@ def _clock() -> float:
     return time.monotonic()
 
 
-def save_checkpoint(r: _Run, path: Path) -> None:
-    """Rank 0 writes the full state for an exact resume at ``r.step`` (atomically)."""
-    if path.name == CHECKPOINT:
-        r.saved_step = r.step
-    if not r.env.is_main:
-        return
-    state = {
-        "student": r.student.state_dict(),
-        "teacher": r.teacher.state_dict(),
-        "optimizer": r.optimizer.state_dict(),
-        "dino_loss": r.loss_fn.state_dict(),
-        "scaler": r.scaler.state_dict() if r.scaler is not None else None,
-        "step": r.step,
-        "epoch": r.step // r.niter_per_ep,
-        "sampler": {"epoch": r.step // r.niter_per_ep, "skip_batches": r.step % r.niter_per_ep},
-        "nonfinite_skipped": r.nonfinite_skipped,
-        "collapse": r.collapse.state_dict(),
-        "bad_images": dict(r.bad_images),
-        "epoch_loss": dict(r.epoch_loss),
-        "elapsed_s": r.elapsed(),
-        "rng": rng_state(),
-        "config": r.cfg.to_dict(),
-        "meta": r.meta,
-    }
-    atomic_torch_save(state, path)
-
-
-def resume(r: _Run) -> None:
-    path = r.out_dir / CHECKPOINT
-    ckpt = load_checkpoint(path)
-    check_compatible(ckpt["meta"], r.meta, path)
-    r.student.load_state_dict(ckpt["student"])
-    r.teacher.load_state_dict(ckpt["teacher"])
-    r.optimizer.load_state_dict(ckpt["optimizer"])
-    r.loss_fn.load_state_dict(ckpt["dino_loss"])
-    if r.scaler is not None and ckpt.get("scaler"):
-        r.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    r.step = int(ckpt["step"])
-    r.nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0))
-    r.collapse.load_state_dict(ckpt.get("collapse", {}))
-    r.bad_images = dict(ckpt.get("bad_images", r.bad_images))
-    r.epoch_loss = dict(ckpt.get("epoch_loss", r.epoch_loss))
-    r.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
-    r.saved_step = r.step
-    if r.env.is_main:
-        dropped = truncate_jsonl(r.out_dir / "log.jsonl", r.step)
-        extra = f"; dropped {dropped} log records written after it" if dropped else ""
-        r.log.info(
-            f"resumed from {path} at step {r.step} (epoch {r.step // r.niter_per_ep}, "
-            f"iteration {r.step % r.niter_per_ep}/{r.niter_per_ep}){extra}"
-        )
-
-
 def condition_numbers(r: _Run, epoch: int) -> None:
     """Paper App. A.7: kappa of each self-attention map of the teacher backbone."""
     try:
-        from ..jacobian import layer_condition_numbers
+        from ..jacobian_lib import layer_condition_numbers
     except ImportError as e:
         r.log.warn(f"run.jacobian_every_epochs set but dino_skipless.jacobian unavailable: {e}")
         return
@@ -551,21 +416,15 @@ def train_one_epoch(r: _Run, epoch: int) -> bool:
 
             # --- backward, clipping, last-layer freeze, optimizer step ----------------------
             r.optimizer.zero_grad(set_to_none=True)
+            # the scaler is a pass-through unless fp16 (see make_grad_scaler)
             norms = None
-            if r.scaler is not None:
-                r.scaler.scale(loss).backward()
-                if cfg.optim.clip_grad:
-                    r.scaler.unscale_(r.optimizer)  # clip the true gradients
-                    norms = clip_gradients(r.student, cfg.optim.clip_grad)
-                cancel_gradients_last_layer(epoch, r.student, cfg.optim.freeze_last_layer)
-                r.scaler.step(r.optimizer)
-                r.scaler.update()
-            else:
-                loss.backward()
-                if cfg.optim.clip_grad:
-                    norms = clip_gradients(r.student, cfg.optim.clip_grad)
-                cancel_gradients_last_layer(epoch, r.student, cfg.optim.freeze_last_layer)
-                r.optimizer.step()
+            r.scaler.scale(loss).backward()
+            if cfg.optim.clip_grad:
+                r.scaler.unscale_(r.optimizer)  # clip the true gradients
+                norms = clip_gradients(r.student, cfg.optim.clip_grad)
+            cancel_gradients_last_layer(epoch, r.student, cfg.optim.freeze_last_layer)
+            r.scaler.step(r.optimizer)
+            r.scaler.update()
 
             # --- EMA teacher ----------------------------------------------------------------
             ema_update_(r.teacher, r.student, sched["momentum"])
@@ -703,7 +562,6 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
     o = cfg.optim
     optimizer = build_optimizer(o.optimizer, get_param_groups(student), adamw=o.adamw, soap=o.soap)
     precision = effective_precision(cfg.run.precision, dev)
-    scaler = make_grad_scaler(precision)
     total_batch = cfg.data.batch_size_per_gpu * env.world_size
     schedules = build_schedules(
         lr=o.lr,
@@ -717,18 +575,30 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
         total_batch=total_batch,
     )
     r = _Run(
-        cfg, env, log, loader, sampler, niter_per_ep, student, teacher, student_fwd, teacher_fwd,
-        loss_fn, optimizer, scaler, schedules, precision,
-        run_meta(cfg, teacher, niter_per_ep, env), out_dir,
-    )  # fmt: skip
-    r.collapse = CollapseMonitor(cfg.run.collapse_window, cfg.run.collapse_min_info)
+        cfg=cfg,
+        env=env,
+        log=log,
+        loader=loader,
+        sampler=sampler,
+        niter_per_ep=niter_per_ep,
+        student=student,
+        teacher=teacher,
+        student_fwd=student_fwd,
+        teacher_fwd=teacher_fwd,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scaler=make_grad_scaler(precision),
+        schedules=schedules,
+        precision=precision,
+        meta=run_meta(cfg, teacher, niter_per_ep, env),
+        out_dir=out_dir,
+        collapse=CollapseMonitor(cfg.run.collapse_window, cfg.run.collapse_min_info),
+    )
 
     if resume_run:
         resume(r)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        from ..cli import atomic_write_text
-
         atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
     n_params = sum(p.numel() for p in student.parameters())
     log.info(
@@ -746,16 +616,15 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
     finished = True
     for epoch in range(start_epoch, o.epochs):
         finished = _run_epoch(r, epoch)
+        # every epoch, as main_dino.py, and where run.max_steps stops mid-epoch
+        save_checkpoint(r, out_dir / CHECKPOINT)
+        if env.is_main:
+            export_backbone(teacher.backbone, out_dir)
         if not finished:
-            save_checkpoint(r, out_dir / CHECKPOINT)
-            if env.is_main:
-                export_backbone(teacher.backbone, out_dir)
             log.info(f"stopped at step {r.step} (run.max_steps); checkpoint {out_dir / CHECKPOINT}")
             break
         done = epoch + 1
-        save_checkpoint(r, out_dir / CHECKPOINT)  # every epoch, as main_dino.py
         if env.is_main:
-            export_backbone(teacher.backbone, out_dir)
             snapshot = (cfg.run.saveckp_freq and done % cfg.run.saveckp_freq == 0) or (
                 done in cfg.run.keep_epochs
             )
@@ -776,8 +645,6 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
     barrier()
     final = r.losses[-1] if r.losses else None
     if env.is_main:
-        from ..cli import write_json
-
         summary = {
             "final_loss": final,
             "step": r.step,

@@ -99,11 +99,6 @@ class BackboneSpec:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
 
-    @classmethod
-    def from_json(cls, path) -> BackboneSpec:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
 
 def check_variant(variant: str) -> str:
     if variant not in VARIANTS:

@@ -1,0 +1,312 @@
+"""DINO's weighted k-NN evaluation as a library (Caron et al. 2021, ``eval_knn.py``): the vote,
+the neighbour search, the data splits and CLS features, and the ``results.json`` record of
+``python -m eval.knn`` (protocol in that module's docstring).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from dino_skipless.cli import default_num_workers
+from dino_skipless.data import DatasetError, ImageFolderDataset, synthetic_root
+from dino_skipless.features import IMAGENET_MEAN, IMAGENET_STD
+from dino_skipless.fileio import markdown_table
+from tokencut.corloc import mcnemar_exact, paired_diff_se
+
+
+@dataclass
+class KNNConfig:
+    """DINO eval_knn defaults."""
+
+    k: tuple[int, ...] = (20,)  # DINO reports 20-NN (and sweeps 10, 20, 100, 200)
+    temperature: float = 0.07
+    resize: int = 256  # short side, bicubic
+    crop: int = 224
+    batch_size: int = 64
+    chunk: int = 256  # test images per similarity chunk
+    val_fraction: float = 0.2  # only when the root has no train/val split
+    split_seed: int = 0
+    num_workers: int = field(default_factory=default_num_workers)  # 4, at most the CPU count
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------- pure math
+
+
+def knn_vote(
+    sims: torch.Tensor, neighbor_labels: torch.Tensor, num_classes: int, temperature: float
+) -> torch.Tensor:
+    """``(B, C)`` class scores: ``sum_j [label_j == c] * exp(sim_j / T)`` over the k neighbours."""
+    weights = (sims / temperature).exp()
+    scores = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype, device=sims.device)
+    return scores.scatter_add_(1, neighbor_labels.long(), weights)
+
+
+def search_torch(
+    train: torch.Tensor, test: torch.Tensor, k: int, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(similarities, indices) ``(B, k)`` of the k largest inner products, in chunks of tests."""
+    sims, idx = [], []
+    for i in range(0, len(test), chunk):
+        s = test[i : i + chunk] @ train.T
+        v, j = s.topk(min(k, train.shape[0]), dim=1, largest=True, sorted=True)
+        sims.append(v)
+        idx.append(j)
+    return torch.cat(sims), torch.cat(idx)
+
+
+def search_faiss(train: torch.Tensor, test: torch.Tensor, k: int):
+    import faiss
+
+    index = faiss.IndexFlatIP(train.shape[1])
+    if train.is_cuda and hasattr(faiss, "StandardGpuResources"):
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, train.device.index or 0, index)
+    index.add(np.ascontiguousarray(train.float().cpu().numpy()))
+    s, j = index.search(np.ascontiguousarray(test.float().cpu().numpy()), min(k, train.shape[0]))
+    return torch.from_numpy(s).to(test.device), torch.from_numpy(j).to(test.device)
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def knn_scores(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    test_f: torch.Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int,
+    backend: str = "auto",
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Weighted k-NN class scores ``(B, C)`` of L2-normalised features."""
+    use_faiss = backend == "faiss" or (backend == "auto" and faiss_available())
+    if use_faiss:
+        sims, idx = search_faiss(train_f, test_f, k)
+    else:
+        sims, idx = search_torch(train_f, test_f, k, chunk)
+    return knn_vote(sims, train_y.to(idx.device)[idx], num_classes, temperature)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """Percent of rows whose label is among the ``k`` best-scored classes."""
+    order = scores.argsort(dim=1, descending=True)
+    hit = order == labels.view(-1, 1).to(order.device)
+    return {f"top{k}": float(hit[:, :k].any(1).double().mean()) * 100 for k in ks}
+
+
+def top1_se(top1: float, n: int) -> float:
+    """Binomial standard error of a top-1 accuracy in percent over ``n`` images."""
+    p = top1 / 100
+    return 100 * float(np.sqrt(p * (1 - p) / max(n, 1)))
+
+
+def labels_digest(labels: Sequence[int]) -> str:
+    return hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def paired_knn(a: dict, b: dict) -> dict:
+    """Exact McNemar test of two k-NN ``results.json`` on the same validation images."""
+    for r, name in ((a, "A"), (b, "B")):
+        if "val_correct" not in r:
+            raise ValueError(f"k-NN result {name} has no per-image 'val_correct' (older run?)")
+    if a.get("val_digest") != b.get("val_digest") or len(a["val_correct"]) != len(b["val_correct"]):
+        raise ValueError("the two k-NN runs were scored on different validation images")
+    ca, cb = np.asarray(a["val_correct"], bool), np.asarray(b["val_correct"], bool)
+    only_a, only_b = int((ca & ~cb).sum()), int((~ca & cb).sum())
+    return {
+        "top1_a": 100 * float(ca.mean()),
+        "top1_b": 100 * float(cb.mean()),
+        "diff": 100 * float(ca.mean() - cb.mean()),
+        "diff_se": paired_diff_se(only_a, only_b, len(ca)),
+        "only_a": only_a,
+        "only_b": only_b,
+        "p_value": mcnemar_exact(only_a, only_b),
+        "n": len(ca),
+    }  # fmt: skip
+
+
+class PixelBaseline(torch.nn.Module):
+    """Raw pixels as features: area-downsample to ``size`` x ``size`` and flatten."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = int(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, self.size).flatten(1)
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def split_indices(targets: Sequence[int], val_fraction: float, seed: int):
+    """Per-class seeded split: (train indices, val indices); every class with >= 2 images gets
+    at least one of each."""
+    rng = np.random.default_rng(seed)
+    targets = np.asarray(targets)
+    tr, va = [], []
+    for c in np.unique(targets):
+        ids = np.flatnonzero(targets == c)
+        ids = ids[rng.permutation(len(ids))]
+        n_val = int(round(len(ids) * val_fraction))
+        if len(ids) >= 2:
+            n_val = min(max(n_val, 1), len(ids) - 1)
+        va += ids[:n_val].tolist()
+        tr += ids[n_val:].tolist()
+    return sorted(tr), sorted(va)
+
+
+def build_splits(root: Path, cfg: KNNConfig, transform):
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train = ImageFolderDataset(root / "train", transform)
+        val = ImageFolderDataset(root / "val", transform)
+        if train.classes != val.classes:
+            raise DatasetError(
+                f"{root}: train/ and val/ have different class folders "
+                f"({len(train.classes)} vs {len(val.classes)})"
+            )
+        return train, val, train.classes, "train/val folders"
+    ds = ImageFolderDataset(root, transform)
+    tr, va = split_indices(ds.targets, cfg.val_fraction, cfg.split_seed)
+    return Subset(ds, tr), Subset(ds, va), ds.classes, f"seeded split {cfg.val_fraction}"
+
+
+def eval_transform(cfg: KNNConfig):
+    return T.Compose(
+        [
+            T.Resize(cfg.resize, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(cfg.crop),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+@torch.no_grad()
+def extract_cls(model, dataset, cfg: KNNConfig, device, progress=True):
+    """L2-normalised final-norm CLS features ``(N, D)`` and labels ``(N,)``."""
+    model = model.to(device).eval()
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    feats, labels = [], []
+    for x, y in tqdm(loader, desc="features", leave=False, disable=not progress):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            f = model(x.to(device))
+        feats.append(F.normalize(f.float(), dim=1))
+        labels.append(torch.as_tensor(y))
+    return torch.cat(feats), torch.cat(labels).to(device)
+
+
+# ---------------------------------------------------------------------------------- stage
+
+
+def knn_root(dataset: str, root=None, synthetic: dict | None = None) -> Path:
+    """The ImageFolder root: ``root``, or for ``dataset == "synthetic"`` the cached synthetic
+    class folders (``synthetic``: ``synthetic_root`` kwargs; ``root`` is the cache folder)."""
+    if dataset == "synthetic":
+        return synthetic_root("imagefolder", cache_dir=root, **(synthetic or {}))
+    if root is None:
+        raise SystemExit("give --root IMAGEFOLDER (or --dataset synthetic)")
+    return Path(root)
+
+
+def resolve_backend(backend: str) -> str:
+    return "faiss" if backend == "faiss" or (backend == "auto" and faiss_available()) else "torch"
+
+
+def run_knn(
+    model, root, cfg: KNNConfig, device, backend: str = "auto", progress: bool = True
+) -> dict:
+    """Features of both splits, then the k-NN vote for every ``cfg.k``: top-1/top-5 per k and
+    the per-image top-1 hits of the first (reported) k."""
+    t0 = time.perf_counter()
+    train, val, classes, how = build_splits(Path(root), cfg, eval_transform(cfg))
+    tr_f, tr_y = extract_cls(model, train, cfg, device, progress)
+    va_f, va_y = extract_cls(model, val, cfg, device, progress)
+    t1 = time.perf_counter()
+    backend = resolve_backend(backend)
+    per_k, correct = {}, None
+    for k in cfg.k:
+        s = knn_scores(tr_f, tr_y, va_f, k, cfg.temperature, len(classes), backend, cfg.chunk)
+        per_k[str(k)] = topk_accuracy(s, va_y, ks=(1, min(5, len(classes))))
+        if correct is None:  # the reported k
+            correct = (s.argmax(1) == va_y.to(s.device)).int().cpu().tolist()
+    return {
+        "per_k": per_k,
+        "correct": correct,
+        "n_train": len(train),
+        "n_val": len(val),
+        "num_classes": len(classes),
+        "split": how,
+        "backend": backend,
+        "t0": t0,
+        "features_s": t1 - t0,
+        "val_digest": labels_digest(va_y.cpu().tolist()),
+    }
+
+
+def knn_record(
+    run: dict,
+    cfg: KNNConfig,
+    *,
+    run_id: str,
+    root,
+    label: str,
+    checkpoint,
+    spec,
+    device,
+    command: str,
+) -> dict:
+    """``results.json``: accuracies of the reported k (``cfg.k[0]``) and of every k, the split,
+    the backbone and config, and the per-image hits and label digest for ``paired_knn``."""
+    main_k = str(cfg.k[0])
+    top1 = run["per_k"][main_k]["top1"]
+    return {
+        "run_id": run_id,
+        **{"top1": top1, "top5": list(run["per_k"][main_k].values())[-1]},
+        "top1_se": top1_se(top1, run["n_val"]),
+        "k": cfg.k[0],
+        "per_k": run["per_k"],
+        "n_train": run["n_train"],
+        "n_val": run["n_val"],
+        "num_classes": run["num_classes"],
+        "split": run["split"],
+        "root": str(root),
+        "label": label,
+        "checkpoint": checkpoint,
+        "backbone": spec.to_dict() if spec is not None else None,
+        "config": cfg.to_dict(),
+        "backend": run["backend"],
+        "device": str(device),
+        "command": command,
+        "timings": {"features_s": run["features_s"], "total_s": time.perf_counter() - run["t0"]},
+        "val_correct": run["correct"],
+        "val_digest": run["val_digest"],
+    }
+
+
+def knn_table(record: dict) -> str:
+    rows = [
+        [record["label"], k, record["config"]["temperature"], v["top1"], list(v.values())[-1]]
+        for k, v in record["per_k"].items()
+    ]
+    return markdown_table(["ckpt", "k", "T", "top-1", "top-5"], rows)
