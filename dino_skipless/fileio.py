@@ -52,8 +52,35 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def portable_path(value: str) -> str:
+    """An absolute path as a reader elsewhere can use it: relative to the working directory
+    when inside it, ``~/...`` when inside the home directory, else unchanged. Results must not
+    record the writer's machine layout (and the relative form re-runs from the repo root)."""
+    if not value.startswith(os.sep):
+        return value
+    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~")):
+        try:
+            rel = Path(value).relative_to(base)
+        except ValueError:
+            continue
+        return str(Path(prefix) / rel) if prefix else str(rel) or "."
+    return value
+
+
+def _portable(obj):
+    if isinstance(obj, dict):
+        return {k: _portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_portable(v) for v in obj]
+    if isinstance(obj, Path):
+        obj = str(obj)
+    return portable_path(obj) if isinstance(obj, str) else obj
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    """Atomic, indented JSON; absolute paths in string values are written portably."""
+    text = json.dumps(_portable(obj), indent=2, default=_json_default)
+    atomic_write_text(path, text + "\n")
 
 
 def write_report(out: str | os.PathLike, obj, text: str) -> None:

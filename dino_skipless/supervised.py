@@ -50,11 +50,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
+from .data import ImageFolderDataset, build_segmentation_dataset, synthetic_root
 from .dino.augment import GaussianBlur, MultiCropAugmentation, Solarization
 from .dino.checkpoint import export_backbone
 from .dino.config import PretrainConfig, build_config
 from .dino.sampling import sample_seeds
 from .dino.schedules import apply_schedules_, build_schedules
+from .fileio import write_json
 from .models import build_model
 from .optim import build_optimizer, get_param_groups
 
@@ -145,8 +147,6 @@ def _collate(batch):
 
 def labelled_data(task: str, cfg: PretrainConfig, seg: dict) -> tuple[Dataset, int, int]:
     """(dataset of (image, label), number of classes, images per DINO epoch)."""
-    from .data import ImageFolderDataset, build_segmentation_dataset, synthetic_root
-
     d = cfg.data
     if task == "cls":
         root = d.path or synthetic_root(
@@ -242,8 +242,6 @@ def train_supervised(task: str, cfg: PretrainConfig, seg: dict | None = None) ->
                 )
         epoch += 1
     export_backbone(backbone, out_dir)
-    from .fileio import write_json
-
     acc = correct / max(seen, 1)
     write_json(
         out_dir / "summary.json",

@@ -314,7 +314,7 @@ def evaluate_probes(
     return conf.cpu() if counts is None else (conf.cpu(), counts)
 
 
-def summarize(
+def summarise(
     conf: torch.Tensor,
     lrs: Sequence[float],
     class_names: Sequence[str],
@@ -412,7 +412,7 @@ def probe_from_cache(
     counts = None
     if cfg.bootstrap > 0:
         conf, counts = conf
-    out = summarize(conf, cfg.lrs, class_names, probes.diverged, counts, cfg.bootstrap, cfg.seed)
+    out = summarise(conf, cfg.lrs, class_names, probes.diverged, counts, cfg.bootstrap, cfg.seed)
     out["layers"] = layers
     if counts is not None:  # the best lr's, for paired comparisons (eval.compare); not JSON
         out["per_image_counts"] = counts[[float(v) for v in cfg.lrs].index(out["best_lr"])]

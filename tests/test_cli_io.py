@@ -69,3 +69,21 @@ def test_tracked_results_record_no_absolute_paths():
         if p.suffix in {".json", ".md", ".txt", ".yaml", ".jsonl"} and pattern.search(p.read_text())
     ]
     assert not bad, f"absolute machine paths in {bad[:5]}"
+
+
+def test_write_json_records_paths_portably(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from dino_skipless.fileio import portable_path, write_json
+
+    monkeypatch.chdir(tmp_path)
+    home = Path.home()
+    assert portable_path(str(tmp_path / "runs" / "a")) == "runs/a"
+    assert portable_path(str(tmp_path)) == "."
+    assert portable_path("runs/a") == "runs/a"  # already relative
+    assert portable_path("/opt/data/voc") == "/opt/data/voc"  # neither cwd nor home: kept
+    if not str(tmp_path).startswith(str(home)):
+        assert portable_path(str(home / ".cache" / "x")) == "~/.cache/x"
+    write_json(tmp_path / "r.json", {"root": tmp_path / "d", "runs": [str(tmp_path / "e")], "n": 3})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"root": "d", "runs": ["e"], "n": 3}

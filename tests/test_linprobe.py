@@ -27,7 +27,7 @@ from eval.probe_lib import (
     _step_chunks,
     evaluate_probes,
     logit_cap,
-    summarize,
+    summarise,
     train_probes,
 )
 
@@ -417,18 +417,18 @@ def test_bootstrap_matches_explicit_resampling_and_degenerate_cases():
     assert bootstrap_miou(counts[:0], n_boot=10)["n_boot"] == 0
 
 
-def test_summarize_reports_the_best_lr_error_bar():
+def test_summarise_reports_the_best_lr_error_bar():
     feats, masks = random_problem(n=8, c=3)
     cfg = LinProbeConfig(epochs=2, batch_size=4, lrs=(0.01, 1.0))
     probes = train_probes(lambda i: feats[i], masks, 3, 8, cfg.lrs, cfg, progress=False)
     conf, counts = evaluate_probes(
         probes, lambda i: feats[i], list(masks), 3, progress=False, per_image=True
     )
-    out = summarize(conf, cfg.lrs, ["a", "b", "c"], counts=counts, n_boot=200, seed=0)
+    out = summarise(conf, cfg.lrs, ["a", "b", "c"], counts=counts, n_boot=200, seed=0)
     best = cfg.lrs.index(out["best_lr"])
     ref = bootstrap_miou(counts[best], 200, 0)
     assert out["miou_se"] == ref["se"] > 0 and out["miou_ci95"] == [ref["lo"], ref["hi"]]
-    assert "miou_se" not in summarize(conf, cfg.lrs, ["a", "b", "c"])
+    assert "miou_se" not in summarise(conf, cfg.lrs, ["a", "b", "c"])
 
 
 def test_per_image_confusion_equals_one_confusion_per_image():

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import DatasetError
-from ..fileio import atomic_write_text, write_json
+from ..fileio import atomic_write_text, portable_path, write_json
 from ..models import build_model
 from ..optim import build_optimizer, get_param_groups
 from . import DINOHead, DINOLoss, MultiCropAugmentation, MultiCropWrapper, ema_update_
@@ -95,7 +95,10 @@ def build_dataset(cfg: PretrainConfig, env: DistEnv, log: RunLogger) -> Dataset:
     d = cfg.data
     if d.path:
         base = ImageFolderDataset(d.path)  # DatasetError if missing / no images
-        log.info(f"data: {len(base)} images in {len(base.classes)} folders under {d.path}")
+        log.info(
+            f"data: {len(base)} images in {len(base.classes)} folders under "
+            f"{portable_path(str(d.path))}"
+        )
     else:
 
         def make_root():
@@ -111,7 +114,8 @@ def build_dataset(cfg: PretrainConfig, env: DistEnv, log: RunLogger) -> Dataset:
         base = ImageFolderDataset(root)
         log.info(
             f"no --data given: training on {len(base)} synthetic scenes at "
-            f"{d.synthetic_size}x{d.synthetic_size} px (cached in {root}); pass --data "
+            f"{d.synthetic_size}x{d.synthetic_size} px (cached in {portable_path(str(root))}); "
+            "pass --data "
             "/path/to/imagenet/train for real pretraining"
         )
     if d.augment_on == "device":  # workers decode + sample parameters; crops on the device
