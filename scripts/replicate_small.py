@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--synthetic-size",
         "48" if quick else "96",
     ]
-    # k-NN on dominant-object scenes (6 classes): the standard DINO pretraining monitor
+    # k-NN on the 6 pattern classes (held-out seed): the standard DINO pretraining monitor
     knn_args = (
         ["--dataset", "synthetic", "--synthetic-n", "60", "--synthetic-size", "48",
          "--resize", "32", "--crop", "32", "--synthetic-seed", str(KNN_SEED)]

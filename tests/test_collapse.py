@@ -7,30 +7,17 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_PRETRAIN, tiny_pretrain_config
 
 from dino_skipless.dino.collapse import CollapseError, CollapseMonitor, target_information
 from dino_skipless.dino.config import ConfigError, build_config
 from dino_skipless.dino.loss import teacher_entropies
 from dino_skipless.dino.trainer import train
 
-TINY = {
-    "model.arch": "vit_mini",
-    "model.depth": 2,
-    "model.patch_size": 8,
-    "aug.global_size": 32,
-    "aug.local_size": 16,
-    "aug.n_local": 2,
+# The trainer tests' tiny run, at the default lr, with a short collapse window.
+TINY = {k: v for k, v in TINY_PRETRAIN.items() if k != "optim.lr"} | {
     "dino.out_dim": 64,
-    "dino.head_hidden_dim": 64,
-    "dino.head_bottleneck_dim": 32,
-    "data.batch_size_per_gpu": 4,
-    "data.num_workers": 0,
-    "optim.epochs": 2,
     "optim.warmup_epochs": 0,
-    "run.precision": "fp32",
-    "run.log_every": 1,
-    "run.progress": False,
-    "run.tensorboard": False,
     "run.keep_epochs": [],
     "run.collapse_window": 3,
 }
@@ -91,7 +78,7 @@ def test_window_zero_never_fires_and_bad_config_is_refused(tmp_path):
 
 
 def _cfg(out, data, **extra):
-    return build_config(None, {**TINY, "data.path": str(data), "run.out": str(out), **extra})
+    return tiny_pretrain_config(out, data, base=TINY, **extra)
 
 
 # A very soft teacher (T = 10) makes the centred target uniform from the first step: the

@@ -113,7 +113,7 @@ def build_dataset(cfg: PretrainConfig, env: DistEnv, log: RunLogger) -> Dataset:
             root = make_root()
         base = ImageFolderDataset(root)
         log.info(
-            f"no --data given: training on {len(base)} synthetic scenes at "
+            f"no --data given: training on {len(base)} synthetic pattern images at "
             f"{d.synthetic_size}x{d.synthetic_size} px (cached in {portable_path(str(root))}); "
             "pass --data "
             "/path/to/imagenet/train for real pretraining"
