@@ -82,8 +82,8 @@ def _cfg(out, data, **extra):
 
 
 # A very soft teacher (T = 10) makes the centred target uniform from the first step: the
-# uniform collapse on purpose. (That a learning run does not raise the alarm is checked by the
-# slow regression test on the synthetic world, tests/test_learning.py.)
+# uniform collapse on purpose. (Learning runs that stay clear of the alarm: README, "Does the
+# trainer learn?", results/learn_cpu/curves.png.)
 COLLAPSING = {"dino.teacher_temp": 10.0, "dino.warmup_teacher_temp": 10.0}
 
 
