@@ -20,6 +20,7 @@ from test_pretrain_train import (
 from dino_skipless.data import DatasetError
 from dino_skipless.dino import checkpoint as checkpoint_mod
 from dino_skipless.dino import decode
+from dino_skipless.dino import state as state_mod
 from dino_skipless.dino import trainer as trainer_mod
 from dino_skipless.dino.config import ConfigError
 from dino_skipless.dino.distributed import DistEnv
@@ -227,7 +228,7 @@ def _ticking_clock(monkeypatch):
             return super().forward(*args)
 
     monkeypatch.setattr(trainer_mod, "DINOLoss", TickLoss)
-    monkeypatch.setattr(trainer_mod, "_clock", lambda: clock["t"])
+    monkeypatch.setattr(state_mod, "_clock", lambda: clock["t"])
 
 
 def _epoch_lines(out):

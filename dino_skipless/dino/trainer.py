@@ -60,6 +60,7 @@ from .schedules import (
     clip_gradients,
     scaled_lr,
 )
+from .state import RunState
 
 
 class NonFiniteLossError(RuntimeError):
@@ -243,47 +244,7 @@ def run_meta(cfg: PretrainConfig, teacher: MultiCropWrapper, niter: int, env: Di
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Run:
-    """Everything ``train_one_epoch`` touches (built once by ``train``)."""
-
-    cfg: PretrainConfig
-    env: DistEnv
-    log: RunLogger
-    loader: DataLoader
-    sampler: EpochSampler
-    niter_per_ep: int
-    student: MultiCropWrapper  # unwrapped (state dicts, EMA source)
-    teacher: MultiCropWrapper
-    student_fwd: nn.Module  # DDP and/or compiled student
-    teacher_fwd: nn.Module
-    loss_fn: DINOLoss
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler  # disabled (a pass-through) unless fp16
-    schedules: object
-    precision: str
-    meta: dict
-    out_dir: Path
-    step: int = 0  # global step of the next iteration
-    nonfinite_skipped: int = 0
-    losses: list[float] = field(default_factory=list)
-    collapse: CollapseMonitor = field(default_factory=CollapseMonitor)
-    # Carried in the checkpoint, so a resumed run reports as an uninterrupted one:
-    bad_images: dict = field(default_factory=lambda: {"total": 0, "epoch": 0})
-    epoch_loss: dict = field(default_factory=lambda: {"sum": 0.0, "count": 0})
-    elapsed_before: float = 0.0  # training seconds of earlier processes of this run
-    t_start: float = 0.0  # _clock() when this process started training
-    saved_step: int | None = None  # step of DIR/checkpoint.pt; None: none written yet
-
-    def elapsed(self) -> float:
-        return self.elapsed_before + _clock() - self.t_start
-
-
-def _clock() -> float:
-    return time.monotonic()
-
-
-def condition_numbers(r: _Run, epoch: int) -> None:
+def condition_numbers(r: RunState, epoch: int) -> None:
     """Paper App. A.7: kappa of each self-attention map of the teacher backbone."""
     try:
         from ..jacobian_lib import layer_condition_numbers
@@ -305,7 +266,7 @@ def _max_steps_reached(cfg: PretrainConfig, step: int) -> bool:
     return cfg.run.max_steps is not None and step >= cfg.run.max_steps
 
 
-def check_collapse(r: _Run, it: int) -> None:
+def check_collapse(r: RunState, it: int) -> None:
     """Feed the collapse alarm with this step's teacher entropies (the mean over ranks, so
     every rank takes the same decision); warn loudly once per collapsed stretch, or stop."""
     ent = r.loss_fn.last_entropies
@@ -322,7 +283,7 @@ def check_collapse(r: _Run, it: int) -> None:
     r.log.warn(msg + " (run.on_collapse=stop makes this an error)")
 
 
-def _count_bad_images(r: _Run, status: torch.Tensor, problems: list[str], it: int) -> None:
+def _count_bad_images(r: RunState, status: torch.Tensor, problems: list[str], it: int) -> None:
     """data.on_error in the main process: stop on an unusable image, count replacements.
 
     Counts are summed over processes so that every process stops at the same step."""
@@ -351,7 +312,7 @@ def _count_bad_images(r: _Run, status: torch.Tensor, problems: list[str], it: in
         )
 
 
-def _on_disk(r: _Run) -> str:
+def _on_disk(r: RunState) -> str:
     """What a stopped run leaves to resume from."""
     if r.saved_step is None:
         return (
@@ -364,7 +325,7 @@ def _on_disk(r: _Run) -> str:
     )
 
 
-def train_one_epoch(r: _Run, epoch: int) -> bool:
+def train_one_epoch(r: RunState, epoch: int) -> bool:
     """One epoch from ``r.step``; returns False when ``run.max_steps`` stopped the run."""
     cfg, env, dev = r.cfg, r.env, r.env.device
     start_i = r.step - epoch * r.niter_per_ep  # > 0 only right after a mid-epoch resume
@@ -487,7 +448,7 @@ def train_one_epoch(r: _Run, epoch: int) -> bool:
     return True
 
 
-def _run_epoch(r: _Run, epoch: int) -> bool:
+def _run_epoch(r: RunState, epoch: int) -> bool:
     """``train_one_epoch``; the error that stops the run also goes to DIR/log.txt."""
     try:
         return train_one_epoch(r, epoch)
@@ -578,7 +539,7 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
         niter_per_ep=niter_per_ep,
         total_batch=total_batch,
     )
-    r = _Run(
+    r = RunState(
         cfg=cfg,
         env=env,
         log=log,
@@ -615,7 +576,7 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
     )
 
     # ============ training ============
-    r.t_start = _clock()
+    r.start_clock()
     start_epoch = r.step // niter_per_ep
     finished = True
     for epoch in range(start_epoch, o.epochs):
