@@ -33,8 +33,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import DatasetError
+from ..data import DatasetError, ImageFolderDataset, synthetic_root
 from ..fileio import atomic_write_text, portable_path, write_json
+from ..jacobian_lib import layer_condition_numbers
 from ..models import build_model
 from ..optim import build_optimizer, get_param_groups
 from . import DINOHead, DINOLoss, MultiCropAugmentation, MultiCropWrapper, ema_update_
@@ -91,8 +92,6 @@ class TrainResult:
 
 def build_dataset(cfg: PretrainConfig, env: DistEnv, log: RunLogger) -> Dataset:
     """ImageFolder at ``data.path``, or the cached synthetic scenes (announced loudly)."""
-    from ..data import ImageFolderDataset, synthetic_root
-
     d = cfg.data
     if d.path:
         base = ImageFolderDataset(d.path)  # DatasetError if missing / no images
@@ -246,11 +245,6 @@ def run_meta(cfg: PretrainConfig, teacher: MultiCropWrapper, niter: int, env: Di
 
 def condition_numbers(r: RunState, epoch: int) -> None:
     """Paper App. A.7: kappa of each self-attention map of the teacher backbone."""
-    try:
-        from ..jacobian_lib import layer_condition_numbers
-    except ImportError as e:
-        r.log.warn(f"run.jacobian_every_epochs set but dino_skipless.jacobian unavailable: {e}")
-        return
     records = layer_condition_numbers(r.teacher.backbone, n_tokens=r.cfg.run.jacobian_tokens)
     r.log.append("jacobian.jsonl", [{"epoch": epoch, "step": r.step, **x} for x in records])
 
