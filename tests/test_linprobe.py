@@ -1,5 +1,8 @@
+import importlib.util
 import json
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,10 +10,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix as sk_confusion
 
+import eval.linprobe_lib as lp
+from dino_skipless.cli import default_num_workers
+from dino_skipless.data import synthetic_root
 from dino_skipless.features import extract
 from dino_skipless.models import build_model
-from eval.feature_cache import build_cache
-from eval.linprobe import main
+from eval.feature_cache import ResizedSegmentation, build_cache
+from eval.linprobe import build_parser, config_from_args, main
 from eval.linprobe_lib import build_datasets, probe_backbone, validate
 from eval.metrics import (
     bootstrap_miou,
@@ -39,7 +45,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
-    from dino_skipless.data import synthetic_root
 
     return synthetic_root("voc", n=12, size=64, seed=0, cache_dir=tmp_path_factory.mktemp("syn"))
 
@@ -216,7 +221,6 @@ def test_single_and_multiscale_share_one_backbone_pass(synth_root, tmp_path):
 
     # The cache holds exactly what extract() returns for block 1 (final norm, fp16).
     cache = build_cache(model, val_ds, [1], cfg.resolution, train=False, progress=False)
-    from eval.feature_cache import ResizedSegmentation
 
     x, _ = ResizedSegmentation(val_ds, cfg.resolution, False)[0]
     ref = extract(model, x[None], [1], norm=True).patch_grid(1)[0]
@@ -338,8 +342,6 @@ def test_sweep_ckpts_one_table(synth_root, tmp_path):
 
 
 def test_sweep_script_pivots_results_into_one_table(tmp_path):
-    import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "sweep_linprobe.py"
     spec = importlib.util.spec_from_file_location("sweep_linprobe", path)
@@ -450,7 +452,6 @@ def test_per_image_confusion_equals_one_confusion_per_image():
 def test_mode_both_keeps_the_single_probe_when_multiscale_is_interrupted(
     synth_root, tmp_path, monkeypatch
 ):
-    import eval.linprobe_lib as lp
 
     real, calls = lp.probe_from_cache, []
 
@@ -492,16 +493,12 @@ def test_synthetic_on_cpu_defaults_to_the_scene_side(synth_root, tmp_path, capsy
     assert json.loads((out / "results.json").read_text())["config"]["resolution"] == 64  # 60 -> 8k
     assert "--resolution 64" in capsys.readouterr().err
     # real datasets keep the published 448
-    from eval.linprobe import build_parser, config_from_args
 
     args = build_parser().parse_args(["--dataset", "voc", "--random-init", "skip"])
     assert config_from_args(args)[0].resolution == 448 == LinProbeConfig().resolution
 
 
 def test_default_workers_capped_at_the_cpu_count(monkeypatch):
-    import os
-
-    from dino_skipless.cli import default_num_workers
 
     for cpus, want in ((1, 1), (2, 2), (16, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))

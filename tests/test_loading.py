@@ -1,9 +1,14 @@
+import io
+import random
 from argparse import Namespace
+from pathlib import PurePosixPath
 
+import numpy as np
 import pytest
 import timm
 import torch
 
+from dino_skipless.dino.checkpoint import ResumeError, load_checkpoint, rng_state, set_rng_state
 from dino_skipless.models import CheckpointError, build_model, load_backbone
 
 
@@ -122,7 +127,6 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):
 
 
 def test_training_checkpoint_resume_refuses_payload(tmp_path):
-    from dino_skipless.dino.checkpoint import ResumeError, load_checkpoint
 
     marker = tmp_path / "pwned"
     torch.save({"student": {}, "meta": {}, "rng": _Payload(marker)}, tmp_path / "checkpoint.pt")
@@ -134,7 +138,6 @@ def test_training_checkpoint_resume_refuses_payload(tmp_path):
 def test_trust_checkpoint_opts_in_to_full_pickle(tmp_path):
     """An object outside the allow-list (here a Path in an otherwise valid state dict wrapper)
     is refused by default and loads only with trust=True."""
-    from pathlib import PurePosixPath
 
     m = mini("skip", depth=2)
     torch.save({"model": m.state_dict(), "where": PurePosixPath("/x")}, tmp_path / "w.pt")
@@ -152,12 +155,6 @@ def test_random_bytes_renamed_pt_is_a_checkpoint_error(tmp_path):
 
 def test_rng_state_is_plain_and_roundtrips():
     """Our checkpoints' RNG state needs no allow-listed global (weights_only=True loads it)."""
-    import io
-    import random
-
-    import numpy as np
-
-    from dino_skipless.dino.checkpoint import rng_state, set_rng_state
 
     random.seed(1)
     np.random.seed(2)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
+from dino_skipless.data import build_detection_dataset
 from dino_skipless.features import normalize_image
 from dino_skipless.models import build_model
 from tokencut import pipeline as tc_lib
@@ -84,7 +85,6 @@ def test_cli_single_layer_and_no_hard(tmp_path, monkeypatch):
     # Synthetic scene 1 has only hard boxes; no-hard drops it and counts it.
     assert r["skipped"]["no_hard_dropped"] >= 1
     assert r["n_images"] + r["n_skipped"] == 10 == sum(seen) + r["n_skipped"]
-    from dino_skipless.data import build_detection_dataset
 
     ds = build_detection_dataset("voc12", Path(r["root"]))
     nonhard = {ds.target(i)["image_id"]: (~ds.target(i)["hard"]).sum() for i in range(len(ds))}
