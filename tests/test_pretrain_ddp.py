@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import smooth_image
 from PIL import Image
 
 from dino_skipless.dino.config import build_config
@@ -69,8 +70,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, augment_on):
     data.mkdir(parents=True)
     rng = np.random.default_rng(1)
     for i in range(16):
-        img = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-        Image.fromarray(img).resize((40, 40), Image.BICUBIC).save(data / f"{i}.png")
+        smooth_image(rng).save(data / f"{i}.png")
     common = [*OVERRIDES, f"data.path={data.parent}", f"data.augment_on={augment_on}"]
 
     ddp_out = tmp_path / "ddp"

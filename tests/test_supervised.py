@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL
 from PIL import Image
 
 from dino_skipless.dino.config import build_config
@@ -14,13 +15,8 @@ from dino_skipless.models import load_backbone
 from dino_skipless.supervised import _SegViews, main, train_supervised
 
 TINY = {
-    "model.arch": "vit_mini",
-    "model.depth": 2,
-    "model.patch_size": 8,
+    **TINY_MODEL,
     "model.variant": "skip",
-    "aug.global_size": 32,
-    "aug.local_size": 16,
-    "aug.n_local": 2,
     "data.batch_size_per_gpu": 8,
     "data.num_workers": 0,
     "optim.epochs": 6,
