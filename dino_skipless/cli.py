@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from .data import DatasetError
+from .dino.checkpoint import ResumeError
+
 # scripts/bench_tokencut.py still imports markdown_table from here
 from .fileio import markdown_table as markdown_table
 from .models import (
@@ -26,6 +29,7 @@ from .models import (
     VARIANT_HELP,
     VARIANTS,
     BackboneSpec,
+    CheckpointError,
     build_model,
     load_backbone,
 )
@@ -74,12 +78,8 @@ def add_debug_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .data import DatasetError
-    from .dino.checkpoint import ResumeError
-    from .models import CheckpointError
-
-    return (DatasetError, CheckpointError, ResumeError, pickle.UnpicklingError)
+# What ``cli_main`` reports in one message instead of a traceback.
+USER_ERRORS = (DatasetError, CheckpointError, ResumeError, pickle.UnpicklingError)
 
 
 _WORKER_TB = "Original Traceback (most recent call last):"
@@ -108,7 +108,7 @@ def cli_main(fn: Callable) -> Callable:
     def wrapper(argv: Sequence[str] | None = None, *a, **kw):
         try:
             return fn(argv, *a, **kw)
-        except _user_errors() as e:
+        except USER_ERRORS as e:
             if "--debug" in (sys.argv[1:] if argv is None else argv):
                 raise
             raise SystemExit(f"error: {error_message(e)}\n(--debug shows the traceback)") from None

@@ -20,7 +20,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from .data import DatasetError
+from .dino.checkpoint import CHECKPOINT, ResumeError, load_checkpoint
+from .dino.collapse import CollapseError
 from .dino.config import ConfigError, build_config, config_from_dict, leaf_keys
+from .dino.distributed import cleanup
+from .dino.trainer import NonFiniteLossError, PretrainOOMError, train
 
 ALIASES = {
     "data": "data.path",
@@ -84,8 +89,6 @@ def resolve_config(argv: Sequence[str]):
     cfg = build_config(config_path, overrides)
     if resume and config_path is None:
         # continue with the checkpoint's own recipe (the user named only --out)
-        from .dino.checkpoint import CHECKPOINT, load_checkpoint
-
         ckpt = load_checkpoint(cfg.out_dir() / CHECKPOINT)
         base = config_from_dict(ckpt["config"])
         base.run.max_steps = None  # a test/debug stop is not part of the recipe
@@ -95,12 +98,6 @@ def resolve_config(argv: Sequence[str]):
 
 
 def main(argv: Sequence[str] | None = None):
-    from .data import DatasetError
-    from .dino.checkpoint import ResumeError
-    from .dino.collapse import CollapseError
-    from .dino.distributed import cleanup
-    from .dino.trainer import NonFiniteLossError, PretrainOOMError, train
-
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg, resume, show = resolve_config(argv)

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dino_skipless.data import ImageFolderDataset  # noqa: E402
 from dino_skipless.data.files import load_rgb  # noqa: E402
+from dino_skipless.data.scenes import render_scene  # noqa: E402
 from dino_skipless.dino import AugConfig, MultiCropAugmentation  # noqa: E402
 from dino_skipless.dino.augment_device import (  # noqa: E402
     SeededDecode,
@@ -49,8 +50,6 @@ TARGET_IMG_S = 3000.0
 
 
 def write_jpegs(root: Path, n: int, width: int, height: int) -> Path:
-    from dino_skipless.data.scenes import render_scene
-
     folder = root / "scenes"
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

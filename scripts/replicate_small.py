@@ -38,6 +38,11 @@ import sys
 import time
 from pathlib import Path
 
+from eval.compare import compare_runs
+from eval.knn import paired_knn
+from tokencut.compare import compare as tokencut_compare
+from tokencut.corloc import paired_diff_se
+
 VARIANTS = ("skip", "skipless", "skipless_init")
 
 # Quick mode: the whole pipeline on a 2-block model and a handful of 32 px scenes (CI-sized).
@@ -491,11 +496,6 @@ def _value(rec: dict, evaluation: str) -> dict | None:
 
 def paired_test(evaluation: str, a: dict, b: dict) -> dict:
     """A vs B on the same images: difference, its paired s.e., z = diff / s.e., p-value."""
-    from eval.compare import compare_runs
-    from eval.knn import paired_knn
-    from tokencut.compare import compare as tokencut_compare
-    from tokencut.corloc import paired_diff_se
-
     if evaluation == "knn":
         r = paired_knn(load_json(Path(a["dirs"]["knn"]) / "results.json"),
                        load_json(Path(b["dirs"]["knn"]) / "results.json"))  # fmt: skip

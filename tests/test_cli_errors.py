@@ -7,12 +7,13 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_vit
 from torch.utils.data import DataLoader, Dataset
 
 from dino_skipless import jacobian, pca
 from dino_skipless.cli import error_message
 from dino_skipless.data import DatasetError
-from dino_skipless.models import CheckpointError, build_model
+from dino_skipless.models import CheckpointError
 from eval import compare as lp_compare
 from eval import knn, linprobe
 from tokencut import compare as tc_compare
@@ -40,7 +41,7 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     (d / "junk.pt").write_bytes(b"\x00 not a pickle at all" * 20)
     # backbone.json says depth 3, the weights have 2 blocks
-    m = build_model("vit_mini", "skip", patch_size=8, img_size=32, depth=2)
+    m = tiny_vit("skip")
     torch.save(m.state_dict(), d / "backbone.pt")
     (d / "backbone.json").write_text(json.dumps({**m.spec.to_dict(), "depth": 3}))
     (d / "empty").mkdir()

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import stat
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from dino_skipless.data import synthetic_root
 from dino_skipless.dino.checkpoint import atomic_torch_save
-from dino_skipless.fileio import write_json
+from dino_skipless.fileio import command_line, portable_path, write_json
 
 
 @pytest.fixture
@@ -34,7 +39,6 @@ def test_written_files_respect_the_umask(tmp_path, umask, mask):
 
 
 def test_synthetic_cache_folder_respects_the_umask(tmp_path, umask):
-    from dino_skipless.data import synthetic_root
 
     umask(0o022)
     root = synthetic_root("imagefolder", n=2, size=16, seed=0, cache_dir=tmp_path)
@@ -42,10 +46,6 @@ def test_synthetic_cache_folder_respects_the_umask(tmp_path, umask):
 
 
 def test_command_line_is_a_relative_python_m_command(monkeypatch, tmp_path):
-    import sys
-    from pathlib import Path
-
-    from dino_skipless.fileio import command_line
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.setattr(sys, "argv", [str(repo / "eval" / "knn.py"), "--out", "runs/x"])
@@ -58,8 +58,6 @@ def test_command_line_is_a_relative_python_m_command(monkeypatch, tmp_path):
 
 
 def test_tracked_results_record_no_absolute_paths():
-    import re
-    from pathlib import Path
 
     results = Path(__file__).resolve().parents[1] / "results"
     pattern = re.compile(r"(?<![\w.~])/(root|home|work|tmp|Users|private)/")
@@ -72,10 +70,6 @@ def test_tracked_results_record_no_absolute_paths():
 
 
 def test_write_json_records_paths_portably(tmp_path, monkeypatch):
-    import json
-    from pathlib import Path
-
-    from dino_skipless.fileio import portable_path, write_json
 
     monkeypatch.chdir(tmp_path)
     home = Path.home()

@@ -6,7 +6,12 @@ import os
 import numpy as np
 import pytest
 
-from dino_skipless.data import SYNTHETIC_FORMATS, build_detection_dataset, synthetic_root
+from dino_skipless.data import (
+    SYNTHETIC_FORMATS,
+    ImageFolderDataset,
+    build_detection_dataset,
+    synthetic_root,
+)
 from dino_skipless.data.check import main as check_main
 from dino_skipless.data.generate import generate
 from dino_skipless.data.scenes import (
@@ -48,7 +53,6 @@ def test_cli_writes_a_root(tmp_path, capsys):
 
 
 def test_vary_sizes(tmp_path):
-    from dino_skipless.data import ImageFolderDataset
 
     generate(tmp_path, "imagefolder", n=6, size=64, seed=0, vary=True)
     sizes = {ImageFolderDataset(tmp_path)[i][0].size for i in range(6)}

@@ -33,6 +33,7 @@ from dino_skipless.dino.augment_device import (
     resample_weights,
     sample_params,
 )
+from dino_skipless.dino.config import ConfigError, build_config
 
 STD = torch.tensor(AugConfig().std).view(3, 1, 1)
 
@@ -398,7 +399,6 @@ def test_bad_images_are_reported_by_path(tmp_path):
 
 
 def test_config_choices():
-    from dino_skipless.dino.config import ConfigError, build_config
 
     assert build_config(None, {}).data.augment_on == "cpu"  # the official path by default
     with pytest.raises(ConfigError, match="data.augment_on='gpu' is not valid"):

@@ -4,23 +4,14 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_vit
 
 from dino_skipless.dino import DINOHead, MultiCropWrapper, ema_update_
 from dino_skipless.dino.ema import _unwrap
-from dino_skipless.models import build_model
 
 
 def _pair():
-    backbone = build_model(
-        "vit_mini",
-        "skipless_init",
-        seed=0,
-        depth=2,
-        patch_size=8,
-        img_size=32,
-        embed_dim=32,
-        num_heads=2,
-    )
+    backbone = tiny_vit("skipless_init", embed_dim=32, num_heads=2)
     student = MultiCropWrapper(
         backbone, DINOHead(backbone.embed_dim, out_dim=10, hidden_dim=16, bottleneck_dim=8)
     )

@@ -6,9 +6,9 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_vit
 
 from dino_skipless.dino import DINOHead, MultiCropWrapper
-from dino_skipless.models import build_model
 
 
 def test_defaults_are_the_published_recipe():
@@ -109,7 +109,7 @@ def test_loads_official_weight_norm_state_dict():
 
 
 def test_multicrop_wrapper_equals_per_crop_calls():
-    backbone = build_model("vit_mini", "skipless_init", seed=0, depth=2, patch_size=8, img_size=32)
+    backbone = tiny_vit("skipless_init")
     head = DINOHead(in_dim=backbone.embed_dim, out_dim=10, hidden_dim=32, bottleneck_dim=8)
     model = MultiCropWrapper(backbone, head).eval()
     torch.manual_seed(0)

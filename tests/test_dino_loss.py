@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dino_skipless.dino import DINOLoss, dino_loss
+from dino_skipless.dino.loss import teacher_entropies
 
 
 def _softmax(x):
@@ -137,7 +138,6 @@ def test_forward_uses_old_center_then_updates_it():
 
 
 def test_teacher_entropies_hand_cases():
-    from dino_skipless.dino.loss import teacher_entropies
 
     k = 16
     zero = torch.zeros(1, k)

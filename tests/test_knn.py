@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_BACKBONE_ARGS
 
 from eval.knn import main
 from eval.knn_lib import (
@@ -75,8 +76,8 @@ def test_cli_synthetic_imagefolder(tmp_path):
     out = tmp_path / "knn"
     argv = [
         "--dataset", "synthetic", "--root", str(tmp_path / "syn"), "--synthetic-n", "30",
-        "--synthetic-size", "32", "--random-init", "skip", "--arch", "vit_mini", "--depth", "2",
-        "--patch-size", "8", "--resize", "32", "--crop", "32", "--num-workers", "0",
+        "--synthetic-size", "32", "--random-init", "skip", *TINY_BACKBONE_ARGS,
+        "--resize", "32", "--crop", "32", "--num-workers", "0",
         "--k", "5", "20", "--out", str(out), "--quiet",
     ]  # fmt: skip
     assert main(argv) == 0
@@ -126,8 +127,8 @@ def test_cli_pixels_and_a_paired_comparison(tmp_path):
     assert main([*common, "--pixels", "8", "--out", str(tmp_path / "px")]) == 0
     px = json.loads((tmp_path / "px" / "results.json").read_text())
     assert px["checkpoint"] == {"pixels": 8} and px["label"] == "pixels-8"
-    assert main([*common, "--random-init", "skip", "--arch", "vit_mini", "--depth", "2",
-                 "--patch-size", "8", "--out", str(tmp_path / "rnd")]) == 0  # fmt: skip
+    assert main([*common, "--random-init", "skip", *TINY_BACKBONE_ARGS,
+                 "--out", str(tmp_path / "rnd")]) == 0  # fmt: skip
     rnd = json.loads((tmp_path / "rnd" / "results.json").read_text())
     r = paired_knn(px, rnd)
     assert r["diff"] == pytest.approx(px["top1"] - rnd["top1"]) and r["n"] == px["n_val"]

@@ -1,16 +1,22 @@
+import importlib.util
 import json
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_BACKBONE_ARGS, tiny_vit
 from sklearn.metrics import confusion_matrix as sk_confusion
 
+import eval.linprobe_lib as lp
+from dino_skipless.cli import default_num_workers
+from dino_skipless.data import synthetic_root
 from dino_skipless.features import extract
-from dino_skipless.models import build_model
-from eval.feature_cache import build_cache
-from eval.linprobe import main
+from eval.feature_cache import ResizedSegmentation, build_cache
+from eval.linprobe import build_parser, config_from_args, main
 from eval.linprobe_lib import build_datasets, probe_backbone, validate
 from eval.metrics import (
     bootstrap_miou,
@@ -39,13 +45,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
-    from dino_skipless.data import synthetic_root
 
     return synthetic_root("voc", n=12, size=64, seed=0, cache_dir=tmp_path_factory.mktemp("syn"))
-
-
-def tiny_model(variant="skipless_init", seed=0):
-    return build_model("vit_mini", variant, seed=seed, patch_size=8, depth=2).eval()
 
 
 def random_problem(n=6, d=8, c=3, h=4, up=2, seed=0):
@@ -202,7 +203,7 @@ class CountingExtract:
 def test_single_and_multiscale_share_one_backbone_pass(synth_root, tmp_path):
     cfg = replace(LinProbeConfig(**TINY), lrs=(0.1, 1.0), layers=(1,), ms_layers=(0, 1))
     train_ds, val_ds, _, _ = build_datasets("voc", synth_root, cfg)
-    model = tiny_model()
+    model = tiny_vit(img_size=None)
     counter = CountingExtract()
     run = probe_backbone(
         model, train_ds, val_ds, cfg, ("single", "multiscale"), extractor=counter, progress=False
@@ -216,7 +217,6 @@ def test_single_and_multiscale_share_one_backbone_pass(synth_root, tmp_path):
 
     # The cache holds exactly what extract() returns for block 1 (final norm, fp16).
     cache = build_cache(model, val_ds, [1], cfg.resolution, train=False, progress=False)
-    from eval.feature_cache import ResizedSegmentation
 
     x, _ = ResizedSegmentation(val_ds, cfg.resolution, False)[0]
     ref = extract(model, x[None], [1], norm=True).patch_grid(1)[0]
@@ -253,7 +253,7 @@ def test_single_and_multiscale_share_one_backbone_pass(synth_root, tmp_path):
 
 
 def test_bad_layer_and_resolution_fail_fast_with_valid_range(tmp_path):
-    model = tiny_model()
+    model = tiny_vit(img_size=None)
     with pytest.raises(ValueError, match=r"valid indices are 0\.\.1"):
         validate(model, LinProbeConfig(layers=(2,), resolution=64), ("single",))
     with pytest.raises(ValueError, match=r"valid indices are 0\.\.1"):
@@ -268,12 +268,7 @@ def test_bad_layer_and_resolution_fail_fast_with_valid_range(tmp_path):
         str(tmp_path / "missing"),
         "--random-init",
         "skipless_init",
-        "--arch",
-        "vit_mini",
-        "--depth",
-        "2",
-        "--patch-size",
-        "8",
+        *TINY_BACKBONE_ARGS,
     ]
     with pytest.raises(SystemExit, match=r"valid indices are 0\.\.1"):
         main(base + ["--layers", "7", "--resolution", "64"])
@@ -285,8 +280,8 @@ def test_cli_end_to_end_writes_documented_results(synth_root, tmp_path):
     out = tmp_path / "lp"
     argv = [
         "--dataset", "synthetic", "--root", str(synth_root.parent), "--synthetic-n", "12",
-        "--synthetic-size", "64", "--random-init", "skipless_init", "--arch", "vit_mini",
-        "--depth", "2", "--patch-size", "8", "--resolution", "64", "--epochs", "3",
+        "--synthetic-size", "64", "--random-init", "skipless_init", *TINY_BACKBONE_ARGS,
+        "--resolution", "64", "--epochs", "3",
         "--lrs", "0.01", "0.1", "1.0", "--mode", "both", "--num-workers", "0",
         "--batch-size", "4", "--out", str(out), "--quiet",
     ]  # fmt: skip
@@ -317,7 +312,7 @@ def test_cli_end_to_end_writes_documented_results(synth_root, tmp_path):
 
 
 def test_sweep_ckpts_one_table(synth_root, tmp_path):
-    model = tiny_model(seed=3)
+    model = tiny_vit(seed=3, img_size=None)
     ck = tmp_path / "run_a"
     ck.mkdir()
     torch.save(model.state_dict(), ck / "backbone.pt")
@@ -325,7 +320,7 @@ def test_sweep_ckpts_one_table(synth_root, tmp_path):
     out = tmp_path / "sweep"
     argv = [
         "--dataset", "voc", "--root", str(synth_root), "--sweep-ckpts", str(ck / "backbone.pt"),
-        "random:skip", "--arch", "vit_mini", "--depth", "2", "--patch-size", "8",
+        "random:skip", *TINY_BACKBONE_ARGS,
         "--resolution", "64", "--epochs", "2", "--lrs", "0.1", "--num-workers", "0",
         "--out", str(out), "--quiet",
     ]  # fmt: skip
@@ -338,8 +333,6 @@ def test_sweep_ckpts_one_table(synth_root, tmp_path):
 
 
 def test_sweep_script_pivots_results_into_one_table(tmp_path):
-    import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "sweep_linprobe.py"
     spec = importlib.util.spec_from_file_location("sweep_linprobe", path)
@@ -450,7 +443,6 @@ def test_per_image_confusion_equals_one_confusion_per_image():
 def test_mode_both_keeps_the_single_probe_when_multiscale_is_interrupted(
     synth_root, tmp_path, monkeypatch
 ):
-    import eval.linprobe_lib as lp
 
     real, calls = lp.probe_from_cache, []
 
@@ -464,8 +456,8 @@ def test_mode_both_keeps_the_single_probe_when_multiscale_is_interrupted(
     out = tmp_path / "lp"
     argv = [
         "--dataset", "synthetic", "--root", str(synth_root.parent), "--synthetic-n", "12",
-        "--synthetic-size", "64", "--random-init", "skipless_init", "--arch", "vit_mini",
-        "--depth", "2", "--patch-size", "8", "--resolution", "32", "--epochs", "1",
+        "--synthetic-size", "64", "--random-init", "skipless_init", *TINY_BACKBONE_ARGS,
+        "--resolution", "32", "--epochs", "1",
         "--lrs", "0.1", "--mode", "both", "--num-workers", "0", "--bootstrap", "10",
         "--out", str(out), "--quiet",
     ]  # fmt: skip
@@ -484,24 +476,20 @@ def test_synthetic_on_cpu_defaults_to_the_scene_side(synth_root, tmp_path, capsy
     out = tmp_path / "lp"
     argv = [
         "--dataset", "synthetic", "--root", str(synth_root.parent), "--synthetic-n", "12",
-        "--synthetic-size", "60", "--random-init", "skipless_init", "--arch", "vit_mini",
-        "--depth", "2", "--patch-size", "8", "--epochs", "1", "--lrs", "0.1", "--device", "cpu",
+        "--synthetic-size", "60", "--random-init", "skipless_init", *TINY_BACKBONE_ARGS,
+        "--epochs", "1", "--lrs", "0.1", "--device", "cpu",
         "--num-workers", "0", "--bootstrap", "0", "--out", str(out), "--quiet",
     ]  # fmt: skip
     assert main(argv) == 0
     assert json.loads((out / "results.json").read_text())["config"]["resolution"] == 64  # 60 -> 8k
     assert "--resolution 64" in capsys.readouterr().err
     # real datasets keep the published 448
-    from eval.linprobe import build_parser, config_from_args
 
     args = build_parser().parse_args(["--dataset", "voc", "--random-init", "skip"])
     assert config_from_args(args)[0].resolution == 448 == LinProbeConfig().resolution
 
 
 def test_default_workers_capped_at_the_cpu_count(monkeypatch):
-    import os
-
-    from dino_skipless.cli import default_num_workers
 
     for cpus, want in ((1, 1), (2, 2), (16, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY_BACKBONE_ARGS
 
 from eval import compare as lp_compare
 from eval.linprobe import main as linprobe_main
@@ -63,7 +64,7 @@ def test_shape_mismatch_is_an_error():
 
 def test_cli_on_two_real_probe_runs(tmp_path, capsys):
     args = ["--dataset", "synthetic", "--synthetic-n", "16", "--synthetic-size", "48"]
-    args += ["--resolution", "48", "--arch", "vit_mini", "--patch-size", "8", "--depth", "2"]
+    args += ["--resolution", "48", *TINY_BACKBONE_ARGS]
     args += ["--mode", "both", "--epochs", "2", "--num-workers", "0", "--quiet"]
     linprobe_main([*args, "--random-init", "skipless_init", "--out", str(tmp_path / "a")])
     linprobe_main([*args, "--random-init", "skip", "--out", str(tmp_path / "b")])
@@ -95,7 +96,7 @@ def test_reused_out_never_pairs_another_runs_counts(tmp_path):
     """Issue 18: a probe rerun into a folder holding an older run's per_image_counts.npz made
     eval.compare report different mIoUs for two identical probes."""
     args = ["--dataset", "synthetic", "--synthetic-n", "8", "--synthetic-size", "32"]
-    args += ["--resolution", "32", "--arch", "vit_mini", "--patch-size", "8", "--depth", "2"]
+    args += ["--resolution", "32", *TINY_BACKBONE_ARGS]
     args += ["--epochs", "1", "--num-workers", "0", "--quiet", "--bootstrap", "20"]
     a, x = tmp_path / "a", tmp_path / "x"
     linprobe_main([*args, "--random-init", "skip", "--out", str(x)])  # an older, other run

@@ -1,14 +1,16 @@
+import io
+import random
 from argparse import Namespace
+from pathlib import PurePosixPath
 
+import numpy as np
 import pytest
 import timm
 import torch
+from conftest import tiny_vit
 
+from dino_skipless.dino.checkpoint import ResumeError, load_checkpoint, rng_state, set_rng_state
 from dino_skipless.models import CheckpointError, build_model, load_backbone
-
-
-def mini(variant="skip", **kw):
-    return build_model("vit_mini", variant, patch_size=8, img_size=32, **kw).eval()
 
 
 def _same_output(a, b):
@@ -18,7 +20,7 @@ def _same_output(a, b):
 
 
 def test_exported_backbone_roundtrip(tmp_path):
-    m = mini("skipless_init", depth=3)
+    m = tiny_vit("skipless_init", depth=3)
     torch.save(m.state_dict(), tmp_path / "backbone.pt")
     m.spec.to_json(tmp_path / "backbone.json")
     for target in (tmp_path, tmp_path / "backbone.pt"):
@@ -29,7 +31,7 @@ def test_exported_backbone_roundtrip(tmp_path):
 
 def test_official_dino_checkpoint_layout(tmp_path):
     """teacher/student dicts with backbone./module. prefixes and DINO-head keys beside them."""
-    m = mini("skip", depth=2)
+    m = tiny_vit("skip")
     sd = m.state_dict()
     ckpt = {
         "teacher": {
@@ -63,9 +65,9 @@ def test_timm_state_dict_loads_into_skip_variant(tmp_path):
 
 
 def test_wrong_architecture_lists_mismatches(tmp_path):
-    m = mini("skip", depth=2)
+    m = tiny_vit("skip")
     torch.save(m.state_dict(), tmp_path / "backbone.pt")
-    spec = mini("skip", depth=3).spec
+    spec = tiny_vit("skip", depth=3).spec
     spec.to_json(tmp_path / "backbone.json")  # claims 3 blocks, weights have 2
     with pytest.raises(CheckpointError, match=r"missing keys: blocks\.2\."):
         load_backbone(tmp_path)
@@ -86,9 +88,9 @@ def test_missing_checkpoint_is_reported(tmp_path):
 
 
 def test_pos_embed_resampled_for_other_grid(tmp_path):
-    src = build_model("vit_mini", "skip", patch_size=8, img_size=64, depth=1)
+    src = tiny_vit("skip", img_size=64, depth=1)
     torch.save(src.state_dict(), tmp_path / "backbone.pt")
-    spec = build_model("vit_mini", "skip", patch_size=8, img_size=32, depth=1).spec
+    spec = tiny_vit("skip", depth=1).spec
     spec.to_json(tmp_path / "backbone.json")
     loaded, _ = load_backbone(tmp_path)
     assert loaded.pos_embed.shape == (1, 1 + 16, 128)
@@ -107,7 +109,7 @@ class _Payload:
 
 def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
-    m = mini("skip", depth=2)
+    m = tiny_vit("skip")
     for name, obj in (
         ("evil.pt", {**m.state_dict(), "x": _Payload(marker)}),
         ("evil_ckpt.pt", {"teacher": m.state_dict(), "args": _Payload(marker)}),
@@ -122,7 +124,6 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):
 
 
 def test_training_checkpoint_resume_refuses_payload(tmp_path):
-    from dino_skipless.dino.checkpoint import ResumeError, load_checkpoint
 
     marker = tmp_path / "pwned"
     torch.save({"student": {}, "meta": {}, "rng": _Payload(marker)}, tmp_path / "checkpoint.pt")
@@ -134,9 +135,7 @@ def test_training_checkpoint_resume_refuses_payload(tmp_path):
 def test_trust_checkpoint_opts_in_to_full_pickle(tmp_path):
     """An object outside the allow-list (here a Path in an otherwise valid state dict wrapper)
     is refused by default and loads only with trust=True."""
-    from pathlib import PurePosixPath
-
-    m = mini("skip", depth=2)
+    m = tiny_vit("skip")
     torch.save({"model": m.state_dict(), "where": PurePosixPath("/x")}, tmp_path / "w.pt")
     with pytest.raises(CheckpointError, match="pathlib"):
         load_backbone(tmp_path / "w.pt")
@@ -152,12 +151,6 @@ def test_random_bytes_renamed_pt_is_a_checkpoint_error(tmp_path):
 
 def test_rng_state_is_plain_and_roundtrips():
     """Our checkpoints' RNG state needs no allow-listed global (weights_only=True loads it)."""
-    import io
-    import random
-
-    import numpy as np
-
-    from dino_skipless.dino.checkpoint import rng_state, set_rng_state
 
     random.seed(1)
     np.random.seed(2)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import tiny_vit
 from torch import nn
 
 from dino_skipless.features import extract
@@ -9,10 +10,6 @@ from dino_skipless.models import ARCHS, VARIANTS, build_model, get_arch
 class Zero(nn.Module):
     def forward(self, x, *args, **kwargs):
         return torch.zeros_like(x)
-
-
-def tiny(variant, **kw):
-    return build_model("vit_mini", variant, depth=2, patch_size=8, img_size=32, **kw).eval()
 
 
 def test_named_archs_match_published_shapes():
@@ -36,7 +33,7 @@ def test_unknown_names_list_valid_ones():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_skip_switch_matches_the_variant(variant):
-    m = tiny(variant)
+    m = tiny_vit(variant)
     assert all(b.skip == (variant == "skip") for b in m.blocks)
     assert m.spec.variant == variant
 
@@ -45,7 +42,7 @@ def test_skipless_removes_both_residuals():
     """Zero attention and MLP: a skipless block outputs zeros, a residual block the identity."""
     x = torch.randn(2, 5, 128)
     for variant in ("skipless", "skip"):
-        blk = tiny(variant).blocks[0]
+        blk = tiny_vit(variant).blocks[0]
         blk.attn = Zero()
         out_attn_only = blk(x)
         blk.mlp = Zero()
@@ -56,29 +53,29 @@ def test_skipless_removes_both_residuals():
         else:
             assert torch.equal(out, torch.zeros_like(x))
             # with only attention zeroed, the MLP sees norm2(0): output no longer depends on x
-            assert torch.allclose(out_attn_only, tiny(variant).blocks[0].mlp(blk.norm2(0 * x)))
+            assert torch.allclose(out_attn_only, tiny_vit(variant).blocks[0].mlp(blk.norm2(0 * x)))
 
 
 def test_skipless_block_is_the_plain_composition():
-    blk = tiny("skipless").blocks[1]
+    blk = tiny_vit("skipless").blocks[1]
     x = torch.randn(3, 7, 128)
     expected = blk.mlp(blk.norm2(blk.attn(blk.norm1(x))))
     assert torch.allclose(blk(x), expected, atol=1e-6)
 
 
 def test_variants_share_parameters_and_keys():
-    keys = {v: list(tiny(v).state_dict()) for v in VARIANTS}
+    keys = {v: list(tiny_vit(v).state_dict()) for v in VARIANTS}
     assert keys["skip"] == keys["skipless"] == keys["skipless_init"]
 
 
 def test_skip_and_skipless_share_default_init_for_same_seed():
-    a, b = tiny("skip"), tiny("skipless")
+    a, b = tiny_vit("skip"), tiny_vit("skipless")
     for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(va, vb), ka
 
 
 def test_block_outputs_and_qkv_access():
-    m = tiny("skipless_init")
+    m = tiny_vit("skipless_init")
     x = torch.randn(2, 3, 32, 48)
     feats = extract(m, x, [0, 1], "tokens")
     # manual forward through the blocks
@@ -97,7 +94,7 @@ def test_block_outputs_and_qkv_access():
 
 
 def test_layer_index_errors_give_valid_range():
-    m = tiny("skip")
+    m = tiny_vit("skip")
     with pytest.raises(ValueError, match=r"0\.\.1"):
         extract(m, torch.randn(1, 3, 32, 32), [5])
     with pytest.raises(ValueError, match="multiple of the patch size 8"):

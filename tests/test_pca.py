@@ -3,12 +3,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_BACKBONE_ARGS, tiny_vit
 from PIL import Image
 from sklearn.decomposition import PCA
 
 from dino_skipless import pca as pca_cli
 from dino_skipless import pca_figure
-from dino_skipless.models import build_model
 from dino_skipless.pca_lib import (
     PCAConfig,
     fit_pca,
@@ -149,13 +149,13 @@ def write_images(folder, n=3, size=(48, 40)):
 
 def save_backbone(folder, patch=8, depth=2, variant="skipless_init", seed=0):
     folder.mkdir(parents=True, exist_ok=True)
-    m = build_model("vit_mini", variant, seed=seed, patch_size=patch, depth=depth, img_size=32)
+    m = tiny_vit(variant, seed=seed, patch_size=patch, depth=depth)
     torch.save(m.state_dict(), folder / "backbone.pt")
     m.spec.to_json(folder / "backbone.json")
     return folder
 
 
-TINY = ["--arch", "vit_mini", "--depth", "2", "--patch-size", "8", "--resolution", "32"]
+TINY = [*TINY_BACKBONE_ARGS, "--resolution", "32"]
 
 
 def test_cli_grid_and_determinism(tmp_path):

@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import smooth_image
 from PIL import Image
 
 from dino_skipless.dino.config import build_config
 from dino_skipless.dino.runlog import read_jsonl
-from dino_skipless.dino.trainer import train
+from dino_skipless.dino.trainer import build_student_teacher, train
+from dino_skipless.pretrain import main
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = [
@@ -68,8 +70,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, augment_on):
     data.mkdir(parents=True)
     rng = np.random.default_rng(1)
     for i in range(16):
-        img = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-        Image.fromarray(img).resize((40, 40), Image.BICUBIC).save(data / f"{i}.png")
+        smooth_image(rng).save(data / f"{i}.png")
     common = [*OVERRIDES, f"data.path={data.parent}", f"data.augment_on={augment_on}"]
 
     ddp_out = tmp_path / "ddp"
@@ -96,7 +97,6 @@ def test_two_gloo_processes_match_one_process(tmp_path, augment_on):
     b = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=False)
     assert a["meta"]["world_size"] == 2 and b["meta"]["world_size"] == 1
     assert a["meta"]["total_batch"] == b["meta"]["total_batch"] == 4
-    from dino_skipless.dino.trainer import build_student_teacher
 
     fresh, _ = build_student_teacher(cfg)
     init = fresh.state_dict()
@@ -120,7 +120,6 @@ def test_two_gloo_processes_match_one_process(tmp_path, augment_on):
 
 @pytest.mark.parametrize("bad", ["data.batch_size_per_gpu=0"])
 def test_bad_batch_is_refused(bad, tmp_path):
-    from dino_skipless.pretrain import main
 
     with pytest.raises(SystemExit, match="positive integer"):
         main([bad, f"--out={tmp_path}"])

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TINY_PRETRAIN, tiny_pretrain_config
-from PIL import Image
+from conftest import TINY_PRETRAIN, smooth_image, tiny_pretrain_config
 
 from dino_skipless.dino.trainer import train
 from dino_skipless.pretrain import main
@@ -24,9 +23,8 @@ def image_dir(tmp_path_factory):
     root.mkdir()
     rng = np.random.default_rng(0)
     for i in range(16):
-        small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
         size = (40 + 4 * (i % 3), 36 + 6 * (i % 4))
-        Image.fromarray(small).resize(size, Image.BICUBIC).save(root / f"{i:02d}.jpg", quality=95)
+        smooth_image(rng, size).save(root / f"{i:02d}.jpg", quality=95)
     return root.parent
 
 

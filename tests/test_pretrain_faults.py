@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 from PIL import Image
 from test_pretrain_train import (
     BATCH,
@@ -20,6 +21,7 @@ from test_pretrain_train import (
 from dino_skipless.data import DatasetError
 from dino_skipless.dino import checkpoint as checkpoint_mod
 from dino_skipless.dino import decode
+from dino_skipless.dino import state as state_mod
 from dino_skipless.dino import trainer as trainer_mod
 from dino_skipless.dino.config import ConfigError
 from dino_skipless.dino.distributed import DistEnv
@@ -31,25 +33,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 8  # 2 epochs x 4 iterations
 
 
-def _make_images(root, seed=0):
-    rng = np.random.default_rng(seed)
-    for i in range(N_IMAGES):
-        d = root / f"class{i % 2}"
-        d.mkdir(parents=True, exist_ok=True)
-        small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((40, 40), Image.BICUBIC).save(d / f"{i:02d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def good_dir(tmp_path_factory):
-    return _make_images(tmp_path_factory.mktemp("imgs"), seed=1)
+    return write_image_folder(tmp_path_factory.mktemp("imgs"), seed=1, n=N_IMAGES)
 
 
 @pytest.fixture(scope="module")
 def bad_dir(tmp_path_factory):
     """16 images in two folders, one of them not an image at all."""
-    root = _make_images(tmp_path_factory.mktemp("bad_imgs"))
+    root = write_image_folder(tmp_path_factory.mktemp("bad_imgs"), n=N_IMAGES)
     (root / "class1" / "05.png").write_bytes(b"not an image")
     return root
 
@@ -227,7 +219,7 @@ def _ticking_clock(monkeypatch):
             return super().forward(*args)
 
     monkeypatch.setattr(trainer_mod, "DINOLoss", TickLoss)
-    monkeypatch.setattr(trainer_mod, "_clock", lambda: clock["t"])
+    monkeypatch.setattr(state_mod, "_clock", lambda: clock["t"])
 
 
 def _epoch_lines(out):

@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import TINY_PRETRAIN, tiny_pretrain_config
 
+from dino_skipless.data import ImageFolderDataset
+from dino_skipless.dino import AugConfig, MultiCropAugmentation
 from dino_skipless.dino import trainer as trainer_mod
 from dino_skipless.dino.runlog import read_jsonl
 from dino_skipless.dino.sampling import EpochSampler, SeededMultiCrop
@@ -210,8 +212,6 @@ def test_sampler_shards_are_the_single_process_batches():
 
 
 def test_augmentation_depends_only_on_seed_epoch_index(image_dir):
-    from dino_skipless.data import ImageFolderDataset
-    from dino_skipless.dino import AugConfig, MultiCropAugmentation
 
     aug = MultiCropAugmentation(AugConfig(global_size=32, local_size=16, n_local=2))
     ds = SeededMultiCrop(ImageFolderDataset(image_dir), aug, seed=0)

@@ -7,20 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL
 from PIL import Image
 
 from dino_skipless.dino.config import build_config
 from dino_skipless.models import load_backbone
-from dino_skipless.supervised import main, train_supervised
+from dino_skipless.supervised import _SegViews, main, train_supervised
 
 TINY = {
-    "model.arch": "vit_mini",
-    "model.depth": 2,
-    "model.patch_size": 8,
+    **TINY_MODEL,
     "model.variant": "skip",
-    "aug.global_size": 32,
-    "aug.local_size": 16,
-    "aug.n_local": 2,
     "data.batch_size_per_gpu": 8,
     "data.num_workers": 0,
     "optim.epochs": 6,
@@ -75,8 +71,6 @@ def test_seg_trains_on_synthetic_voc_masks_through_the_cli(tmp_path, monkeypatch
 
 
 def test_seg_views_keep_image_and_mask_aligned():
-    from dino_skipless.supervised import _SegViews
-
     cfg = build_config(None, {**TINY, "aug.jitter_p": 0.0, "aug.grayscale_p": 0.0,
                               "aug.blur_p_global1": 0.0, "aug.blur_p_global2": 0.0,
                               "aug.solarize_p_global2": 0.0})  # fmt: skip

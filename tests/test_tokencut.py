@@ -237,7 +237,6 @@ def test_cpu_eigensolve_runs_on_one_thread(monkeypatch):
     """Issue 18: multi-threaded LAPACK eigh of small graphs stalled at its thread barriers on a
     busy machine (1 ms to 34 s for the same 100 x 100 solve); the solve uses one thread and
     gives the thread count back."""
-    import tokencut.ncut as nc
 
     real, seen = torch.linalg.eigh, []
 

@@ -9,28 +9,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_BACKBONE_ARGS, tiny_vit
 from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
+from dino_skipless.data import build_detection_dataset
 from dino_skipless.features import normalize_image
-from dino_skipless.models import build_model
 from tokencut import pipeline as tc_lib
 from tokencut import run as tc_run
 from tokencut.corloc import box_iou
 from tokencut.ncut import TokenCutConfig
 from tokencut.vis import GT_COLOR, PRED_COLOR, save_tokencut_vis
 
-TINY = ["--random-init", "skipless_init", "--arch", "vit_mini", "--depth", "2", "--patch-size", "8"]
+TINY = ["--random-init", "skipless_init", *TINY_BACKBONE_ARGS]
 SYN = ["--dataset", "synthetic", "--synthetic-n", "10", "--synthetic-size", "64"]
-
-
-def _tiny_model():
-    return build_model("vit_mini", "skipless_init", seed=0, patch_size=8, depth=2).eval()
 
 
 def _count_forwards(monkeypatch):
     """Inject a tiny model whose patch embedding counts the images it sees."""
-    model = _tiny_model()
+    model = tiny_vit(img_size=None)
     seen = []
     model.patch_embed.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
     monkeypatch.setattr(tc_run, "backbone_from_args", lambda args: (model, model.spec, "tiny"))
@@ -84,7 +81,6 @@ def test_cli_single_layer_and_no_hard(tmp_path, monkeypatch):
     # Synthetic scene 1 has only hard boxes; no-hard drops it and counts it.
     assert r["skipped"]["no_hard_dropped"] >= 1
     assert r["n_images"] + r["n_skipped"] == 10 == sum(seen) + r["n_skipped"]
-    from dino_skipless.data import build_detection_dataset
 
     ds = build_detection_dataset("voc12", Path(r["root"]))
     nonhard = {ds.target(i)["image_id"]: (~ds.target(i)["hard"]).sum() for i in range(len(ds))}
@@ -182,7 +178,7 @@ def test_bucketing_batches_only_equal_padded_sizes_and_matches_batch_of_one():
     imgs = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
     ds = _FakeDetection(imgs, [np.array([[0.0, 0, 20, 20]])] * 6)
     plan = tc_lib.plan_images(ds, 8, False)
-    model = _tiny_model()
+    model = tiny_vit(img_size=None)
     cfg = TokenCutConfig()
     dev = torch.device("cpu")
     kw = dict(progress=False)

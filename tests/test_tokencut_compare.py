@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY_BACKBONE_ARGS
 from scipy.stats import binomtest
 
 from tokencut import compare as tc_compare
@@ -79,7 +80,7 @@ def test_mismatched_images_and_trimmed_results_are_explained():
 
 def test_cli_on_two_real_runs(tmp_path, capsys):
     syn = ["--dataset", "synthetic", "--synthetic-n", "8", "--synthetic-size", "48"]
-    common = ["--arch", "vit_mini", "--depth", "2", "--patch-size", "8", "--sweep-layers"]
+    common = [*TINY_BACKBONE_ARGS, "--sweep-layers"]
     common += ["--num-workers", "0", "--quiet"]
     for name, seed in (("a", "0"), ("b", "1")):
         tc_run.main([*syn, "--random-init", "skipless_init", "--seed", seed, *common,

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .scipy_ref import second_eigvec_scipy
+
 SOLVERS = ("torch", "dense", "lobpcg", "scipy")
 SEED_RTOL = 1e-8  # |x| values this close to the max count as ties for the seed (see below)
 
@@ -448,9 +450,7 @@ def _no_fallback(solve):
 
 
 def _solve_scipy(a: torch.Tensor, dtype: torch.dtype):
-    from .scipy_ref import second_eigvec_scipy  # the official per-image CPU path
-
-    return second_eigvec_scipy(a)
+    return second_eigvec_scipy(a)  # the official per-image CPU path
 
 
 _SOLVE = {  # each returns (x (B, N), lambda (B,), fallback (B,) bool)

@@ -55,6 +55,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from ..data.errors import DatasetError
+from ..data.files import _DECODE_ERRORS
 from .augment import AugConfig
 from .sampling import sample_seeds
 
@@ -154,9 +156,6 @@ def sample_params(cfg: AugConfig, height: int, width: int) -> torch.Tensor:
 
 def load_rgb_draft(path: Path, min_side: int) -> tuple[Image.Image, tuple[int, int]]:
     """(RGB image decoded at a JPEG scale keeping both sides >= min_side, full (w, h))."""
-    from ..data.errors import DatasetError
-    from ..data.files import _DECODE_ERRORS
-
     try:
         with Image.open(path) as im:
             full = im.size

@@ -15,7 +15,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +23,7 @@ import torch
 from ..fileio import atomic_write_text, temp_file_beside
 from ..models.loading import CheckpointError, safe_torch_load
 from .runlog import truncate_jsonl
-
-if TYPE_CHECKING:  # the trainer imports this module
-    from .trainer import _Run
+from .state import RunState
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -167,7 +165,7 @@ def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, stem: str = 
 # ---------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(r: _Run, path: Path) -> None:
+def save_checkpoint(r: RunState, path: Path) -> None:
     """Rank 0 writes the full state for an exact resume at ``r.step`` (atomically)."""
     if path.name == CHECKPOINT:
         r.saved_step = r.step
@@ -194,7 +192,7 @@ def save_checkpoint(r: _Run, path: Path) -> None:
     atomic_torch_save(state, path)
 
 
-def resume(r: _Run) -> None:
+def resume(r: RunState) -> None:
     """Restore the state of ``DIR/checkpoint.pt`` into ``r`` (and the RNGs), so the run
     continues as if it had not stopped; log records written after it are dropped."""
     path = r.out_dir / CHECKPOINT

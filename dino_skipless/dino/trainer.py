@@ -33,8 +33,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import DatasetError
+from ..data import DatasetError, ImageFolderDataset, synthetic_root
 from ..fileio import atomic_write_text, portable_path, write_json
+from ..jacobian_lib import layer_condition_numbers
 from ..models import build_model
 from ..optim import build_optimizer, get_param_groups
 from . import DINOHead, DINOLoss, MultiCropAugmentation, MultiCropWrapper, ema_update_
@@ -60,6 +61,7 @@ from .schedules import (
     clip_gradients,
     scaled_lr,
 )
+from .state import RunState
 
 
 class NonFiniteLossError(RuntimeError):
@@ -90,8 +92,6 @@ class TrainResult:
 
 def build_dataset(cfg: PretrainConfig, env: DistEnv, log: RunLogger) -> Dataset:
     """ImageFolder at ``data.path``, or the cached synthetic scenes (announced loudly)."""
-    from ..data import ImageFolderDataset, synthetic_root
-
     d = cfg.data
     if d.path:
         base = ImageFolderDataset(d.path)  # DatasetError if missing / no images
@@ -243,53 +243,8 @@ def run_meta(cfg: PretrainConfig, teacher: MultiCropWrapper, niter: int, env: Di
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Run:
-    """Everything ``train_one_epoch`` touches (built once by ``train``)."""
-
-    cfg: PretrainConfig
-    env: DistEnv
-    log: RunLogger
-    loader: DataLoader
-    sampler: EpochSampler
-    niter_per_ep: int
-    student: MultiCropWrapper  # unwrapped (state dicts, EMA source)
-    teacher: MultiCropWrapper
-    student_fwd: nn.Module  # DDP and/or compiled student
-    teacher_fwd: nn.Module
-    loss_fn: DINOLoss
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler  # disabled (a pass-through) unless fp16
-    schedules: object
-    precision: str
-    meta: dict
-    out_dir: Path
-    step: int = 0  # global step of the next iteration
-    nonfinite_skipped: int = 0
-    losses: list[float] = field(default_factory=list)
-    collapse: CollapseMonitor = field(default_factory=CollapseMonitor)
-    # Carried in the checkpoint, so a resumed run reports as an uninterrupted one:
-    bad_images: dict = field(default_factory=lambda: {"total": 0, "epoch": 0})
-    epoch_loss: dict = field(default_factory=lambda: {"sum": 0.0, "count": 0})
-    elapsed_before: float = 0.0  # training seconds of earlier processes of this run
-    t_start: float = 0.0  # _clock() when this process started training
-    saved_step: int | None = None  # step of DIR/checkpoint.pt; None: none written yet
-
-    def elapsed(self) -> float:
-        return self.elapsed_before + _clock() - self.t_start
-
-
-def _clock() -> float:
-    return time.monotonic()
-
-
-def condition_numbers(r: _Run, epoch: int) -> None:
+def condition_numbers(r: RunState, epoch: int) -> None:
     """Paper App. A.7: kappa of each self-attention map of the teacher backbone."""
-    try:
-        from ..jacobian_lib import layer_condition_numbers
-    except ImportError as e:
-        r.log.warn(f"run.jacobian_every_epochs set but dino_skipless.jacobian unavailable: {e}")
-        return
     records = layer_condition_numbers(r.teacher.backbone, n_tokens=r.cfg.run.jacobian_tokens)
     r.log.append("jacobian.jsonl", [{"epoch": epoch, "step": r.step, **x} for x in records])
 
@@ -305,7 +260,7 @@ def _max_steps_reached(cfg: PretrainConfig, step: int) -> bool:
     return cfg.run.max_steps is not None and step >= cfg.run.max_steps
 
 
-def check_collapse(r: _Run, it: int) -> None:
+def check_collapse(r: RunState, it: int) -> None:
     """Feed the collapse alarm with this step's teacher entropies (the mean over ranks, so
     every rank takes the same decision); warn loudly once per collapsed stretch, or stop."""
     ent = r.loss_fn.last_entropies
@@ -322,7 +277,7 @@ def check_collapse(r: _Run, it: int) -> None:
     r.log.warn(msg + " (run.on_collapse=stop makes this an error)")
 
 
-def _count_bad_images(r: _Run, status: torch.Tensor, problems: list[str], it: int) -> None:
+def _count_bad_images(r: RunState, status: torch.Tensor, problems: list[str], it: int) -> None:
     """data.on_error in the main process: stop on an unusable image, count replacements.
 
     Counts are summed over processes so that every process stops at the same step."""
@@ -351,7 +306,7 @@ def _count_bad_images(r: _Run, status: torch.Tensor, problems: list[str], it: in
         )
 
 
-def _on_disk(r: _Run) -> str:
+def _on_disk(r: RunState) -> str:
     """What a stopped run leaves to resume from."""
     if r.saved_step is None:
         return (
@@ -364,7 +319,79 @@ def _on_disk(r: _Run) -> str:
     )
 
 
-def train_one_epoch(r: _Run, epoch: int) -> bool:
+def _skip_nonfinite_step(
+    r: RunState, loss_value: float, center_before: torch.Tensor | None, epoch: int, i: int
+) -> None:
+    """A NaN/inf loss: stop, naming the step and what is on disk, or (run.on_nonfinite=skip)
+    undo the loss's centre update, count the step and drop its gradients."""
+    it = epoch * r.niter_per_ep + i
+    if r.cfg.run.on_nonfinite == "stop":
+        raise NonFiniteLossError(
+            f"loss is {loss_value} at step {it} (epoch {epoch}, iteration {i}); "
+            f"stopping. {_on_disk(r)}. Lower optim.lr, check the data, or set "
+            "run.on_nonfinite=skip to skip such steps."
+        )
+    r.loss_fn.center.copy_(center_before)  # the NaN batch must not poison it
+    r.nonfinite_skipped += 1
+    r.log.warn(f"non-finite loss at step {it}: step skipped ({r.nonfinite_skipped})")
+    r.optimizer.zero_grad(set_to_none=True)
+
+
+def _optimizer_step(r: RunState, loss: torch.Tensor, epoch: int) -> torch.Tensor | None:
+    """Backward, clipping, last-layer freeze, optimizer step; returns the per-parameter
+    gradient norms when clipping computed them (else None)."""
+    cfg = r.cfg
+    r.optimizer.zero_grad(set_to_none=True)
+    # the scaler is a pass-through unless fp16 (see make_grad_scaler)
+    norms = None
+    r.scaler.scale(loss).backward()
+    if cfg.optim.clip_grad:
+        r.scaler.unscale_(r.optimizer)  # clip the true gradients
+        norms = clip_gradients(r.student, cfg.optim.clip_grad)
+    cancel_gradients_last_layer(epoch, r.student, cfg.optim.freeze_last_layer)
+    r.scaler.step(r.optimizer)
+    r.scaler.update()
+    return norms
+
+
+def _log_step(
+    r: RunState,
+    bar,
+    it: int,
+    epoch: int,
+    loss_value: float,
+    sched: dict,
+    norms: torch.Tensor | None,
+    img_s: float,
+) -> None:
+    """One ``log.jsonl`` record (fields in the README) and the progress bar's postfix."""
+    ent = r.loss_fn.last_entropies
+    record = {
+        "step": it,
+        "epoch": epoch,
+        "loss": loss_value,
+        "lr": sched["lr"],
+        "wd": sched["wd"],
+        "momentum": sched["momentum"],
+        "teacher_temp": r.loss_fn.teacher_temp_at(epoch),
+        "grad_norm": _grad_norm(r.student, norms),
+        "teacher_entropy": ent[0],
+        "teacher_batch_entropy": ent[1],
+        "teacher_info": ent[1] - ent[0],
+        "collapsed": r.collapse.collapsed,
+        "img_per_s": img_s,
+        "mem_gb": memory_gb(r.env.device),
+        "nonfinite_skipped": r.nonfinite_skipped,
+        "bad_images_skipped": r.bad_images["total"],
+    }
+    r.log.log(record)
+    postfix = {"loss": f"{loss_value:.4f}", "lr": f"{sched['lr']:.2e}", "img_s": f"{img_s:.1f}"}
+    if r.collapse.collapsed:
+        postfix["COLLAPSED"] = f"since {r.collapse.streak_start}"
+    bar.set_postfix(postfix)
+
+
+def train_one_epoch(r: RunState, epoch: int) -> bool:
     """One epoch from ``r.step``; returns False when ``run.max_steps`` stopped the run."""
     cfg, env, dev = r.cfg, r.env, r.env.device
     start_i = r.step - epoch * r.niter_per_ep  # > 0 only right after a mid-epoch resume
@@ -404,33 +431,13 @@ def train_one_epoch(r: _Run, epoch: int) -> bool:
             loss_value = all_reduce_mean(loss.detach()).item()  # the logged, all-rank mean
 
             if not math.isfinite(loss_value):
-                if cfg.run.on_nonfinite == "stop":
-                    raise NonFiniteLossError(
-                        f"loss is {loss_value} at step {it} (epoch {epoch}, iteration {i}); "
-                        f"stopping. {_on_disk(r)}. Lower optim.lr, check the data, or set "
-                        "run.on_nonfinite=skip to skip such steps."
-                    )
-                r.loss_fn.center.copy_(center_before)  # the NaN batch must not poison it
-                r.nonfinite_skipped += 1
-                r.log.warn(f"non-finite loss at step {it}: step skipped ({r.nonfinite_skipped})")
-                r.optimizer.zero_grad(set_to_none=True)
+                _skip_nonfinite_step(r, loss_value, center_before, epoch, i)
                 r.step = it + 1
                 bar.update(1)
                 continue
 
-            # --- backward, clipping, last-layer freeze, optimizer step ----------------------
-            r.optimizer.zero_grad(set_to_none=True)
-            # the scaler is a pass-through unless fp16 (see make_grad_scaler)
-            norms = None
-            r.scaler.scale(loss).backward()
-            if cfg.optim.clip_grad:
-                r.scaler.unscale_(r.optimizer)  # clip the true gradients
-                norms = clip_gradients(r.student, cfg.optim.clip_grad)
-            cancel_gradients_last_layer(epoch, r.student, cfg.optim.freeze_last_layer)
-            r.scaler.step(r.optimizer)
-            r.scaler.update()
-
-            # --- EMA teacher ----------------------------------------------------------------
+            # --- backward, clipping, last-layer freeze, optimizer step; EMA teacher ----------
+            norms = _optimizer_step(r, loss, epoch)
             ema_update_(r.teacher, r.student, sched["momentum"])
         except torch.cuda.OutOfMemoryError:
             raise PretrainOOMError(oom_message(cfg.data.batch_size_per_gpu, dev)) from None
@@ -443,39 +450,13 @@ def train_one_epoch(r: _Run, epoch: int) -> bool:
         bar.update(1)
         check_collapse(r, it)
 
-        # --- logging -------------------------------------------------------------------------
+        # --- logging, checkpoint -------------------------------------------------------------
         if r.step % cfg.run.log_every == 0 or i == r.niter_per_ep - 1:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             dt = time.perf_counter() - t_window
             img_s = total_batch * n_window / max(dt, 1e-9)
-            record = {
-                "step": it,
-                "epoch": epoch,
-                "loss": loss_value,
-                "lr": sched["lr"],
-                "wd": sched["wd"],
-                "momentum": sched["momentum"],
-                "teacher_temp": r.loss_fn.teacher_temp_at(epoch),
-                "grad_norm": _grad_norm(r.student, norms),
-                "teacher_entropy": r.loss_fn.last_entropies[0],
-                "teacher_batch_entropy": r.loss_fn.last_entropies[1],
-                "teacher_info": r.loss_fn.last_entropies[1] - r.loss_fn.last_entropies[0],
-                "collapsed": r.collapse.collapsed,
-                "img_per_s": img_s,
-                "mem_gb": memory_gb(dev),
-                "nonfinite_skipped": r.nonfinite_skipped,
-                "bad_images_skipped": r.bad_images["total"],
-            }
-            r.log.log(record)
-            postfix = {
-                "loss": f"{loss_value:.4f}",
-                "lr": f"{sched['lr']:.2e}",
-                "img_s": f"{img_s:.1f}",
-            }
-            if r.collapse.collapsed:
-                postfix["COLLAPSED"] = f"since {r.collapse.streak_start}"
-            bar.set_postfix(postfix)
+            _log_step(r, bar, it, epoch, loss_value, sched, norms, img_s)
             t_window, n_window = time.perf_counter(), 0
 
         if cfg.run.ckpt_every_steps and r.step % cfg.run.ckpt_every_steps == 0:
@@ -487,7 +468,7 @@ def train_one_epoch(r: _Run, epoch: int) -> bool:
     return True
 
 
-def _run_epoch(r: _Run, epoch: int) -> bool:
+def _run_epoch(r: RunState, epoch: int) -> bool:
     """``train_one_epoch``; the error that stops the run also goes to DIR/log.txt."""
     try:
         return train_one_epoch(r, epoch)
@@ -496,18 +477,13 @@ def _run_epoch(r: _Run, epoch: int) -> bool:
         raise
 
 
-def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
-    """Pretrain with DINO as ``cfg`` says; writes into ``cfg.out_dir()`` (see module doc)."""
-    cfg.validate()
-    env = init_distributed(cfg.run.device)
-    if env.distributed and cfg.dino.use_bn_in_head:
-        raise ConfigError(
-            f"dino.use_bn_in_head=true with {env.world_size} processes is not supported: the "
-            "official code syncs the head's BatchNorm across GPUs (SyncBatchNorm, teacher in "
-            "DDP), this trainer does not; use dino.use_bn_in_head=false (DINO's default) or "
-            "one process"
-        )
-    out_dir = cfg.out_dir()
+# ---------------------------------------------------------------------------------------------
+# train(): its phases
+# ---------------------------------------------------------------------------------------------
+
+
+def _open_run_dir(cfg: PretrainConfig, env: DistEnv, out_dir: Path, resume_run: bool) -> RunLogger:
+    """Refuse a fresh start over a checkpoint, clean what a killed run left, open the log."""
     if not resume_run and (out_dir / CHECKPOINT).exists():
         raise FileExistsError(
             f"{out_dir / CHECKPOINT} exists: pass --resume to continue that run, or another --out"
@@ -522,25 +498,28 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
         log.info(f"removed {len(stale)} temp file(s) left by an interrupted save: {names}")
     if rotated:
         log.info(f"{out_dir} held the logs of a run that left no checkpoint: moved to {rotated}")
-    dev = env.device
+    return log
+
+
+def _set_up_torch(cfg: PretrainConfig, dev: torch.device) -> None:
+    """Threads, TF32, and the global seeds (official utils.fix_random_seeds; the model init is
+    seeded separately in build_model)."""
     if dev.type == "cpu" and cfg.run.cpu_threads:
         torch.set_num_threads(cfg.run.cpu_threads)
     if dev.type == "cuda" and cfg.run.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # official utils.fix_random_seeds (the model init is seeded separately in build_model)
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
 
-    # ============ data ============
-    dataset = build_dataset(cfg, env, log)
-    loader, sampler, niter_per_ep = build_loader(dataset, cfg, env)
 
-    # ============ student and teacher ============
-    student, teacher = build_student_teacher(cfg)
-    student.to(dev)
-    teacher.to(dev)
+def _forward_modules(
+    student: MultiCropWrapper, teacher: MultiCropWrapper, cfg: PretrainConfig, env: DistEnv
+) -> tuple[nn.Module, nn.Module]:
+    """The modules the step calls: the student in DDP with several processes, both compiled
+    with ``run.compile``."""
+    dev = env.device
     student_fwd: nn.Module = student
     if env.distributed:
         student_fwd = nn.parallel.DistributedDataParallel(
@@ -550,10 +529,12 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
     if cfg.run.compile:
         student_fwd = torch.compile(student_fwd)
         teacher_fwd = torch.compile(teacher_fwd)
+    return student_fwd, teacher_fwd
 
-    # ============ loss, optimizer, schedules ============
+
+def build_loss(cfg: PretrainConfig) -> DINOLoss:
     d = cfg.dino
-    loss_fn = DINOLoss(
+    return DINOLoss(
         d.out_dim,
         cfg.n_crops,
         warmup_teacher_temp=d.warmup_teacher_temp,
@@ -562,23 +543,146 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
         n_epochs=cfg.optim.epochs,
         student_temp=d.student_temp,
         center_momentum=d.center_momentum,
-    ).to(dev)
+    )
+
+
+def _schedules(cfg: PretrainConfig, niter_per_ep: int, total_batch: int):
     o = cfg.optim
-    optimizer = build_optimizer(o.optimizer, get_param_groups(student), adamw=o.adamw, soap=o.soap)
-    precision = effective_precision(cfg.run.precision, dev)
-    total_batch = cfg.data.batch_size_per_gpu * env.world_size
-    schedules = build_schedules(
+    return build_schedules(
         lr=o.lr,
         min_lr=o.min_lr,
         warmup_epochs=o.warmup_epochs,
         weight_decay=o.weight_decay,
         weight_decay_end=o.weight_decay_end,
-        momentum_teacher=d.momentum_teacher,
+        momentum_teacher=cfg.dino.momentum_teacher,
         epochs=o.epochs,
         niter_per_ep=niter_per_ep,
         total_batch=total_batch,
     )
-    r = _Run(
+
+
+def _log_start(r: RunState) -> None:
+    cfg, o, env = r.cfg, r.cfg.optim, r.env
+    total_batch = cfg.data.batch_size_per_gpu * env.world_size
+    n_params = sum(p.numel() for p in r.student.parameters())
+    r.log.info(
+        f"DINO pretraining: {cfg.model.arch}/{cfg.model.patch_size} variant={cfg.model.variant} "
+        f"depth={r.teacher.backbone.spec.depth} optimizer={o.optimizer} | {n_params / 1e6:.2f}M "
+        f"student params | device={env.device} x{env.world_size} precision={r.precision} | total "
+        f"batch {total_batch} ({cfg.data.batch_size_per_gpu}/process), {cfg.n_crops} crops "
+        f"({cfg.aug.global_size}px/{cfg.aug.local_size}px) | lr {scaled_lr(o.lr, total_batch):.3g} "
+        f"(= {o.lr} x {total_batch}/256) | {o.epochs} epochs x {r.niter_per_ep} it | out "
+        f"{r.out_dir}"
+    )
+
+
+def _train_epochs(r: RunState) -> bool:
+    """Epochs from the (resumed) step to ``optim.epochs``, each ended by a checkpoint and
+    export; returns False when ``run.max_steps`` stopped the run."""
+    cfg, out_dir = r.cfg, r.out_dir
+    r.start_clock()
+    for epoch in range(r.step // r.niter_per_ep, cfg.optim.epochs):
+        finished = _run_epoch(r, epoch)
+        # every epoch, as main_dino.py, and where run.max_steps stops mid-epoch
+        save_checkpoint(r, out_dir / CHECKPOINT)
+        if r.env.is_main:
+            export_backbone(r.teacher.backbone, out_dir)
+        if not finished:  # run.max_steps, mid-epoch
+            _log_stop(r)
+            return False
+        done = epoch + 1
+        if r.env.is_main:
+            _epoch_extras(r, done)
+        mean_loss = r.epoch_loss["sum"] / max(r.epoch_loss["count"], 1)
+        r.log.info(
+            f"epoch {done}/{cfg.optim.epochs}: mean loss {mean_loss:.4f} (step {r.step}, "
+            f"{r.elapsed():.0f}s)"
+        )
+        if _max_steps_reached(cfg, r.step) and done < cfg.optim.epochs:
+            _log_stop(r)
+            return False
+    return True
+
+
+def _log_stop(r: RunState) -> None:
+    r.log.info(f"stopped at step {r.step} (run.max_steps); checkpoint {r.out_dir / CHECKPOINT}")
+
+
+def _epoch_extras(r: RunState, done: int) -> None:
+    """Main process, after epoch ``done``: the kept snapshots and the condition numbers."""
+    run = r.cfg.run
+    if (run.saveckp_freq and done % run.saveckp_freq == 0) or done in run.keep_epochs:
+        save_checkpoint(r, r.out_dir / f"checkpoint_epoch{done:04d}.pt")
+        export_backbone(r.teacher.backbone, r.out_dir, f"backbone_epoch{done:04d}")
+    if run.jacobian_every_epochs and done % run.jacobian_every_epochs == 0:
+        condition_numbers(r, done)
+
+
+def _report_end(r: RunState, finished: bool) -> None:
+    """Main process: ``summary.json``, and the collapse verdict repeated last."""
+    out_dir = r.out_dir
+    summary = {
+        "final_loss": r.losses[-1] if r.losses else None,
+        "step": r.step,
+        "epoch": r.step // r.niter_per_ep,
+        "finished": finished,
+        "time_s": r.elapsed(),
+        "nonfinite_skipped": r.nonfinite_skipped,
+        "collapse": r.collapse.summary(),
+        "bad_images_skipped": r.bad_images["total"],
+        "backbone": str(out_dir / "backbone.pt"),
+    }
+    write_json(out_dir / "summary.json", summary)
+    if finished:
+        r.log.info(f"done: teacher backbone exported to {out_dir / 'backbone.pt'} (+ .json)")
+    c = r.collapse
+    if c.collapsed_at >= 0:
+        now = "and still is at the end" if c.collapsed else "and recovered later"
+        r.log.warn(
+            f"THIS RUN COLLAPSED: the teacher target stopped depending on the image at step "
+            f"{c.collapsed_at} ({c.collapsed_steps} steps collapsed in all) {now}; its "
+            f"features are unlikely to beat a random init. Try {ADVICE}."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# train()
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
+    """Pretrain with DINO as ``cfg`` says; writes into ``cfg.out_dir()`` (see module doc)."""
+    cfg.validate()
+    env = init_distributed(cfg.run.device)
+    if env.distributed and cfg.dino.use_bn_in_head:
+        raise ConfigError(
+            f"dino.use_bn_in_head=true with {env.world_size} processes is not supported: the "
+            "official code syncs the head's BatchNorm across GPUs (SyncBatchNorm, teacher in "
+            "DDP), this trainer does not; use dino.use_bn_in_head=false (DINO's default) or "
+            "one process"
+        )
+    out_dir = cfg.out_dir()
+    log = _open_run_dir(cfg, env, out_dir, resume_run)
+    dev = env.device
+    _set_up_torch(cfg, dev)
+
+    # ============ data ============
+    dataset = build_dataset(cfg, env, log)
+    loader, sampler, niter_per_ep = build_loader(dataset, cfg, env)
+
+    # ============ student and teacher ============
+    student, teacher = build_student_teacher(cfg)
+    student.to(dev)
+    teacher.to(dev)
+    student_fwd, teacher_fwd = _forward_modules(student, teacher, cfg, env)
+
+    # ============ loss, optimizer, schedules ============
+    loss_fn = build_loss(cfg).to(dev)
+    o = cfg.optim
+    optimizer = build_optimizer(o.optimizer, get_param_groups(student), adamw=o.adamw, soap=o.soap)
+    precision = effective_precision(cfg.run.precision, dev)
+    schedules = _schedules(cfg, niter_per_ep, cfg.data.batch_size_per_gpu * env.world_size)
+    r = RunState(
         cfg=cfg,
         env=env,
         log=log,
@@ -598,81 +702,21 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
         out_dir=out_dir,
         collapse=CollapseMonitor(cfg.run.collapse_window, cfg.run.collapse_min_info),
     )
-
     if resume_run:
         resume(r)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
-    n_params = sum(p.numel() for p in student.parameters())
-    log.info(
-        f"DINO pretraining: {cfg.model.arch}/{cfg.model.patch_size} variant={cfg.model.variant} "
-        f"depth={teacher.backbone.spec.depth} optimizer={o.optimizer} | {n_params / 1e6:.2f}M "
-        f"student params | device={dev} x{env.world_size} precision={precision} | total batch "
-        f"{total_batch} ({cfg.data.batch_size_per_gpu}/process), {cfg.n_crops} crops "
-        f"({cfg.aug.global_size}px/{cfg.aug.local_size}px) | lr {scaled_lr(o.lr, total_batch):.3g} "
-        f"(= {o.lr} x {total_batch}/256) | {o.epochs} epochs x {niter_per_ep} it | out {out_dir}"
-    )
+    _log_start(r)
 
     # ============ training ============
-    r.t_start = _clock()
-    start_epoch = r.step // niter_per_ep
-    finished = True
-    for epoch in range(start_epoch, o.epochs):
-        finished = _run_epoch(r, epoch)
-        # every epoch, as main_dino.py, and where run.max_steps stops mid-epoch
-        save_checkpoint(r, out_dir / CHECKPOINT)
-        if env.is_main:
-            export_backbone(teacher.backbone, out_dir)
-        if not finished:
-            log.info(f"stopped at step {r.step} (run.max_steps); checkpoint {out_dir / CHECKPOINT}")
-            break
-        done = epoch + 1
-        if env.is_main:
-            snapshot = (cfg.run.saveckp_freq and done % cfg.run.saveckp_freq == 0) or (
-                done in cfg.run.keep_epochs
-            )
-            if snapshot:
-                save_checkpoint(r, out_dir / f"checkpoint_epoch{done:04d}.pt")
-                export_backbone(teacher.backbone, out_dir, f"backbone_epoch{done:04d}")
-            if cfg.run.jacobian_every_epochs and done % cfg.run.jacobian_every_epochs == 0:
-                condition_numbers(r, done)
-        mean_loss = r.epoch_loss["sum"] / max(r.epoch_loss["count"], 1)
-        log.info(
-            f"epoch {done}/{o.epochs}: mean loss {mean_loss:.4f} (step {r.step}, "
-            f"{r.elapsed():.0f}s)"
-        )
-        if _max_steps_reached(cfg, r.step) and done < o.epochs:
-            finished = False
-            log.info(f"stopped at step {r.step} (run.max_steps); checkpoint {out_dir / CHECKPOINT}")
-            break
+    finished = _train_epochs(r)
     barrier()
-    final = r.losses[-1] if r.losses else None
     if env.is_main:
-        summary = {
-            "final_loss": final,
-            "step": r.step,
-            "epoch": r.step // niter_per_ep,
-            "finished": finished,
-            "time_s": r.elapsed(),
-            "nonfinite_skipped": r.nonfinite_skipped,
-            "collapse": r.collapse.summary(),
-            "bad_images_skipped": r.bad_images["total"],
-            "backbone": str(out_dir / "backbone.pt"),
-        }
-        write_json(out_dir / "summary.json", summary)
-        if finished:
-            log.info(f"done: teacher backbone exported to {out_dir / 'backbone.pt'} (+ .json)")
-        c = r.collapse
-        if c.collapsed_at >= 0:
-            now = "and still is at the end" if c.collapsed else "and recovered later"
-            log.warn(
-                f"THIS RUN COLLAPSED: the teacher target stopped depending on the image at step "
-                f"{c.collapsed_at} ({c.collapsed_steps} steps collapsed in all) {now}; its "
-                f"features are unlikely to beat a random init. Try {ADVICE}."
-            )
+        _report_end(r, finished)
     log.close()
     return TrainResult(
-        out_dir, r.step, r.step // niter_per_ep, final, r.nonfinite_skipped, not finished, r.losses,
+        out_dir, r.step, r.step // niter_per_ep, r.losses[-1] if r.losses else None,
+        r.nonfinite_skipped, not finished, r.losses,
         collapse=r.collapse.summary(), bad_images_skipped=r.bad_images["total"],
     )  # fmt: skip
