@@ -66,6 +66,24 @@ def test_end_to_end_exports_loadable_backbone(full_run):
     )
 
 
+def test_init_export_is_the_runs_own_initialisation(full_run):
+    """DIR/init holds the backbone before step 0: the same weights build_student_teacher gives
+    for this config (its seed), and different from the trained export."""
+    out, _ = full_run
+    init, spec = load_backbone(out / "init")
+    trained, _ = load_backbone(out)
+    assert spec.variant == "skipless_init" and spec.depth == 2
+    student, _ = build_student_teacher(tiny_cfg(out, "unused"))
+    ref = student.backbone.state_dict()
+    got = init.state_dict()
+    assert got.keys() == ref.keys()
+    for k, v in ref.items():
+        assert torch.equal(got[k], v), k
+    assert not torch.equal(
+        got["blocks.0.attn.qkv.weight"], trained.state_dict()["blocks.0.attn.qkv.weight"]
+    )
+
+
 def test_log_follows_dino_schedules(full_run):
     """lr/wd/momentum/teacher temp of every logged step equal the published formulas."""
     out, result = full_run
@@ -114,6 +132,9 @@ def test_exact_resume_mid_epoch(tmp_path, image_dir, full_run):
         for k, v in a[part].items():
             assert torch.equal(v, b[part][k]), (part, k)
     assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+    # the resumed run kept the first run's init export (it is not the resume point's weights)
+    for k, v in load_backbone(ref_out / "init")[0].state_dict().items():
+        assert torch.equal(v, load_backbone(out / "init")[0].state_dict()[k]), k
 
 
 def test_resume_refuses_other_variant(full_run, capsys):

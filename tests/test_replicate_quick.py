@@ -41,11 +41,16 @@ def test_quick_replication_produces_every_result(tmp_path, monkeypatch):
     # the residual variant is well conditioned
     assert max(saved["runs"]["skipless_adamw"]["kappa_init"].values()) > 1e10
     assert max(saved["runs"]["skip_adamw"]["kappa_init"].values()) < 10
-    # random-init baselines went through the same evaluations
+    # the floors are each run's own init (RUN/init, the weights before step 0), through the
+    # same evaluations
     assert set(saved["baselines"]) == {"skip", "skipless", "skipless_init"}
     for v, rec in saved["baselines"].items():
         kn = json.loads((out / "knn" / f"random_{v}" / "results.json").read_text())
-        assert rec["knn_top1"] == kn["top1"] and kn["checkpoint"]["random_init"] == v
+        own_init = out / "runs" / f"{v}_adamw" / "init"
+        assert rec["knn_top1"] == kn["top1"]
+        assert Path(kn["checkpoint"]).resolve() == own_init.resolve()
+        jac = json.loads((out / "jacobian" / f"{v}_adamw" / "init" / "jacobian.json").read_text())
+        assert Path(jac["ckpt"]).resolve() == own_init.resolve()  # kappa of the same weights
         assert 0 <= rec["tokencut_synthetic"]["corloc"] <= 100
     page = (out / "RESULTS.md").read_text()
     # the reference points: raw pixels, and the supervised ceilings evaluated like DINO runs
@@ -155,13 +160,20 @@ def test_claim_verdicts_follow_the_numbers_and_their_noise():
     # k-NN +1 over random init on 400 items is noise; the other gains are large
     near = _run("skip", 20.5, 30.0, 20.0, 1.4, 1.4)
     v = verdicts([near], {"skip": _run("skip", 20.0, 30.5, 19.0, 1.4, 1.4)})
-    assert list(v.values()) == ["within noise"]
+    # mIoU +1 with no error bar: the sign decides, and the verdict names what was shown
+    assert list(v.values()) == ["shown on mIoU, mIoU multiscale only"]
     v = verdicts([near], {"skip": _run("skip", 35.0, 30.0, 19.0, 1.4, 1.4)})
     assert list(v.values()) == ["not shown"]
     # mIoU with bootstrap error bars: +1 mIoU with s.e. 1.0 each is noise, not a gain
     a, b = _run("skip", 20.5, 30.0, 21.0, 1.4, 1.4), _run("skip", 20.0, 30.5, 20.0, 1.4, 1.4)
-    a["linprobe_single_se"] = b["linprobe_single_se"] = 1.0
+    for k in ("linprobe_single_se", "linprobe_multiscale_se"):
+        a[k] = b[k] = 1.0
     assert list(verdicts([a], {"skip": b}).values()) == ["within noise"]
+    # the page's paired test (same images) replaces the unpaired s.e.: k-NN +0.5 with a
+    # paired s.e. of 0.1 is a gain (unpaired, 400 items: s.e. 2.8, noise)
+    res = {"runs": {"skip_adamw": a}, "baselines": {"skip": b},
+           "evaluations": {"knn": {"runs": {"skip_adamw": {"vs_floor": {"se": 0.1}}}}}}  # fmt: skip
+    assert [v for _, v, _ in mod.paper_claims(res)] == ["shown on k-NN only"]
     a["linprobe_single_miou"] = 10.0  # 10 points below: more than 2 s.e. of the difference
     assert list(verdicts([a], {"skip": b}).values()) == ["not shown"]
 

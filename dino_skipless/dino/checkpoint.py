@@ -26,6 +26,9 @@ from .runlog import truncate_jsonl
 from .state import RunState
 
 CHECKPOINT = "checkpoint.pt"
+# The teacher backbone before the first step (= the student's init): the exact random-init
+# floor of this run, evaluated with ``--ckpt DIR/init``.
+INIT_DIR = "init"
 FORMAT_VERSION = 1
 # Settings a resumed run must share with its checkpoint: they fix parameter/optimizer shapes or
 # the meaning of the stored state.
@@ -154,6 +157,7 @@ def check_compatible(saved: dict, current: dict, path: str | Path) -> None:
 def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, stem: str = "backbone"):
     """``DIR/<stem>.pt`` (state dict, unprefixed keys) + ``DIR/<stem>.json`` (BackboneSpec)."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
     atomic_torch_save(sd, out_dir / f"{stem}.pt")
     atomic_write_text(out_dir / f"{stem}.json", json.dumps(backbone.spec.to_dict(), indent=2))

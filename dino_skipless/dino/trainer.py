@@ -43,6 +43,7 @@ from .augment_device import SeededDecode, collate_decoded, device_multicrop
 from .checkpoint import (
     CHECKPOINT,
     FORMAT_VERSION,
+    INIT_DIR,
     export_backbone,
     remove_stale_temp_files,
     resume,
@@ -707,6 +708,9 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+        if not resume_run:
+            # the run's own random init, so "does training help?" compares like with like
+            export_backbone(r.teacher.backbone, out_dir / INIT_DIR)
     _log_start(r)
 
     # ============ training ============
