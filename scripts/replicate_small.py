@@ -590,7 +590,8 @@ def paper_claims(results: dict) -> list[tuple[str, str, str]]:
 
     Verdicts come from the numbers alone, so the page cannot overstate what was measured:
     differences smaller than ``NOISE_SE`` standard errors are "within noise" (binomial s.e. for
-    k-NN and CorLoc, the linear probe's bootstrap s.e. over validation images for mIoU).
+    k-NN and CorLoc, the linear probe's bootstrap s.e. over validation images for mIoU; against
+    a run's own init, the paired test of ``results["evaluations"]`` where there is one).
     """
     runs, base = results["runs"], results.get("baselines", {})
     out: list[tuple[str, str, str]] = []
