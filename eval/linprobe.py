@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="resamples of the validation images for the mIoU standard error (0 = none)",
     )
     p.add_argument("--voc-train-split", default=d.voc_train_split, choices=("train", "trainaug"))
+    p.add_argument(
+        "--voc-train-subset",
+        type=int,
+        default=None,
+        help="VOC: a seeded subset of this many training images (default: the whole split)",
+    )
     p.add_argument("--no-standardize", action="store_true", help="skip per-channel standardisation")
     p.add_argument("--extract-batch-size", type=int, default=d.extract_batch_size)
     p.add_argument("--num-workers", type=int, default=d.num_workers)
@@ -128,6 +134,7 @@ def config_from_args(args) -> tuple[LinProbeConfig, tuple[str, ...]]:
         subset_seed=args.subset_seed,
         bootstrap=max(0, args.bootstrap),
         voc_train_split=args.voc_train_split,
+        voc_train_subset=args.voc_train_subset if args.voc_train_subset else None,
         standardize=not args.no_standardize,
         seed=args.seed,
         extract_batch_size=args.extract_batch_size,

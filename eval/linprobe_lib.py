@@ -43,7 +43,7 @@ def build_datasets(dataset: str, root, cfg: LinProbeConfig, synthetic: dict | No
         name = "voc"
     if root is None:
         raise SystemExit(f"--dataset {dataset} needs --root PATH")
-    subset = cfg.train_subset if name in SUBSET_DATASETS else None
+    subset = cfg.train_subset if name in SUBSET_DATASETS else cfg.voc_train_subset
     split = cfg.voc_train_split if name == "voc" else "train"
     train = build_segmentation_dataset(
         name, root, split, subset=subset, subset_seed=cfg.subset_seed
