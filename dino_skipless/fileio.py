@@ -53,12 +53,16 @@ def new_run_id() -> str:
 
 
 def portable_path(value: str) -> str:
-    """An absolute path as a reader elsewhere can use it: relative to the working directory
-    when inside it, ``~/...`` when inside the home directory, else unchanged. Results must not
-    record the writer's machine layout (and the relative form re-runs from the repo root)."""
+    """An absolute path as a reader elsewhere can use it: ``$SKIPLESS_CACHE/...`` when inside the
+    cache folder that variable names, relative to the working directory when inside it, ``~/...``
+    when inside the home directory, else unchanged. Results must not record the writer's machine
+    layout (and the relative form re-runs from the repo root)."""
     if not value.startswith(os.sep):
         return value
-    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~")):
+    bases = [(Path.cwd(), ""), (Path.home(), "~")]
+    if os.environ.get("SKIPLESS_CACHE"):
+        bases.insert(0, (Path(os.environ["SKIPLESS_CACHE"]).absolute(), "$SKIPLESS_CACHE"))
+    for base, prefix in bases:
         try:
             rel = Path(value).relative_to(base)
         except ValueError:

@@ -25,6 +25,12 @@ for training is thrown away.
   together, with DINO's colour jitter / grayscale / blur / solarisation on the image only.
   Ceiling of the linear probe and TokenCut.
 
+With ``data.augment_on: device`` (as ``configs/learn_cpu.yaml``) the views are made as the DINO
+run makes them: the loader worker decodes and samples the parameters, the crops and photometric
+ops run batched in the training process (``dino/augment_device.py``), with the same parameters
+as the PIL path for each (seed, epoch, index); masks are cropped in the worker with the same
+boxes and flips (nearest). On 2 cores this is 18 % (cls) and 14 % (seg) faster per step.
+
 The number of optimisation steps is the DINO run's: ``optim.epochs`` x (``data.synthetic_n`` or
 the folder's size) / batch, whatever the labelled set's size (the labelled set is cycled).
 Nothing here is a published method; it is a measuring stick.
@@ -38,7 +44,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +58,16 @@ from torchvision.transforms import functional as TF
 
 from .data import ImageFolderDataset, build_segmentation_dataset, synthetic_root
 from .dino.augment import GaussianBlur, MultiCropAugmentation, Solarization
+from .dino.augment_device import (
+    FLIP,
+    HEIGHT,
+    LEFT,
+    TOP,
+    WIDTH,
+    SeededDecode,
+    collate_decoded,
+    device_multicrop,
+)
 from .dino.checkpoint import export_backbone
 from .dino.config import PretrainConfig, build_config
 from .dino.sampling import sample_seeds
@@ -145,6 +161,51 @@ def _collate(batch):
     return torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch])
 
 
+class _DecodedViews(Dataset):
+    """``data.augment_on=device``, as in the DINO run of the config: the worker decodes the
+    image and samples both global views' parameters (``SeededDecode`` without local views:
+    the same draws, in the same order, as ``_ClsViews`` / ``_SegViews``); the crops and the
+    photometric ops run batched in the training process (``_device_views``). A mask gets its
+    views' boxes and flips here, with nearest resampling, exactly as ``_SegViews`` crops it."""
+
+    def __init__(self, base: Dataset, cfg: PretrainConfig, seed: int, task: str):
+        self.aug = replace(cfg.aug, n_local=0)
+        self.decode = SeededDecode(base, self.aug, seed, with_target=True)
+        self.task, self.epoch = task, 0
+
+    def __len__(self) -> int:
+        return len(self.decode)
+
+    def __getitem__(self, i: int):
+        pixels, params, scale, target = self.decode[self.epoch, i]
+        if self.task == "cls":
+            return pixels, params, scale, torch.tensor([target, target])
+        m = Image.fromarray(np.asarray(target, dtype=np.uint8))
+        size = [self.aug.global_size] * 2
+        views = []
+        for row in params[:2].tolist():
+            box = [int(row[k]) for k in (TOP, LEFT, HEIGHT, WIDTH)]
+            v = TF.resized_crop(m, *box, size, transforms.InterpolationMode.NEAREST)
+            if row[FLIP] > 0.5:
+                v = TF.hflip(v)
+            views.append(torch.from_numpy(np.asarray(v, dtype=np.int64)))
+        return pixels, params, scale, torch.stack(views)
+
+
+def _collate_decoded(batch):
+    """A ``collate_decoded`` batch, and the targets ``(B, 2, ...)``."""
+    return collate_decoded([b[:3] for b in batch]), torch.stack([b[3] for b in batch])
+
+
+def _device_views(batch, aug, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(2B, 3, s, s)`` views and their ``(2B, ...)`` targets, sample-major (image i's two
+    views are rows 2i and 2i + 1), as ``_collate`` orders the CPU path's."""
+    decoded, y = batch
+    g1, g2 = device_multicrop(decoded, aug, device)
+    x = torch.stack([g1, g2], 1).flatten(0, 1)
+    return x, y.flatten(0, 1).to(device)
+
+
 def labelled_data(task: str, cfg: PretrainConfig, seg: dict) -> tuple[Dataset, int, int]:
     """(dataset of (image, label), number of classes, images per DINO epoch)."""
     d = cfg.data
@@ -174,8 +235,13 @@ def train_supervised(task: str, cfg: PretrainConfig, seg: dict | None = None) ->
         torch.set_num_threads(cfg.run.cpu_threads)
     torch.manual_seed(cfg.run.seed)
     base, n_classes, dino_epoch = labelled_data(task, cfg, seg)
-    views = _ClsViews(MultiCropAugmentation(cfg.aug)) if task == "cls" else _SegViews(cfg)
-    data = _SeededViews(base, views, cfg.run.seed)
+    on_device = cfg.data.augment_on == "device"
+    if on_device:
+        data = _DecodedViews(base, cfg, cfg.run.seed, task)
+    else:
+        views = _ClsViews(MultiCropAugmentation(cfg.aug)) if task == "cls" else _SegViews(cfg)
+        data = _SeededViews(base, views, cfg.run.seed)
+    device = torch.device("cpu")
     bs = cfg.data.batch_size_per_gpu
     niter = dino_epoch // bs  # DINO drops the last partial batch
     total = niter * cfg.optim.epochs
@@ -202,11 +268,13 @@ def train_supervised(task: str, cfg: PretrainConfig, seg: dict | None = None) ->
         data.epoch = epoch
         loader = DataLoader(
             data, batch_size=bs, shuffle=True, drop_last=True, generator=gen,
-            num_workers=cfg.data.num_workers, collate_fn=_collate,
+            num_workers=cfg.data.num_workers,
+            collate_fn=_collate_decoded if on_device else _collate,
         )  # fmt: skip
-        for x, y in loader:
+        for batch in loader:
             if step >= total:
                 break
+            x, y = _device_views(batch, data.aug, device) if on_device else batch
             s = sched.at(step)
             apply_schedules_(optimizer, s["lr"], s["wd"])
             if task == "cls":

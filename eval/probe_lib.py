@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -414,6 +415,20 @@ def summarise(
 # ------------------------------------------------------------------------------------ pipeline
 
 
+@contextmanager
+def flush_denormals(device: torch.device | str):
+    """On a CPU, treat subnormal floats as zero while the probes train. A large-lr probe's
+    softmax gradient is mostly numbers below 1e-38, which x86 cores process many times slower;
+    they are far below anything that moves a probe (README, "Speed of the evaluation stages on
+    CPU": the slowest probe of the replication 12 % faster with the same mIoU)."""
+    on = torch.device(device).type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if on:
+            torch.set_flush_denormal(False)
+
+
 def probe_from_cache(
     train_cache,
     val_cache,
@@ -440,17 +455,18 @@ def probe_from_cache(
     dim = sum(train_cache.dims[la] for la in layers)
     # On a GPU, keep the cached blocks resident when they fit: 30 epochs re-read them.
     train_cache = train_cache.on_device(layers, torch.device(device))
-    probes = train_probes(
-        lambda idx: train_cache.features(idx, layers),
-        train_cache.masks,
-        num_classes,
-        dim,
-        cfg.lrs,
-        cfg,
-        device,
-        normalizer,
-        progress,
-    )
+    with flush_denormals(device):
+        probes = train_probes(
+            lambda idx: train_cache.features(idx, layers),
+            train_cache.masks,
+            num_classes,
+            dim,
+            cfg.lrs,
+            cfg,
+            device,
+            normalizer,
+            progress,
+        )
     conf = evaluate_probes(
         probes,
         lambda idx: val_cache.features(idx, layers),

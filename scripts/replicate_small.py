@@ -531,6 +531,16 @@ def paired_test(evaluation: str, a: dict, b: dict) -> dict:
     return {"diff": diff, "se": se, "z": z, "p": p}
 
 
+def share_se(gain: dict, room: dict, gap: float) -> float | None:
+    """s.e. of the gap share ``f = gain / gap`` (gain = run − floor, gap = ceiling − floor) by
+    the delta method from the two paired s.e.s: ``sqrt(se_gain² + f² se_gap²) / gap``. Their
+    covariance (both differences contain the floor) is left out."""
+    if gain.get("se") is None or room.get("se") is None or gap <= 0:
+        return None
+    f = gain["diff"] / gap
+    return math.sqrt(gain["se"] ** 2 + (f * room["se"]) ** 2) / gap
+
+
 def evaluations(results: dict) -> dict:
     """Per evaluation: floor (per variant), ceiling, pixels, and each run with its paired test
     against its own floor and the share of the floor-to-ceiling gap it closes."""
@@ -560,6 +570,13 @@ def evaluations(results: dict) -> dict:
                     lo, hi = e["floor"][v]["value"], e["ceiling"]["value"]
                     # no room above the floor: a share of it means nothing
                     row["gap_closed"] = (row["value"] - lo) / (hi - lo) if hi > lo else None
+                    if hi > lo:
+                        room = (
+                            e["ceiling_vs_floor_skip"]
+                            if v == "skip" and e.get("ceiling_vs_floor_skip")
+                            else paired_test(ev, refs[ceiling_name], base[v])
+                        )
+                        row["gap_closed_se"] = share_se(row["vs_floor"], room, hi - lo)
             e["runs"][name] = row
         out[ev] = e
     return out
@@ -739,7 +756,8 @@ def headroom_markdown(results: dict) -> list[str]:
         "trained end to end on labels with the same budget (`python -m dino_skipless.supervised`"
         "; class labels for k-NN, segmentation masks for the linear probe and TokenCut). "
         "Δ vs floor: a paired test on the same images (k-NN, CorLoc: exact McNemar; mIoU: "
-        "paired bootstrap), z = Δ / paired s.e. Gap closed: (run − floor) / (ceiling − floor).",
+        "paired bootstrap), z = Δ / paired s.e. Gap closed: (run − floor) / (ceiling − floor), "
+        "± its delta-method s.e. from the two paired s.e.s (`share_se`).",
     ]
 
     def val(x: dict | None) -> str:
@@ -773,8 +791,12 @@ def headroom_markdown(results: dict) -> list[str]:
                 f"(vs skip floor) | {room} |"
             )
         for name, r in e["runs"].items():
-            g = r.get("gap_closed")
-            gap = f"{100 * g:.0f} %" if g is not None else "–"
+            g, g_se = r.get("gap_closed"), r.get("gap_closed_se")
+            gap = (
+                "–"
+                if g is None
+                else f"{100 * g:.1f}" + (f" ± {100 * g_se:.1f} %" if g_se is not None else " %")
+            )
             lines.append(f"| DINO {name} | {val(r)} | {test(r.get('vs_floor'))} | {gap} |")
     return lines
 

@@ -81,3 +81,8 @@ def test_write_json_records_paths_portably(tmp_path, monkeypatch):
         assert portable_path(str(home / ".cache" / "x")) == "~/.cache/x"
     write_json(tmp_path / "r.json", {"root": tmp_path / "d", "runs": [str(tmp_path / "e")], "n": 3})
     assert json.loads((tmp_path / "r.json").read_text()) == {"root": "d", "runs": ["e"], "n": 3}
+    # a synthetic set under a relocated cache is named through the variable that relocates it
+    monkeypatch.setenv("SKIPLESS_CACHE", "/opt/cache")
+    assert portable_path("/opt/cache/synthetic/voc_n4") == "$SKIPLESS_CACHE/synthetic/voc_n4"
+    assert portable_path("/opt/cached") == "/opt/cached"  # a sibling is not inside it
+    assert portable_path(str(tmp_path / "runs" / "a")) == "runs/a"

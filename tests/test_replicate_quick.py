@@ -6,6 +6,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,3 +191,16 @@ def test_finished_reuses_only_completed_runs(tmp_path):
     assert finished(tmp_path)
     (tmp_path / "summary.json").write_text(json.dumps({"task": "cls", "steps": 496}))
     assert finished(tmp_path)  # supervised summaries are written only at the end
+
+
+def test_gap_share_se_is_the_delta_method_of_the_two_paired_errors():
+    share_se = _load_script().share_se
+    gain, room = {"diff": 10.0, "se": 1.0}, {"diff": 50.0, "se": 2.0}
+    # by hand: f = 0.2, sqrt(1 + 0.2^2 * 2^2) / 50
+    assert share_se(gain, room, 50.0) == pytest.approx(math.sqrt(1.16) / 50, rel=1e-12)
+    # against simulation: independent normal errors on the gain and on the gap
+    rng = np.random.default_rng(0)
+    ratio = rng.normal(10, 1, 200_000) / rng.normal(50, 2, 200_000)
+    assert share_se(gain, room, 50.0) == pytest.approx(ratio.std(), rel=0.02)
+    assert share_se({"diff": 1.0, "se": None}, room, 50.0) is None
+    assert share_se(gain, room, 0.0) is None

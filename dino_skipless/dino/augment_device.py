@@ -175,14 +175,21 @@ class SeededDecode(Dataset):
     The loader side of the device path: decode, sample the parameters from the (seed, epoch,
     index) RNGs as ``trainer.SeededMultiCrop`` (the caller's RNG streams are restored), and
     return ``(sy, sx)``, the decoded / full size ratio (1 unless ``draft`` shrank the decode).
+    ``with_target=True`` appends the base sample's second element (a label or a mask) as it is,
+    for the supervised ceilings (``dino_skipless.supervised``).
     """
 
-    def __init__(self, base: Dataset, cfg: AugConfig, seed: int, draft: int = 0):
+    def __init__(
+        self, base: Dataset, cfg: AugConfig, seed: int, draft: int = 0, with_target: bool = False
+    ):
         self.base, self.cfg, self.seed, self.draft = base, cfg, seed, int(draft)
+        self.with_target = with_target
         if self.draft and not hasattr(base, "image_path"):
             raise ValueError(
                 f"data.decode_draft needs a dataset with image paths, got {type(base).__name__}"
             )
+        if self.draft and with_target:
+            raise ValueError("data.decode_draft decodes the image only; it has no target path")
 
     def __len__(self) -> int:
         return len(self.base)
@@ -192,7 +199,8 @@ class SeededDecode(Dataset):
         if self.draft:
             img, (full_w, full_h) = load_rgb_draft(self.base.image_path(index), self.draft)
         else:
-            img = self.base[index][0]
+            sample = self.base[index]
+            img = sample[0]
             full_w, full_h = img.size
         if img.mode != "RGB":
             img = img.convert("RGB")
@@ -207,6 +215,8 @@ class SeededDecode(Dataset):
             random.setstate(py_state)
         pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # HWC: one copy, no permute
         scale = torch.tensor([img.height / full_h, img.width / full_w], dtype=torch.float64)
+        if self.with_target:
+            return pixels, params, scale, sample[1]
         return pixels, params, scale
 
 
