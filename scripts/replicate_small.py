@@ -1,6 +1,7 @@
 """The paper's story at small scale: train the three variants, evaluate them, write the results page.
 
-    python scripts/replicate_small.py --out results/small_scale            # CPU, synthetic scenes
+    python scripts/replicate_small.py --config configs/learn_cpu.yaml --jacobian-every 24 \
+        --out results/small_scale                                          # CPU: the results page
     python scripts/replicate_small.py --quick --out runs/replicate_quick   # minutes: pipeline check
     python scripts/replicate_small.py --out runs/paper --config configs/dino_vits16_skipless_init_adamw.yaml \
         --data /path/to/imagenet/train --dataset-roots voc=/data/VOC coco20k=/data/COCO \
@@ -40,6 +41,9 @@ import time
 from pathlib import Path
 
 from dino_skipless.dino.checkpoint import INIT_DIR
+from dino_skipless.dino.config import build_config, load_yaml
+from dino_skipless.fileio import portable_path
+from dino_skipless.pretrain import resolve_config
 from eval.compare import compare_runs
 from eval.knn import paired_knn
 from tokencut.compare import compare as tokencut_compare
@@ -83,6 +87,43 @@ def finished(run_dir: Path) -> bool:
     """A training stage ran to its end: its summary.json exists and does not say otherwise."""
     summary = run_dir / "summary.json"
     return summary.exists() and bool(load_json(summary).get("finished", True))
+
+
+# Run settings that change what a run learns; the other run.* keys only say where and how
+# it logs, so a page can be rebuilt with, e.g., another --jacobian-every.
+RECIPE_RUN_KEYS = ("run.seed", "run.precision", "run.max_steps", "run.on_nonfinite")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Dotted keys; paths as the run's files record them (``portable_path``)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = portable_path(v) if isinstance(v, str) else v
+    return out
+
+
+def recipe_diff(have: dict, want: dict) -> list[str]:
+    """``key: reused vs requested`` for every recipe key in which a finished run's config
+    (``have``) differs from the one this invocation would train (``want``)."""
+    h, w = _flat(have), _flat(want)
+    keys = [k for k in sorted(set(h) | set(w)) if not k.startswith("run.") or k in RECIPE_RUN_KEYS]
+    return [f"{k}: {h.get(k)!r} vs {w.get(k)!r}" for k in keys if h.get(k) != w.get(k)]
+
+
+def check_reused(run_dir: Path, have: dict, want: dict) -> None:
+    """A finished run is reused only if it is the run this invocation asks for: otherwise the
+    page would label its numbers with the wrong recipe."""
+    diff = recipe_diff(have, want)
+    if diff:
+        raise SystemExit(
+            f"{run_dir} is a finished run of another recipe than this command's ({len(diff)} "
+            "keys differ, reused vs requested):\n  "
+            + "\n  ".join(diff[:12])
+            + "\npass the --config and overrides it was trained with, or another --out"
+        )
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -146,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--reuse-evals",
         action="store_true",
         help="keep evaluation stages whose results.json already exists in OUT (resume a killed "
-        "run, or rebuild the page); a finished pretraining run is always reused, a killed one resumed",
+        "run, or rebuild the page); a finished pretraining run is always reused (an error if it was "
+        "trained with another recipe than this command's), a killed one resumed",
     )
     p.add_argument(
         "--ceilings",
@@ -305,15 +347,21 @@ def main(argv: list[str] | None = None) -> dict:
             rec: dict = {"variant": variant, "optimizer": opt}
             # A finished run (summary.json says so) is reused and a killed one resumed exactly;
             # backbone.json alone proves nothing: it is tracked with the results.
+            pretrain_args = ["--config", args.config, "--variant", variant, "--optimizer", opt,
+                             "--out", str(rdir), *overrides]  # fmt: skip
             if finished(rdir):
+                check_reused(
+                    rdir,
+                    load_yaml(rdir / "config.yaml").to_dict(),
+                    resolve_config(pretrain_args)[0].to_dict(),
+                )
                 timings[f"{name}/pretrain"] = float(prev_timings.get(f"{name}/pretrain", 0.0))
             else:
                 resume = ["--resume"] if (rdir / "checkpoint.pt").exists() else []
                 timings[f"{name}/pretrain"] = float(
                     prev_timings.get(f"{name}/pretrain", 0.0) if resume else 0.0
                 ) + run(
-                    [py, "-m", "dino_skipless.pretrain", "--config", args.config, "--variant", variant,
-                     "--optimizer", opt, "--out", str(rdir), *overrides, *resume],
+                    [py, "-m", "dino_skipless.pretrain", *pretrain_args, *resume],
                     logs / "pretrain.txt",
                 )  # fmt: skip
             last = last_record(rdir)
@@ -374,13 +422,18 @@ def main(argv: list[str] | None = None) -> dict:
             name = f"supervised_{task}"
             sdir = out / "runs" / name
             (out / "logs" / name).mkdir(parents=True, exist_ok=True)
+            sup_overrides = ["model.variant=skip", *overrides, f"optim.lr={SUPERVISED_LR}"]
             if finished(sdir):
+                want = build_config(
+                    args.config,
+                    [*(tuple(kv.split("=", 1)) for kv in sup_overrides), ("run.out", str(sdir))],
+                )
+                check_reused(sdir, load_json(sdir / "summary.json")["config"], want.to_dict())
                 timings[f"{name}/train"] = float(prev_timings.get(f"{name}/train", 0.0))
             else:
                 timings[f"{name}/train"] = run(
                     [py, "-m", "dino_skipless.supervised", "--task", task, "--config", args.config,
-                     "--out", str(sdir), *(seg_src if task == "seg" else []), "model.variant=skip",
-                     *overrides, f"optim.lr={SUPERVISED_LR}"],
+                     "--out", str(sdir), *(seg_src if task == "seg" else []), *sup_overrides],
                     out / "logs" / name / "train.txt",
                 )  # fmt: skip
             rec = {"variant": "skip", "task": task, **load_json(sdir / "summary.json")}

@@ -102,6 +102,9 @@ def test_quick_replication_produces_every_result(tmp_path, monkeypatch):
     for key, seconds in saved["timings_s"].items():
         if key != "pca":
             assert again["timings_s"][key] == seconds, key
+    # a finished run is not reused under another recipe: the page would mislabel it
+    with pytest.raises(SystemExit, match=r"(?s)skip_adamw is a finished run.*optim\.lr"):
+        _load_script().main(["--quick", "--out", str(out), "--reuse-evals", "optim.lr=0.5"])
 
 
 def _value_of(rec: dict, evaluation: str) -> float:
@@ -204,3 +207,16 @@ def test_gap_share_se_is_the_delta_method_of_the_two_paired_errors():
     assert share_se(gain, room, 50.0) == pytest.approx(ratio.std(), rel=0.02)
     assert share_se({"diff": 1.0, "se": None}, room, 50.0) is None
     assert share_se(gain, room, 0.0) is None
+
+
+def test_recipe_diff_names_the_keys_that_change_what_a_run_learns():
+    mod = _load_script()
+    have = {"optim": {"lr": 1e-3, "epochs": 4}, "data": {"path": None},
+            "run": {"seed": 0, "out": "runs/a", "jacobian_every_epochs": 12}}  # fmt: skip
+    same = {**have, "run": {**have["run"], "out": "runs/b", "jacobian_every_epochs": 24}}
+    assert mod.recipe_diff(have, same) == []  # where and how it logs: not the recipe
+    other = {**have, "optim": {"lr": 1e-3, "epochs": 8}, "run": {**have["run"], "seed": 1}}
+    assert mod.recipe_diff(have, other) == ["optim.epochs: 4 vs 8", "run.seed: 0 vs 1"]
+    home = str(Path.home() / "data" / "imgs")
+    stored = {**have, "data": {"path": "~/data/imgs"}}  # config.yaml records it portably
+    assert mod.recipe_diff(stored, {**have, "data": {"path": home}}) == []
