@@ -417,10 +417,11 @@ def summarise(
 
 @contextmanager
 def flush_denormals(device: torch.device | str):
-    """On a CPU, treat subnormal floats as zero while the probes train. A large-lr probe's
-    softmax gradient is mostly numbers below 1e-38, which x86 cores process many times slower;
-    they are far below anything that moves a probe (README, "Speed of the evaluation stages on
-    CPU": the slowest probe of the replication 12 % faster with the same mIoU)."""
+    """On a CPU, treat subnormal floats as zero while the probes train (then back to torch's
+    default). A large-lr probe's softmax gradient is mostly numbers below 1e-38, which x86 cores
+    process many times slower. The slowest probe of the replication ran 12 % faster with the
+    same mIoU; of its 84 (probe, lr) scores 80 stayed the same to the last digit and 4, all at
+    the largest lr, moved by 0.01-0.23 mIoU (README, "Speed of the evaluation stages on CPU")."""
     on = torch.device(device).type == "cpu" and torch.set_flush_denormal(True)
     try:
         yield

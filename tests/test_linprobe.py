@@ -32,6 +32,7 @@ from eval.probe_lib import (
     ProbeWeights,
     _step_chunks,
     evaluate_probes,
+    flush_denormals,
     logit_cap,
     probe_loss_and_grads,
     summarise,
@@ -532,3 +533,17 @@ def test_default_workers_capped_at_the_cpu_count(monkeypatch):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
         assert default_num_workers() == want
         assert LinProbeConfig().num_workers == want
+
+
+def test_flush_denormals_zeroes_subnormals_inside_only():
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    torch.set_flush_denormal(False)
+    tiny = torch.tensor([1e-39])  # subnormal in float32 (the smallest normal is 1.2e-38)
+    assert (tiny * 1.5).item() > 0
+    with flush_denormals("cpu"):
+        assert (tiny * 1.5).item() == 0.0
+        assert (torch.tensor([2e-38]) * 1.5).item() == pytest.approx(3e-38)  # normals untouched
+    assert (tiny * 1.5).item() == pytest.approx(1.5e-39, rel=1e-3)  # the default is back
+    with flush_denormals("meta"):  # not a CPU: nothing changes
+        assert (tiny * 1.5).item() > 0
