@@ -3,8 +3,9 @@
 One step = teacher forward on the 2 global crops, student forward + backward on all crops, DINO
 loss, per-parameter gradient clipping, optimizer step, EMA teacher update (what
 ``dino_skipless.dino.trainer`` does per iteration, minus data loading). For each variant x
-optimizer it times our step ("ours": bf16 autocast on CUDA, timm's fused SDPA attention, fused
-AdamW on CUDA, foreach clipping/EMA, optional ``torch.compile``) and, with ``--official``, the
+optimizer it times our step ("ours": ``--precision`` autocast (bf16 by default, on a CPU too,
+where the trainer itself stays fp32), timm's fused SDPA attention, fused AdamW on CUDA, foreach
+clipping/EMA, optional ``torch.compile``) and, with ``--official``, the
 step the way the official DINO code runs it in the same process ("official": fp16 autocast +
 GradScaler, unfused attention (``attn.fused_attn = False``), eager, AdamW with
 ``foreach=False``, per-parameter Python loops for clipping and EMA), so the speed-up is a ratio
@@ -138,13 +139,15 @@ def step_fn(args, student, teacher, opt, loss_fn, official: bool, device: torch.
         dtype, scaler = torch.float16, (torch.amp.GradScaler("cuda") if cuda else None)
     else:
         dtype, scaler = (torch.bfloat16 if args.precision == "bf16" else torch.float32), None
-    use_autocast = cuda and dtype != torch.float32
+    # bf16 autocast wherever asked (the trainer itself autocasts on CUDA only: on CPU
+    # ``effective_precision`` is fp32); the official fp16 path only on CUDA
+    use_autocast = dtype == torch.bfloat16 or (cuda and dtype != torch.float32)
     s_fwd, t_fwd = student, teacher
     if args.compile and not official:
         s_fwd, t_fwd = torch.compile(student), torch.compile(teacher)
 
     def step(crops):
-        ctx = torch.autocast("cuda", dtype=dtype) if use_autocast else contextlib.nullcontext()
+        ctx = torch.autocast(device.type, dtype=dtype) if use_autocast else contextlib.nullcontext()
         with ctx:
             if official:
                 t_out = t_fwd(crops[:2])  # official: no no_grad (teacher has requires_grad False)
