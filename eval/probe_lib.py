@@ -230,6 +230,21 @@ def probe_loss_and_grads(
     return nll.sum((0, 2)), grad_w, g_lg.sum((0, 3, 4))
 
 
+@contextmanager
+def flush_denormals(device: torch.device | str):
+    """On a CPU, treat subnormal floats as zero while the probes train (then back to torch's
+    default). A large-lr probe's softmax gradient is mostly numbers below 1e-38, which x86 cores
+    process many times slower. The slowest probe of the replication ran 12 % faster with the
+    same mIoU; of its 84 (probe, lr) scores 80 stayed the same to the last digit and 4, all at
+    the largest lr, moved by 0.01-0.23 mIoU (README, "Speed of the evaluation stages on CPU")."""
+    on = torch.device(device).type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if on:
+            torch.set_flush_denormal(False)
+
+
 def train_probes(
     features: Callable[[torch.Tensor], torch.Tensor],
     masks: torch.Tensor,
@@ -246,7 +261,8 @@ def train_probes(
     ``features(idx) -> (B, dim, h, w)`` float (e.g. reading a FeatureCache), ``masks (N, H, W)``
     uint8 targets (255 = ignore); logits are upsampled bilinearly to ``(H, W)``. The update is
     ``torch.optim.SGD(lr, momentum, weight_decay)`` per lr (buffer = grad at the first step),
-    with a per-step cosine decay of every lr to 0.
+    with a per-step cosine decay of every lr to 0. On a CPU the loop runs with subnormal floats
+    flushed to zero (``flush_denormals``).
     """
     device = torch.device(device)
     n = len(masks)
@@ -270,44 +286,45 @@ def train_probes(
             resample[n_in, n_out] = upsample_matrix(n_in, n_out, device)
         return resample[n_in, n_out]
 
-    step = 0
-    bar = tqdm(total=total, desc="probe", leave=False, disable=not progress, dynamic_ncols=True)
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(n, generator=gen)
-        epoch_loss = torch.zeros(n_l, dtype=torch.float64)
-        for i in range(0, n, cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
-            x = features(idx).to(device, non_blocking=True).float()
-            if normalizer is not None:
-                x = normalizer(x)
-            y = masks[idx].to(device, non_blocking=True)
-            bsz, (hh, ww) = y.shape[0], y.shape[-2:]
-            a_h, a_w = matrix(x.shape[-2], hh), matrix(x.shape[-1], ww)
-            # normalised by the whole batch's valid pixels, so chunks add up to its loss
-            n_valid = max(int((y != IGNORE_INDEX).sum()), 1)
-            for g in grads:
-                g.zero_()
-            for im, sl in _step_chunks(bsz, n_l, num_classes * hh * ww, cap):
-                loss, g_w, g_b = probe_loss_and_grads(
-                    x[im], y[im], weight[sl], bias[sl], a_h, a_w, n_valid
-                )
-                grads[0][sl] += g_w
-                grads[1][sl] += g_b
-                epoch_loss[sl] += loss.double().cpu() * bsz
-            scale = 0.5 * (1.0 + math.cos(math.pi * step / total))
-            for p, g, buf in zip((weight, bias), grads, bufs):
-                if cfg.weight_decay:
-                    g = g + cfg.weight_decay * p
-                if step == 0:
-                    buf.copy_(g)
-                else:
-                    buf.mul_(cfg.momentum).add_(g)
-                lr = (lr_vec * scale).view(-1, *([1] * (p.dim() - 1)))
-                p.sub_(lr * buf)
-            step += 1
-            bar.update(1)
-        out.losses.append((epoch_loss / n).tolist())
-    bar.close()
+    with flush_denormals(device):
+        step = 0
+        bar = tqdm(total=total, desc="probe", leave=False, disable=not progress, dynamic_ncols=True)
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(n, generator=gen)
+            epoch_loss = torch.zeros(n_l, dtype=torch.float64)
+            for i in range(0, n, cfg.batch_size):
+                idx = perm[i : i + cfg.batch_size]
+                x = features(idx).to(device, non_blocking=True).float()
+                if normalizer is not None:
+                    x = normalizer(x)
+                y = masks[idx].to(device, non_blocking=True)
+                bsz, (hh, ww) = y.shape[0], y.shape[-2:]
+                a_h, a_w = matrix(x.shape[-2], hh), matrix(x.shape[-1], ww)
+                # normalised by the whole batch's valid pixels, so chunks add up to its loss
+                n_valid = max(int((y != IGNORE_INDEX).sum()), 1)
+                for g in grads:
+                    g.zero_()
+                for im, sl in _step_chunks(bsz, n_l, num_classes * hh * ww, cap):
+                    loss, g_w, g_b = probe_loss_and_grads(
+                        x[im], y[im], weight[sl], bias[sl], a_h, a_w, n_valid
+                    )
+                    grads[0][sl] += g_w
+                    grads[1][sl] += g_b
+                    epoch_loss[sl] += loss.double().cpu() * bsz
+                scale = 0.5 * (1.0 + math.cos(math.pi * step / total))
+                for p, g, buf in zip((weight, bias), grads, bufs):
+                    if cfg.weight_decay:
+                        g = g + cfg.weight_decay * p
+                    if step == 0:
+                        buf.copy_(g)
+                    else:
+                        buf.mul_(cfg.momentum).add_(g)
+                    lr = (lr_vec * scale).view(-1, *([1] * (p.dim() - 1)))
+                    p.sub_(lr * buf)
+                step += 1
+                bar.update(1)
+            out.losses.append((epoch_loss / n).tolist())
+        bar.close()
     return out
 
 
@@ -415,21 +432,6 @@ def summarise(
 # ------------------------------------------------------------------------------------ pipeline
 
 
-@contextmanager
-def flush_denormals(device: torch.device | str):
-    """On a CPU, treat subnormal floats as zero while the probes train (then back to torch's
-    default). A large-lr probe's softmax gradient is mostly numbers below 1e-38, which x86 cores
-    process many times slower. The slowest probe of the replication ran 12 % faster with the
-    same mIoU; of its 84 (probe, lr) scores 80 stayed the same to the last digit and 4, all at
-    the largest lr, moved by 0.01-0.23 mIoU (README, "Speed of the evaluation stages on CPU")."""
-    on = torch.device(device).type == "cpu" and torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        if on:
-            torch.set_flush_denormal(False)
-
-
 def probe_from_cache(
     train_cache,
     val_cache,
@@ -456,18 +458,17 @@ def probe_from_cache(
     dim = sum(train_cache.dims[la] for la in layers)
     # On a GPU, keep the cached blocks resident when they fit: 30 epochs re-read them.
     train_cache = train_cache.on_device(layers, torch.device(device))
-    with flush_denormals(device):
-        probes = train_probes(
-            lambda idx: train_cache.features(idx, layers),
-            train_cache.masks,
-            num_classes,
-            dim,
-            cfg.lrs,
-            cfg,
-            device,
-            normalizer,
-            progress,
-        )
+    probes = train_probes(
+        lambda idx: train_cache.features(idx, layers),
+        train_cache.masks,
+        num_classes,
+        dim,
+        cfg.lrs,
+        cfg,
+        device,
+        normalizer,
+        progress,
+    )
     conf = evaluate_probes(
         probes,
         lambda idx: val_cache.features(idx, layers),
