@@ -218,6 +218,9 @@ def resume(r: RunState) -> None:
     r.saved_step = r.step
     if r.env.is_main:
         dropped = truncate_jsonl(r.out_dir / "log.jsonl", r.step)
+        # evaluations made at the saved step (epoch ends) belong to the run that continues
+        truncate_jsonl(r.out_dir / "knn.jsonl", r.step + 1)
+        truncate_jsonl(r.out_dir / "jacobian.jsonl", r.step + 1)
         extra = f"; dropped {dropped} log records written after it" if dropped else ""
         r.log.info(
             f"resumed from {path} at step {r.step} (epoch {r.step // r.niter_per_ep}, "
