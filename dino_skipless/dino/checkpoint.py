@@ -180,6 +180,7 @@ def save_checkpoint(r: RunState, path: Path) -> None:
         "teacher": r.teacher.state_dict(),
         "optimizer": r.optimizer.state_dict(),
         "dino_loss": r.loss_fn.state_dict(),
+        "teacher_temp_scale": r.loss_fn.teacher_temp_scale,
         "scaler": r.scaler.state_dict() if r.scaler.is_enabled() else None,
         "step": r.step,
         "epoch": r.step // r.niter_per_ep,
@@ -206,6 +207,10 @@ def resume(r: RunState) -> None:
     r.teacher.load_state_dict(ckpt["teacher"])
     r.optimizer.load_state_dict(ckpt["optimizer"])
     r.loss_fn.load_state_dict(ckpt["dino_loss"])
+    scale = float(ckpt.get("teacher_temp_scale", 1.0))
+    if scale != 1.0:  # the calibrated temperature of the run's start (dino/calibrate.py)
+        r.loss_fn.teacher_temp_schedule = r.loss_fn.teacher_temp_schedule * scale
+        r.loss_fn.teacher_temp_scale = scale
     if r.scaler.is_enabled() and ckpt.get("scaler"):
         r.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])

@@ -203,6 +203,7 @@ class DINOLoss(nn.Module):
             raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
         self.centering = centering
         self.sk_iterations = sk_iterations
+        self.teacher_temp_scale = 1.0  # dino.teacher_temp_min_info's factor (calibrate.py)
         self.out_dim = out_dim
         self.n_crops = n_crops
         self.n_global = n_global

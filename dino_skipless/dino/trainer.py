@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..data import DatasetError, ImageFolderDataset
 from ..data.worlds import pretrain_root
@@ -41,6 +41,7 @@ from ..models import build_model
 from ..optim import build_optimizer, get_param_groups
 from . import DINOHead, DINOLoss, MultiCropAugmentation, MultiCropWrapper, ema_update_
 from .augment_device import SeededDecode, collate_decoded, device_multicrop
+from .calibrate import N_BATCHES, apply_scale, information_curve, pick_scale
 from .checkpoint import (
     CHECKPOINT,
     FORMAT_VERSION,
@@ -48,7 +49,9 @@ from .checkpoint import (
     export_backbone,
     remove_stale_temp_files,
     resume,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
 )
 from .collapse import ADVICE, CollapseError, CollapseMonitor
 from .config import ConfigError, PretrainConfig
@@ -665,6 +668,50 @@ def _epoch_extras(r: RunState, done: int) -> None:
         knn_monitor(r, done)
 
 
+def calibrate_teacher_temp(r: RunState) -> None:
+    """``dino.teacher_temp_min_info`` (``calibrate.py``): scale the teacher temperatures so the
+    initial target carries that much information, measured on the first batches of epoch 0.
+    Every RNG is restored afterwards, so the run's data and crops are unchanged."""
+    cfg, dev = r.cfg, r.env.device
+    min_info = cfg.dino.teacher_temp_min_info
+    if min_info is None:
+        return
+    saved = rng_state()
+    batch = cfg.data.batch_size_per_gpu
+    ds = r.loader.dataset
+    order = r.sampler.indices()[: N_BATCHES * batch]
+    logits = []
+    try:
+        with torch.no_grad(), autocast(r.precision, dev):
+            for i in range(0, len(order) - batch + 1, batch):
+                items = [ds[(0, j)] for j in order[i : i + batch]]
+                if isinstance(ds, SeededDecode):
+                    crops = device_multicrop(collate_decoded(items), cfg.aug, dev)
+                else:
+                    crops = [c.to(dev) for c in default_collate([it[0] for it in items])]
+                logits.append(r.teacher_fwd(crops[:2]).float())
+    finally:
+        set_rng_state(saved)
+    temp = r.loss_fn.teacher_temp_at(0)
+    curve = torch.tensor(information_curve(logits, temp, cfg.dino.centering,
+                                           cfg.dino.sk_iterations), device=dev)  # fmt: skip
+    curve = all_reduce_mean(curve).cpu().tolist()  # every process takes the same factor
+    factor, before, after = pick_scale(curve, min_info)
+    apply_scale(r.loss_fn, factor)
+    if factor == 1.0:
+        r.log.info(
+            f"teacher temperature kept: the initial target carries {before:.2f} nats about the "
+            f"image at T={temp:g} (>= dino.teacher_temp_min_info={min_info})"
+        )
+    else:
+        r.log.info(
+            f"teacher temperature calibrated: the initial target carried {before:.2f} nats about "
+            f"the image at T={temp:g} (< dino.teacher_temp_min_info={min_info}); both "
+            f"temperatures scaled by {factor:.3f} (T={temp * factor:.4g} at step 0, "
+            f"{r.loss_fn.teacher_temp_schedule[-1]:.4g} at the end): {after:.2f} nats"
+        )
+
+
 def knn_monitor(r: RunState, epoch: int) -> None:
     """Main process: one k-NN evaluation of the teacher backbone (``monitor.py``), to
     ``knn.jsonl``, the log and the progress bar."""
@@ -703,6 +750,7 @@ def _report_end(r: RunState, finished: bool) -> None:
         "collapse": r.collapse.summary(),
         "bad_images_skipped": r.bad_images["total"],
         "knn_monitor": verdict,
+        "teacher_temp_scale": r.loss_fn.teacher_temp_scale,
         "backbone": str(out_dir / "backbone.pt"),
     }
     write_json(out_dir / "summary.json", summary)
@@ -782,6 +830,8 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
     )
     if resume_run:
         resume(r)
+    else:
+        calibrate_teacher_temp(r)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
