@@ -75,6 +75,8 @@ QUICK_PRETRAIN = [
     "data.synthetic_n=24",
     "data.synthetic_size=48",
     "run.progress=false",
+    "monitor.knn_bank=40",
+    "monitor.knn_queries=20",
 ]
 PIXELS = 16  # side of the raw-pixel k-NN baseline's downsampled image
 # The evaluation scenes' seeds: pretraining and the cls ceiling see synthetic class folders of

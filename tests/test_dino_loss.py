@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dino_skipless.dino import DINOLoss, dino_loss
 from dino_skipless.dino.loss import teacher_entropies
@@ -214,3 +215,20 @@ def test_loss_with_sinkhorn_knopp_uses_its_targets_and_keeps_no_centre():
     assert hb - h > 0
     with pytest.raises(ValueError, match="centering"):
         DINOLoss(k, n_crops, centering="median")
+
+
+def test_koleo_matches_dinov2_and_rewards_spread():
+    from dino_skipless.dino.loss import koleo_loss
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 8, generator=g)
+    # DINOv2's KoLeoLoss, verbatim apart from the module wrapper
+    y = F.normalize(x, eps=1e-8, p=2, dim=-1)
+    dots = torch.mm(y, y.t())
+    dots.view(-1)[:: (len(y) + 1)].fill_(-1)
+    _, nn_idx = torch.max(dots, dim=1)
+    ref = -torch.log(torch.nn.PairwiseDistance(2, eps=1e-8)(y, y[nn_idx]) + 1e-8).mean()
+    assert koleo_loss(x).item() == pytest.approx(ref.item(), rel=1e-6)
+    # images pressed together cost more than images spread out
+    tight = torch.ones(12, 8) + 1e-3 * torch.randn(12, 8, generator=g)
+    assert koleo_loss(tight) > koleo_loss(x)

@@ -81,6 +81,9 @@ class DINOConfig:
     # remedy for low-information images"). None: the temperatures as given (the published
     # recipe). Never raises a temperature, so a run already above the target is unchanged.
     teacher_temp_min_info: float | None = None
+    # DINOv2's KoLeo term on the student's CLS features of each global view (DINOv2
+    # dino.koleo_loss_weight 0.1; not in DINO, so 0 = off by default): spreads the images apart.
+    koleo_weight: float = 0.0
 
 
 @dataclass
@@ -146,6 +149,7 @@ class MonitorConfig:
     # --data without a val/ sibling: hold knn_queries images (per class, seeded) out of
     # pretraining so that no query is trained on; false: no monitor for such folders.
     knn_holdout: bool = True
+    knn_holdout_fraction: float = 0.1  # of each class's images, at most
     knn_root: str | None = None  # another ImageFolder (train/ + val/, or class folders) to use
 
 
@@ -212,6 +216,8 @@ class PretrainConfig:
         _choice("data.augment_on", self.data.augment_on, AUGMENT_ON)
         _choice("data.world", self.data.world, WORLDS)
         _choice("dino.centering", self.dino.centering, CENTERINGS)
+        if self.dino.koleo_weight < 0:
+            raise ConfigError(f"dino.koleo_weight must be >= 0, got {self.dino.koleo_weight}")
         if self.dino.sk_iterations < 1:
             raise ConfigError(f"dino.sk_iterations must be >= 1, got {self.dino.sk_iterations}")
         mon = self.monitor
@@ -219,6 +225,10 @@ class PretrainConfig:
             raise ConfigError(
                 "monitor: knn_every must be >= 0 (0 = off) and knn_k, knn_bank, knn_queries "
                 f">= 1; got {mon.knn_every}, {mon.knn_k}, {mon.knn_bank}, {mon.knn_queries}"
+            )
+        if not 0 <= mon.knn_holdout_fraction < 1:
+            raise ConfigError(
+                f"monitor.knn_holdout_fraction must be in [0, 1), got {mon.knn_holdout_fraction}"
             )
         if not mon.knn_temperature > 0:
             raise ConfigError(f"monitor.knn_temperature must be > 0, got {mon.knn_temperature}")

@@ -156,6 +156,18 @@ def teacher_entropies(
     return target_entropies(centered_targets(teacher_out, center, teacher_temp))
 
 
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """DINOv2's KoLeo regulariser (Sablayrolles et al. 2019, ``KoLeoLoss``): ``-mean_i log
+    d(x_i, x_nn(i))`` over the L2-normalised rows, nn(i) the row closest to row i. Minimising it
+    spreads the images' features apart: on low-variety data it creates the differences between
+    images that the teacher's targets need. In fp32 (upstream disables autocast)."""
+    x = F.normalize(features.float(), eps=eps, p=2, dim=-1)
+    dots = x @ x.t()
+    dots.fill_diagonal_(-1)  # a row is not its own neighbour
+    nearest = dots.argmax(dim=1)
+    return -torch.log(F.pairwise_distance(x, x[nearest], p=2, eps=eps) + eps).mean()
+
+
 def teacher_temp_schedule(
     warmup_teacher_temp: float, teacher_temp: float, warmup_epochs: int, n_epochs: int
 ) -> np.ndarray:

@@ -17,10 +17,11 @@ Where the images come from (``monitor_sets``):
   queries from ``val/``, the bank a seeded per-class subset of the pretraining images (DINO's
   eval_knn protocol: the bank *is* the training set);
 * otherwise ``monitor.knn_holdout`` (default on) takes the queries out of the pretraining
-  folder (seeded, per class), so no query is ever trained on; the rest is the bank.
+  folder (seeded, per class, at most ``knn_holdout_fraction`` = 10 % of a class), so no query is
+  ever trained on; the rest is the bank.
 
-A folder without classes (fewer than two) has nothing to classify: the monitor is skipped, with
-a line saying so. Images are decoded once, resized (bicubic, short side) and centre-cropped to
+A folder without classes (fewer than two), or too small to spare ``MIN_QUERIES`` images, has
+nothing to score: the monitor is skipped, with a line saying so. Images are decoded once, resized (bicubic, short side) and centre-cropped to
 ``monitor.knn_resolution`` (default: the global crop size) and kept as uint8, so an evaluation
 is only forward passes: ``knn_every`` and the two set sizes bound its cost (README: measured at
 under 10 % of the CPU recipe's training time).
@@ -47,12 +48,16 @@ from ..stats import paired_hits
 from .config import PretrainConfig
 
 KNN_LOG = "knn.jsonl"
+MIN_QUERIES = 10  # fewer held-out images than this: no monitor (its test could show nothing)
 LEARNED_Z = 3.0  # "learned": the final k-NN beats the init's by at least 3 paired s.e.
 
 
-def split_per_class(targets, n_first: int, seed: int) -> tuple[list[int], list[int]]:
+def split_per_class(
+    targets, n_first: int, seed: int, max_fraction: float = 1.0
+) -> tuple[list[int], list[int]]:
     """Seeded per-class split of indices: about ``n_first`` in all for the first part (spread
-    evenly over the classes, at most all but one image of each class), the rest second."""
+    evenly over the classes; of each class at most ``max_fraction`` of its images, rounded
+    down, and never all of them), the rest second."""
     targets = np.asarray(targets)
     classes = np.unique(targets)
     rng = np.random.default_rng(seed)
@@ -61,7 +66,7 @@ def split_per_class(targets, n_first: int, seed: int) -> tuple[list[int], list[i
     for c in classes:
         ids = np.flatnonzero(targets == c)
         ids = ids[rng.permutation(len(ids))]
-        k = min(per_class, max(len(ids) - 1, 0))
+        k = min(per_class, max(len(ids) - 1, 0), int(max_fraction * len(ids)))
         first += ids[:k].tolist()
         rest += ids[k:].tolist()
     return sorted(first), sorted(rest)
@@ -109,7 +114,12 @@ def holdout_split(
         return None
     if _val_sibling(cfg, pretrain) is not None:
         return None
-    return split_per_class(pretrain.targets, m.knn_queries, cfg.run.seed)
+    queries, rest = split_per_class(
+        pretrain.targets, m.knn_queries, cfg.run.seed, m.knn_holdout_fraction
+    )
+    if len(queries) < MIN_QUERIES:
+        return None  # too few images to spare; monitor_sets then skips the monitor
+    return queries, rest
 
 
 def monitor_sets(
@@ -145,7 +155,7 @@ def monitor_sets(
     if val is not None:
         return _train_val(pretrain, val, m, seed, f"queries from {val.root}, bank from --data")
     if held is None:
-        return None
+        return None  # no val/ folder and too few images to hold any out
     full = ImageFolderDataset(d.path)
     bank = [full.samples[i] for i in subsample(held[1], m.knn_bank, seed + 1)]
     queries = [full.samples[i] for i in held[0]]
@@ -254,12 +264,18 @@ class KNNMonitor:
         }
 
 
-def learned_verdict(init: dict, final: dict) -> dict:
-    """The final evaluation against the one at init, paired on the same queries."""
+def learned_verdict(init: dict, final: dict, collapsed_since: int | None = None) -> dict:
+    """The final evaluation against the one at init, paired on the same queries.
+
+    ``collapsed_since``: the step from which the run sits collapsed at its end (the collapse
+    alarm). Such a run did not learn, whatever the k-NN says: with an uninformative target the
+    DINO loss has (almost) no gradient, and weight decay alone still moves the features (a
+    digits run collapsed from step 134 to its end "gained" +6.1 k-NN points, z 3.3)."""
     a = [c == "1" for c in final["knn_hits"]]
     b = [c == "1" for c in init["knn_hits"]]
     t = paired_hits(a, b)
-    learned = t["z"] is not None and t["z"] >= LEARNED_Z
+    beats = t["z"] is not None and t["z"] >= LEARNED_Z
+    learned = beats and collapsed_since is None
     return {
         "final_top1": t["top1_a"],
         "init_top1": t["top1_b"],
@@ -268,6 +284,8 @@ def learned_verdict(init: dict, final: dict) -> dict:
         "z": t["z"],
         "p": t["p_value"],
         "n": t["n"],
+        "beats_init": beats,
+        "collapsed_since": collapsed_since,
         "learned": learned,
     }
 
@@ -281,6 +299,12 @@ def verdict_line(v: dict) -> str:
     )
     if v["learned"]:
         return f"{head}: the run learned (beats its own init by >= {LEARNED_Z:g} s.e.)"
+    if v.get("collapsed_since") is not None:
+        return (
+            f"{head}: did NOT learn: the run sits collapsed since step {v['collapsed_since']} "
+            "(collapse alarm), so the k-NN change is not DINO learning; see README 'A remedy "
+            "for low-information images'"
+        )
     return (
         f"{head}: NOT measurably better than its own init (needs >= {LEARNED_Z:g} s.e.); "
         "train longer, or see README 'Does the trainer learn?'"

@@ -57,6 +57,7 @@ from .collapse import ADVICE, CollapseError, CollapseMonitor
 from .config import ConfigError, PretrainConfig
 from .decode import REPLACED, UNUSABLE, too_many_message, unusable_message
 from .distributed import DistEnv, all_reduce_mean, barrier, init_distributed
+from .loss import koleo_loss
 from .monitor import (
     KNN_LOG,
     KNNMonitor,
@@ -159,7 +160,10 @@ def build_monitor(
     sets = monitor_sets(cfg, base, held)
     barrier()
     if sets is None:
-        log.info("k-NN monitor: skipped (the images have fewer than two class folders)")
+        log.info(
+            "k-NN monitor: skipped (fewer than two class folders, or too few images to hold "
+            "out; monitor.knn_root=DIR names a labelled folder to use instead)"
+        )
         return None
     monitor = KNNMonitor(sets, cfg, env.device)
     log.info(f"{monitor.describe()}; decoded in {monitor.decode_s:.1f}s")
@@ -471,8 +475,16 @@ def train_one_epoch(r: RunState, epoch: int) -> bool:
             with autocast(r.precision, dev):
                 with torch.no_grad():
                     teacher_out = r.teacher_fwd(crops[:2])
-                student_out = r.student_fwd(crops)
+                koleo = cfg.dino.koleo_weight
+                if koleo:  # DINOv2: on the student's CLS features of each global view
+                    student_out, feats = r.student_fwd(crops, return_backbone=True)
+                    g = len(crops[0])
+                    koleo_term = koleo * (koleo_loss(feats[:g]) + koleo_loss(feats[g : 2 * g]))
+                else:
+                    student_out = r.student_fwd(crops)
                 loss = r.loss_fn(student_out, teacher_out, epoch)
+                if koleo:
+                    loss = loss + koleo_term
             loss_value = all_reduce_mean(loss.detach()).item()  # the logged, all-rank mean
 
             if not math.isfinite(loss_value):
@@ -728,18 +740,20 @@ def knn_monitor(r: RunState, epoch: int) -> None:
     )
 
 
-def monitor_verdict(out_dir: Path) -> dict | None:
-    """The last k-NN evaluation of ``knn.jsonl`` paired with the first (the init)."""
+def monitor_verdict(out_dir: Path, collapse: CollapseMonitor) -> dict | None:
+    """The last k-NN evaluation of ``knn.jsonl`` paired with the first (the init); a run that
+    sits collapsed at its end did not learn."""
     records = read_jsonl(out_dir / KNN_LOG)
     if len(records) < 2 or records[0]["step"] != 0:
         return None
-    return learned_verdict(records[0], records[-1]) | {"step": records[-1]["step"]}
+    since = collapse.streak_start if collapse.collapsed else None
+    return learned_verdict(records[0], records[-1], since) | {"step": records[-1]["step"]}
 
 
 def _report_end(r: RunState, finished: bool) -> None:
     """Main process: ``summary.json``, the collapse verdict, and last, whether it learned."""
     out_dir = r.out_dir
-    verdict = monitor_verdict(out_dir) if r.monitor is not None else None
+    verdict = monitor_verdict(out_dir, r.collapse) if r.monitor is not None else None
     summary = {
         "final_loss": r.losses[-1] if r.losses else None,
         "step": r.step,
