@@ -3,6 +3,8 @@ images"), as runs of the quickstart recipe on the digits world and their summary
 
     python scripts/remedy_screen.py --runs runs/remedy --train        # train missing arms, summarise
     python scripts/remedy_screen.py --runs runs/remedy --out results/remedy   # summarise only
+    python scripts/remedy_screen.py --out results/remedy --patterns runs/patterns_remedy \
+        --baseline results/small_scale/runs        # does the remedy lose anything on patterns?
 
 Every arm is ``python -m dino_skipless.pretrain --config configs/quickstart_cpu.yaml`` on the
 digits world (``data.world=digits data.synthetic_size=64 data.synthetic_n=1797``) with the
@@ -12,6 +14,12 @@ the collapse alarm (``summary.json``), and the online k-NN monitor (``knn.jsonl`
 held-out digits against a 797-image bank; the last evaluation paired with the one at init).
 A run that is cut short (``--max-epochs``-style screens were stopped by hand) is summarised as
 far as it went.
+
+``--patterns``: the remedy (``REMEDY``) on the pattern world, one run per variant and seed
+(``VARIANT/seed{s}/``, trained with ``--train``), against the replication's run of the same
+variant and seed (``--baseline``: ``VARIANT_adamw`` for seed 0, ``..._seed{s}`` after). Both
+runs of a seed start from the same weights and score the same held-out images, so each seed
+gets an exact McNemar test (remedy vs published loss, final k-NN), and the seeds a paired t-test.
 """
 
 from __future__ import annotations
@@ -22,12 +30,17 @@ import sys
 from pathlib import Path
 
 from dino_skipless.dino.monitor import learned_verdict
-from dino_skipless.fileio import markdown_table, write_json
+from dino_skipless.fileio import markdown_table, write_report
 from dino_skipless.replication.stages import load_json, read_jsonl
+from dino_skipless.stats import compare_seeds, verdict
 
 DIGITS = ["data.world=digits", "data.synthetic_size=64", "data.synthetic_n=1797"]
 SHORT = ["optim.epochs=10", "monitor.knn_every=5"]
 SK = "dino.centering=sinkhorn_knopp"
+# the remedy the screen chose (README, "A remedy for low-information images")
+REMEDY = ["dino.koleo_weight=0.1", SK]
+# the replication's pattern-world runs (scripts/replicate_small.py), which the remedy must match
+PATTERNS = ["run.jacobian_every_epochs=24", "run.on_nonfinite=skip"]
 
 # name -> (variant, overrides, what it tests)
 ARMS: dict[str, tuple[str, list[str], str]] = {
@@ -57,13 +70,92 @@ ARMS: dict[str, tuple[str, list[str], str]] = {
     "digits_remedy_final": ("skipless_init", ["dino.koleo_weight=1.0", SK],
                             "KoLeo 1.0 + Sinkhorn-Knopp, 48 epochs"),
 }  # fmt: skip
+KNN = "knn.jsonl"
 
 
 def command(name: str, runs: Path) -> list[str]:
     variant, overrides, _ = ARMS[name]
     return [sys.executable, "-m", "dino_skipless.pretrain", "--config",
             "configs/quickstart_cpu.yaml", "--variant", variant, *DIGITS, *overrides,
-            "run.progress=false", "--out", str(runs / name)]  # fmt: skip
+            "run.progress=false", "--out", f"runs/remedy/{name}"]  # fmt: skip
+
+
+def patterns_command(seed: int, variant: str = "skipless_init") -> list[str]:
+    return [sys.executable, "-m", "dino_skipless.pretrain", "--config",
+            "configs/quickstart_cpu.yaml", "--variant", variant, *PATTERNS,
+            f"run.seed={seed}", *REMEDY, "run.progress=false", "--out",
+            f"runs/patterns_remedy/{variant}/seed{seed}"]  # fmt: skip
+
+
+def _fmt_test(t: dict) -> str:
+    if t["z"] is None:
+        return f"{t['diff']:+.2f} (identical)"
+    return f"{t['diff']:+.2f} ± {t['se']:.2f} (z {t['z']:.1f}, p {t['p']:.2g})"
+
+
+def pattern_check(
+    remedy_runs: Path, baseline_runs: Path, seeds: list[int], variants: list[str]
+) -> tuple[dict, str]:
+    """The remedy against the published loss on the pattern world, per variant and seed (the
+    online k-NN monitor's last evaluation; both runs of a seed share the init and the queries,
+    so each seed gets an exact McNemar test), then across seeds (paired t-test by seed)."""
+    rows, record = [], {"remedy": REMEDY, "variants": {}}
+    finals: dict[str, dict[str, dict[int, float]]] = {}
+    for variant in variants:
+        per_seed: dict[int, dict] = {}
+        for seed in seeds:
+            rem = remedy_runs / variant / f"seed{seed}"
+            base = baseline_runs / (f"{variant}_adamw" + (f"_seed{seed}" if seed else ""))
+            if not all((d / "summary.json").exists() for d in (rem, base)):
+                continue
+            kr, kb = read_jsonl(rem / KNN), read_jsonl(base / KNN)
+            if kr[0]["knn_hits"] != kb[0]["knn_hits"]:
+                raise SystemExit(f"seed {seed}: {rem} and {base} do not start from the same init")
+            vs = learned_verdict(kb[-1], kr[-1])  # remedy (final) against published (final)
+            own = {k: learned_verdict(v[0], v[-1]) for k, v in (("remedy", kr), ("published", kb))}
+            alarm = (load_json(rem / "summary.json").get("collapse") or {}).get("collapsed_at_step")
+            per_seed[seed] = {"remedy_top1": vs["final_top1"], "published_top1": vs["init_top1"],
+                              "init_top1": own["remedy"]["init_top1"], "remedy_vs_published": vs,
+                              "own_init": own, "remedy_collapsed_at_step": alarm,
+                              "command": " ".join(["python", *patterns_command(seed, variant)[1:]])}  # fmt: skip
+            for k, top1 in (("remedy", vs["final_top1"]), ("published", vs["init_top1"])):
+                finals.setdefault(k, {}).setdefault(variant, {})[seed] = top1
+            rows.append([
+                variant, seed, f"{own['remedy']['init_top1']:.2f}",
+                f"{vs['init_top1']:.2f} ({own['published']['diff']:+.1f}, z {own['published']['z']:.1f})",
+                f"{vs['final_top1']:.2f} ({own['remedy']['diff']:+.1f}, z {own['remedy']['z']:.1f})",
+                _fmt_test(vs), "–" if alarm is None else f"step {alarm}",
+            ])  # fmt: skip
+        rec: dict = {"per_seed": per_seed}
+        if len(per_seed) >= 2:
+            rec["across_seeds"] = compare_seeds(
+                finals["remedy"][variant], finals["published"][variant]
+            )
+        record["variants"][variant] = rec
+    text = "# The remedy on the pattern world\n\n" + markdown_table(
+        ["variant", "seed", "own init", "published loss (gain, z)", "remedy (gain, z)",
+         "remedy − published (McNemar)", "remedy's collapse alarm"], rows,
+    )  # fmt: skip
+    lines = []
+    for variant, rec in record["variants"].items():
+        c = rec.get("across_seeds")
+        if c:
+            lines.append(
+                f"- {variant}, across {c['n']} seeds ({c['test']}): remedy − published k-NN "
+                f"{c['diff']:+.2f} ± {c['se']:.2f}, t {c['t']:.2f}, p {c['p']:.2g}"
+            )
+    for loss, by_variant in finals.items():  # the variants' order under each loss
+        if {"skip", "skipless_init"} <= set(by_variant):
+            c = compare_seeds(by_variant["skipless_init"], by_variant["skip"])
+            record[f"skipless_init_vs_skip_{loss}"] = c
+            if c["se"] is not None:
+                lines.append(
+                    f"- {loss} loss, skipless_init − skip ({c['test']}): k-NN {c['diff']:+.2f} ± "
+                    f"{c['se']:.2f}, p {c['p']:.2g} ({verdict(c['diff'], c['se'], c['p'])})"
+                )
+    if lines:
+        text += "\n\n" + "\n".join(lines)
+    return record, text + "\n"
 
 
 def summarise(run: Path) -> dict | None:
@@ -101,11 +193,32 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("results/remedy"))
     p.add_argument("--train", action="store_true", help="train the arms that have no summary yet")
     p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    p.add_argument(
+        "--patterns",
+        type=Path,
+        default=None,
+        help="the pattern-world check instead: runs of the remedy, one seed{s}/ each",
+    )
+    p.add_argument("--baseline", type=Path, default=Path("results/small_scale/runs"))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--variants", nargs="+", default=["skipless_init", "skip"])
     args = p.parse_args(argv)
+    if args.patterns is not None:
+        seeds = list(range(args.seeds))
+        if args.train:
+            for v in args.variants:
+                for s in seeds:
+                    run = args.patterns / v / f"seed{s}"
+                    if not (run / "summary.json").exists():
+                        subprocess.run([*patterns_command(s, v)[:-1], str(run)], check=True)
+        record, text = pattern_check(args.patterns, args.baseline, seeds, args.variants)
+        write_report(args.out / "patterns", record, text)
+        print(text)
+        return 0
     if args.train:
         for name in args.arms:
             if not (args.runs / name / "summary.json").exists():
-                subprocess.run(command(name, args.runs), check=True)
+                subprocess.run([*command(name, args.runs)[:-1], str(args.runs / name)], check=True)
     rows, records = [], {}
     for name in args.arms:
         rec = summarise(args.runs / name)
@@ -132,9 +245,10 @@ def main(argv=None) -> int:
         ["arm (variant)", "steps", "target info first / min / last (nats)", "collapse alarm",
          "k-NN init → last (paired)"], rows,
     )  # fmt: skip
-    write_json(args.out / "screen.json", records)
-    (args.out / "screen.md").write_text(
-        "# Low-information images: the remedy screen\n\n" + table + "\n"
+    write_report(
+        args.out / "screen",
+        records,
+        "# Low-information images: the remedy screen\n\n" + table + "\n",
     )
     print(table)
     return 0

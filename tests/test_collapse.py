@@ -68,6 +68,19 @@ def test_streak_logic_by_hand():
     assert "one-dimension" in m.message(6, 0.01, 0.02)
 
 
+def test_message_names_the_remedy_as_overrides_that_exist():
+    """The alarm's advice must be a runnable remedy: every ``key=value`` it names is a valid
+    override of the pretraining config (a renamed key would otherwise advise nothing)."""
+    import re
+
+    msg = CollapseMonitor(3, 0.1).message(6, 3.0, 3.01)
+    overrides = dict(kv.split("=", 1) for kv in re.findall(r"\b(dino\.[a-z_]+=[\w.]+)", msg))
+    assert overrides == {"dino.koleo_weight": "0.1", "dino.centering": "sinkhorn_knopp"}
+    cfg = build_config(None, overrides)
+    cfg.validate()
+    assert cfg.dino.koleo_weight == 0.1 and cfg.dino.centering == "sinkhorn_knopp"
+
+
 def test_window_zero_never_fires_and_bad_config_is_refused(tmp_path):
     m = CollapseMonitor(window=0, min_info=0.1)
     assert not m.collapsed

@@ -105,6 +105,17 @@ def test_quick_replication_produces_every_result(tmp_path, monkeypatch):
     # a finished run is not reused under another recipe: the page would mislabel it
     with pytest.raises(SystemExit, match=r"(?s)skip_adamw is a finished run.*optim\.lr"):
         _load_script().main(["--quick", "--out", str(out), "--reuse-evals", "optim.lr=0.5"])
+    # --only-finished trains nothing: seed 1's runs are listed as missing, seed 0's page stays
+    partial = _load_script().main(
+        ["--quick", "--out", str(out), "--reuse-evals", "--seeds", "2", "--only-finished"]
+    )
+    assert not (out / "runs" / "skip_adamw_seed1").exists()
+    assert set(partial["missing"]) == {f"{v}_adamw_seed1" for v in saved["baselines"]} | {
+        "supervised_cls_seed1",
+        "supervised_seg_seed1",
+    }
+    assert partial["runs"] == saved["runs"]
+    assert "**Not trained yet** (left out of every table): " in (out / "RESULTS.md").read_text()
 
 
 def _value_of(rec: dict, evaluation: str) -> float:
@@ -224,3 +235,10 @@ def test_recipe_diff_names_the_keys_that_change_what_a_run_learns():
     home = str(Path.home() / "data" / "imgs")
     stored = {**have, "data": {"path": "~/data/imgs"}}  # config.yaml records it portably
     assert mod.recipe_diff(stored, {**have, "data": {"path": home}}) == []
+    # a key added to the config after the run was trained compares as its class default (a new
+    # key's default keeps the old behaviour); without defaults it is a difference
+    defaults = {"dino": {"koleo_weight": 0.0}}
+    assert mod.recipe_diff(have, {**have, **defaults}, defaults) == []
+    koleo = {**have, "dino": {"koleo_weight": 0.1}}
+    assert mod.recipe_diff(have, koleo, defaults) == ["dino.koleo_weight: 0.0 vs 0.1"]
+    assert mod.recipe_diff(have, {**have, **defaults}) == ["dino.koleo_weight: None vs 0.0"]

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 #: low-information images"): Sinkhorn-Knopp targets spread the batch over the prototypes, so the
 #: target cannot stop depending on the image. Then the levers of the README's recipe screens.
 ADVICE = (
-    "dino.centering=sinkhorn_knopp (DINOv2's Sinkhorn-Knopp teacher targets: the remedy for "
+    "DINOv2's pair dino.koleo_weight=0.1 dino.centering=sinkhorn_knopp (the measured remedy for "
     "low-variety images such as digits, documents, medical or satellite tiles), a sharper "
     "teacher (dino.teacher_temp / dino.warmup_teacher_temp), a faster teacher EMA "
     "(dino.momentum_teacher), a lower optim.lr, a smaller dino.out_dim, or a larger batch; "

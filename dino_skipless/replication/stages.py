@@ -62,10 +62,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def recipe_diff(have: dict, want: dict) -> list[str]:
+def recipe_diff(have: dict, want: dict, defaults: dict | None = None) -> list[str]:
     """``key: reused vs requested`` for every recipe key in which a finished run's config
-    (``have``) differs from the one this invocation would train (``want``)."""
-    h, w = _flat(have), _flat(want)
+    (``have``) differs from the one this invocation would train (``want``).
+
+    A key absent from ``have`` was added to the config after the run was trained; it is
+    compared as its default in ``defaults`` (the config class's), because a new key's default
+    keeps the behaviour that existed before it (a run without ``dino.koleo_weight`` trained
+    with no KoLeo term, i.e. ``0.0``)."""
+    h, w, d = _flat(have), _flat(want), _flat(defaults or {})
+    h = {**{k: v for k, v in d.items() if k not in h}, **h}
     keys = [
         k
         for k in sorted(set(h) | set(w))
@@ -76,7 +82,9 @@ def recipe_diff(have: dict, want: dict) -> list[str]:
 
 def check_reused(run_dir: Path, have: dict, want: dict) -> None:
     """Refuse to reuse a finished run trained with another recipe than the requested one."""
-    diff = recipe_diff(have, want)
+    from ..dino.config import PretrainConfig  # the class defaults stand for keys added later
+
+    diff = recipe_diff(have, want, PretrainConfig().to_dict())
     if diff:
         raise SystemExit(
             f"{run_dir} is a finished run of another recipe than this command's ({len(diff)} "
