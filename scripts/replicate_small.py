@@ -1054,7 +1054,8 @@ def seed_level_markdown(results: dict) -> list[str]:
     sl = results.get("seed_level")
     if not sl:
         return []
-    seeds = results.get("seeds", [0])
+    # the seeds with at least one finished run (--only-finished may leave some out)
+    seeds = sorted({r["seed"] for r in results["runs"].values()}) or results.get("seeds", [0])
     lines = [
         "",
         f"## Over training seeds ({len(seeds)}: run.seed {', '.join(map(str, seeds))})",
