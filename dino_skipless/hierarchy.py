@@ -32,7 +32,13 @@ from eval.probe_lib import LinProbeConfig
 from .cli import add_backbone_args, backbones_from_args, cli_main, resolve_device
 from .features import check_input_size
 from .fileio import atomic_write_text, command_line, new_run_id
-from .hierarchy_eval import HierarchyConfig, evaluate_model, results_markdown, save_results
+from .hierarchy_eval import (
+    HierarchyConfig,
+    claims_for,
+    evaluate_model,
+    results_markdown,
+    save_results,
+)
 from .hierarchy_figure import hierarchy_figure
 from .pca_lib import single_thread
 
@@ -60,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-images", type=int, default=None, help="CKA images (default: all val)")
     g.add_argument("--threshold", type=float, default=d.threshold, help="of the effective depth")
     g.add_argument("--bootstrap", type=int, default=d.bootstrap, help="resamples (0: no s.e.)")
+    g.add_argument(
+        "--cka-seed", type=int, default=d.seed,
+        help="image order, sampled positions and bootstrap: keep it fixed so that models "
+        "(any --seed) are compared on the same minibatches (paired)",
+    )  # fmt: skip
     g = p.add_argument_group("per-block linear probe (as eval.linprobe)")
     g.add_argument("--no-probe", action="store_true", help="CKA (and k-NN) only")
     g.add_argument("--epochs", type=int, default=lp.epochs)
@@ -112,7 +123,7 @@ def configs_from_args(args, parser) -> tuple[HierarchyConfig, LinProbeConfig, KN
             max_images=args.max_images,
             threshold=args.threshold,
             bootstrap=max(0, args.bootstrap),
-            seed=args.seed,
+            seed=args.cka_seed,
             extract_batch_size=args.extract_batch_size,
             num_workers=args.num_workers,
         )
@@ -216,6 +227,7 @@ def main(argv=None) -> int:
         "probe_config": None if args.no_probe else probe_cfg.to_dict(),
         "knn_config": knn_cfg.to_dict() if kroot else None,
         "models": models,
+        "claims": claims_for(models, cfg.threshold, cfg.seed),
     }
     table = results_markdown(record)
     save_results(out, record)

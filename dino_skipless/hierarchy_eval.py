@@ -53,7 +53,15 @@ from eval.probe_lib import LinProbeConfig, probe_from_cache
 from .cli import default_num_workers
 from .features import Features, check_input_size, extract
 from .fileio import markdown_table, write_json, write_npz
-from .hierarchy_lib import DEFAULT_THRESHOLD, HAS_EMBEDDING, KINDS, batch_hsic, summarise
+from .hierarchy_lib import (
+    DEFAULT_THRESHOLD,
+    HAS_EMBEDDING,
+    KIND_NAMES,
+    KINDS,
+    batch_hsic,
+    hierarchy_claim,
+    summarise,
+)
 
 HSIC_FILE = "hsic_batches.npz"
 
@@ -76,7 +84,9 @@ class HierarchyConfig:
     max_images: int | None = None  # CKA on at most this many validation images (None: all)
     threshold: float = DEFAULT_THRESHOLD  # effective depth (hierarchy_lib: why 0.9)
     bootstrap: int = 1000  # resamples of the minibatches for the s.e. (0: none)
-    seed: int = 0  # image order, sampled positions, bootstrap
+    # image order, sampled positions, bootstrap; not the model's seed, so that models of any
+    # seed see the same minibatches (hierarchy_claim then pairs them)
+    seed: int = 0
     extract_batch_size: int = 16
     num_workers: int = field(default_factory=default_num_workers)
 
@@ -319,6 +329,26 @@ def evaluate_model(
     return record
 
 
+# ---------------------------------------------------------------------------------- claims
+
+
+def claims_for(models: list[dict], threshold: float = DEFAULT_THRESHOLD, seed: int = 0) -> list:
+    """The claim "skipless_init's blocks are more hierarchical than skip's" (adjacent-block CKA,
+    patch and CLS tokens) when ``models`` (with ``backbone`` and ``hsic_batches``) hold both
+    variants; several models of a variant count as its seeds. JSON-ready dicts."""
+    by: dict[str, list[dict]] = {}
+    for m in models:
+        by.setdefault(m["backbone"]["variant"], []).append(m)
+    if not {"skip", "skipless_init"} <= by.keys():
+        return []
+    out = []
+    for kind in KINDS:
+        c = hierarchy_claim(by, kind=kind, threshold=threshold, seed=seed)
+        c.pop("row")
+        out.append(c)
+    return out
+
+
 # ---------------------------------------------------------------------------------- files
 
 
@@ -407,10 +437,15 @@ def results_markdown(record: dict) -> str:
     models = record["models"]
     thr = models[0]["cka"]["patch"]["threshold"] if models else DEFAULT_THRESHOLD
     headers, rows = per_block_rows(models)
-    return "\n\n".join([
+    parts = [
         markdown_table(SUMMARY_HEADERS, summary_rows(models)),
         f"Minibatch linear CKA (unbiased HSIC) ± bootstrap s.e. over images; eff. depth: blocks "
         f"whose output is < {thr} CKA-similar to their input. Block 0 of the CLS rows has no "
         "input to compare (the CLS token entering it is the same for every image).",
         markdown_table(headers, rows),
-    ]) + "\n"  # fmt: skip
+    ]
+    if record.get("claims"):
+        rows = [[f"{c['claim']}, {KIND_NAMES[c['kind']]}", f"**{c['verdict']}**", c["evidence"]]
+                for c in record["claims"]]  # fmt: skip
+        parts.append(markdown_table(["claim", "verdict", "evidence"], rows))
+    return "\n\n".join(parts) + "\n"

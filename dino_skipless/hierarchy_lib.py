@@ -74,6 +74,7 @@ LOWER_IS_MORE_HIERARCHICAL = {
 # CLS token entering block 0 is one learned vector, the same for every image (no CKA defined).
 KINDS = ("patch", "cls")
 HAS_EMBEDDING = {"patch": True, "cls": False}
+KIND_NAMES = {"patch": "patch tokens", "cls": "CLS token"}
 DEFAULT_THRESHOLD = 0.9  # see the module docstring: |update| / |input| > 1/3
 NOISE_SE = 2.0  # a difference within 2 standard errors is "within noise" (as the replication)
 
@@ -367,12 +368,17 @@ def hierarchy_claim(
         f"{candidate}'s blocks are more hierarchical than {baseline}'s "
         f"({'lower' if LOWER_IS_MORE_HIERARCHICAL[statistic] else 'higher'} {what})"
     )
-    seeds = ", ".join(f"{v} {per_variant[v]['n_seeds']}" for v in (candidate, baseline))
+    n_seeds = [per_variant[v]["n_seeds"] for v in (candidate, baseline)]
+    seeds = (
+        "one model per variant"
+        if n_seeds == [1, 1]
+        else f"and over seeds ({candidate} {n_seeds[0]}, {baseline} {n_seeds[1]})"
+    )
     evidence = (
-        f"{what}, {kind} tokens: {candidate} {per_variant[candidate]['mean']:.3f} vs {baseline} "
-        f"{per_variant[baseline]['mean']:.3f}, Δ {diff:+.3f} ± {se:.3f} s.e. (95 % CI "
-        f"{ci[0]:+.3f} to {ci[1]:+.3f}); bootstrap over images"
-        f"{' (paired)' if paired else ''} and seeds (seeds: {seeds})"
+        f"{what}, {KIND_NAMES[kind]}: {candidate} {per_variant[candidate]['mean']:.3f} vs "
+        f"{baseline} {per_variant[baseline]['mean']:.3f}, Δ {diff:+.3f} ± {se:.3f} s.e. (95 % CI "
+        f"{ci[0]:+.3f} to {ci[1]:+.3f}); bootstrap over images{' (paired)' if paired else ''}, "
+        f"{seeds}"
     )
     return {
         "claim": claim,

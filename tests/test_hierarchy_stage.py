@@ -152,6 +152,11 @@ def test_cli_end_to_end(data, tmp_path):
     )
     claim = hierarchy_claim({"skip": [models[0]], "skipless_init": [models[1]]}, n_boot=100)
     assert claim["paired"] and claim["verdict"] in ("shown", "not shown", "within noise")
+    # the stage states the same claim itself when both variants are among its models
+    assert [c["kind"] for c in rec["claims"]] == ["patch", "cls"]
+    assert rec["claims"][0]["diff"] == pytest.approx(claim["diff"])
+    assert rec["claims"][0]["verdict"] in (results_md := (out / "results.md").read_text())
+    assert "lower adjacent-block CKA), patch tokens" in results_md
     # a stale hsic file of another run is refused
     write_npz(out / "hsic_batches.npz", run_id=np.array("other"))
     with pytest.raises(ValueError, match="different runs"):
