@@ -18,6 +18,7 @@ from dino_skipless.hierarchy_eval import (
     CKAStream,
     HierarchyConfig,
     block_cls_features,
+    claims_for,
     evaluate_model,
     load_results,
     stream_extractor,
@@ -203,3 +204,18 @@ def test_stream_extractor_returns_normed_tokens_of_the_cached_blocks():
     ref = extract(model, x, [1], norm=True)
     assert list(f.tokens) == [1] and torch.allclose(f.tokens[1], ref.tokens[1], atol=1e-6)
     assert stream.used == 4  # ...and the same forward fed the CKA
+
+
+def test_the_stage_states_the_claim_only_for_one_model_per_variant():
+    rng = np.random.default_rng(0)
+    from test_hierarchy import fake_results
+
+    def model(variant, step):
+        return {"backbone": {"variant": variant}, **fake_results(rng, step)[0]}
+
+    one_each = [model("skip", 0.2), model("skipless", 1.0), model("skipless_init", 1.0)]
+    claims = claims_for(one_each)
+    assert [c["kind"] for c in claims] == ["patch", "cls"] and claims[0]["verdict"] == "shown"
+    # a run and its own init are not two seeds: no claim, the caller groups them
+    assert claims_for([*one_each, model("skip", 0.2)]) == []
+    assert claims_for(one_each[:2]) == []
