@@ -206,7 +206,10 @@ def main(argv=None) -> int:
     elif not args.no_knn:
         print("no --knn-root: per-block k-NN skipped", file=sys.stderr)
     models = []
-    for (model, spec, label), desc in zip(backbones, checkpoint_descs(args)):
+    labels = [label for _, _, label in backbones]
+    # two files of one run folder (backbone.pt, checkpoint.pt) get one label: number them
+    labels = [f"{la} [{i}]" if labels.count(la) > 1 else la for i, la in enumerate(labels)]
+    for (model, spec, _), label, desc in zip(backbones, labels, checkpoint_descs(args)):
         print(f"{label}: ...", file=sys.stderr)
         rec = evaluate_model(
             model, val_ds, cfg, seg_train=None if args.no_probe else train_ds,

@@ -1,6 +1,7 @@
 """The hierarchy stage's figure: one CKA heatmap per model side by side (patch tokens above, CLS
-below, one colour scale 0-1), then the per-block curves of every model on shared axes (CKA of
-each block's output with its input, k-NN top-1, probe mIoU: the panels whose numbers exist).
+below, one colour scale 0-1; a debiased CKA below 0, which only noise gives, shows as 0), then
+the per-block curves of every model on shared axes (CKA of each block's output with its input,
+k-NN top-1, probe mIoU: the panels whose numbers exist).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .fileio import atomic_write_with  # noqa: E402
 
@@ -67,7 +69,7 @@ def hierarchy_figure(models: Sequence[dict], paths: Sequence[str | Path], dpi: i
                     adj_p = m["cka"]["patch"]["adjacent"]
                     adj_c = m["cka"]["cls"]["adjacent"]
                     ax.plot(range(len(adj_p)), adj_p, "-o", ms=2.5, color=c, label=m["label"])
-                    ax.plot(range(1, len(adj_c) + 1), adj_c, "--", color=c, lw=1)
+                    ax.plot(range(1, len(adj_c) + 1), adj_c, "--x", ms=3, color=c, lw=1)
                 elif m.get(what):
                     ys = m[what]["top1" if what == "knn" else "miou"]
                     ax.plot(range(len(ys)), ys, "-o", ms=2.5, color=c)
@@ -80,6 +82,7 @@ def hierarchy_figure(models: Sequence[dict], paths: Sequence[str | Path], dpi: i
             ax.set_title(titles[what], fontsize=7)
             ax.set_xlabel("block", fontsize=7)
             ax.tick_params(labelsize=6)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=6, loc="lower left")
         written = []
