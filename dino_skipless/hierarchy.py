@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-n", type=int, default=400, help="--dataset synthetic: scenes")
     g.add_argument("--synthetic-size", type=int, default=96, help="--dataset synthetic: side")
     g.add_argument("--synthetic-seed", type=int, default=0, help="--dataset synthetic: seed")
+    g.add_argument(
+        "--cache-dir", default=None,
+        help="keep the per-block feature caches of the probes on disk (a temporary folder "
+        "here) instead of in memory",
+    )  # fmt: skip
     g.add_argument("--extract-batch-size", type=int, default=d.extract_batch_size)
     g.add_argument("--num-workers", type=int, default=d.num_workers)
     p.add_argument("--out", default="runs/hierarchy", help="output folder")
@@ -214,7 +219,7 @@ def main(argv=None) -> int:
         rec = evaluate_model(
             model, val_ds, cfg, seg_train=None if args.no_probe else train_ds,
             probe_cfg=probe_cfg, knn_root=kroot, knn_cfg=knn_cfg, device=device,
-            progress=not args.quiet,
+            cache_dir=args.cache_dir, progress=not args.quiet,
         )  # fmt: skip
         models.append({"label": label, "checkpoint": desc, "backbone": spec.to_dict(), **rec})
     out = Path(args.out)

@@ -11,8 +11,8 @@ What is measured, per model:
   ``patch_tokens`` positions per image, drawn once from a seeded generator and shared by every
   depth and every model, are the examples (n = ``batch_images * patch_tokens`` per minibatch);
   CLS tokens: one example per image (n = ``batch_images``). Each minibatch of ``batch_images``
-  images adds one unbiased-HSIC matrix per kind; a last, incomplete minibatch is left out
-  (``images.dropped``).
+  images adds one unbiased-HSIC matrix per kind; a last, incomplete minibatch and images
+  beyond ``max_images`` are left out (``images.dropped``).
 * **per-block linear probes**: the probe of ``eval.linprobe`` (``LinProbeConfig``, one lr sweep
   per block) on every block's final-LayerNorm patch features; the validation features are cached
   in the same forward that feeds the CKA, the training features in one forward per image.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,8 +78,8 @@ class HierarchyConfig:
     # sets memory (the patch Grams are (depth+1) x n^2 floats) and the bootstrap's granularity
     # (its units are minibatches), not the expected value.
     batch_images: int = 16
-    # Patch positions sampled per image: n = 16 x 64 = 1024 examples per minibatch, 117 MB of
-    # float64 Grams for ViT-S. Many images with a few positions each beat few images with all
+    # Patch positions sampled per image: n = 16 x 64 = 1024 examples per minibatch, 109 MB of
+    # float64 Grams for ViT-S (13 depths). Many images with a few positions each beat few images with all
     # their (correlated) positions.
     patch_tokens: int = 64
     max_images: int | None = None  # CKA on at most this many validation images (None: all)
@@ -269,6 +270,7 @@ def evaluate_model(
     knn_root=None,
     knn_cfg: KNNConfig | None = None,
     device="cpu",
+    cache_dir=None,
     progress: bool = True,
 ) -> dict:
     """The hierarchy record of one model (module docstring): CKA maps and summaries on
@@ -276,7 +278,22 @@ def evaluate_model(
     ``seg_train`` and ``probe_cfg`` are given, per-block k-NN when ``knn_root`` (an ImageFolder
     root) and ``knn_cfg`` are. Besides JSON-ready entries the record holds ``hsic_batches``
     ``{kind: (k, R, R)}`` arrays (the input of ``hierarchy_lib.hierarchy_claim``;
-    ``save_results`` moves them to ``hsic_batches.npz``)."""
+    ``save_results`` moves them to ``hsic_batches.npz``).
+
+    The probes cache every block of every training and validation image (fp16: depth x tokens
+    x dim x 2 bytes per image, 7.2 MB for ViT-S at 448 px); ``cache_dir`` keeps them in memory-
+    mapped files in a temporary folder there (removed afterwards) instead of in memory."""
+    if cache_dir is None:
+        return _evaluate(model, seg_val, cfg, seg_train, probe_cfg, knn_root, knn_cfg, device,
+                         None, progress)  # fmt: skip
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="hierarchy-", dir=cache_dir) as tmp:
+        return _evaluate(model, seg_val, cfg, seg_train, probe_cfg, knn_root, knn_cfg, device,
+                         tmp, progress)  # fmt: skip
+
+
+def _evaluate(model, seg_val, cfg, seg_train, probe_cfg, knn_root, knn_cfg, device, tmp,
+              progress) -> dict:  # fmt: skip
     device = torch.device(device)
     model = model.to(device).eval()
     depth = len(model.blocks)
@@ -286,8 +303,9 @@ def evaluate_model(
     t0 = time.perf_counter()
     order = np.random.default_rng(cfg.seed).permutation(len(seg_val)).tolist()
     stream = CKAStream(cfg)
+    # a fresh key per call: a cached val pass would skip the forward that feeds the CKA
     common = dict(batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers, device=device,
-                  progress=progress)  # fmt: skip
+                  progress=progress, cache_dir=tmp, key_parts={"run": str(tmp)})  # fmt: skip
     val = build_cache(model, Subset(seg_val, order), blocks, cfg.resolution, train=False,
                       extractor=stream_extractor(stream), desc="val features + CKA", **common)  # fmt: skip
     hsic = stream.result()

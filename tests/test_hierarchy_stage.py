@@ -219,3 +219,18 @@ def test_the_stage_states_the_claim_only_for_one_model_per_variant():
     # a run and its own init are not two seeds: no claim, the caller groups them
     assert claims_for([*one_each, model("skip", 0.2)]) == []
     assert claims_for(one_each[:2]) == []
+
+
+def test_probe_caches_on_disk_give_the_same_result_and_are_removed(data, tmp_path):
+    _, seg_root, _ = data
+    model = tiny_vit("skip")
+    train = build_segmentation_dataset("voc", seg_root, "train")
+    val = build_segmentation_dataset("voc", seg_root, "val")
+    probe = replace(LinProbeConfig(), resolution=32, epochs=1, lrs=(0.1,), bootstrap=0,
+                    num_workers=0)  # fmt: skip
+    kw = dict(seg_train=train, probe_cfg=probe, progress=False)
+    mem = evaluate_model(model, val, cfg(), **kw)
+    disk = evaluate_model(model, val, cfg(), cache_dir=tmp_path / "c", **kw)
+    assert disk["probe"]["miou"] == pytest.approx(mem["probe"]["miou"], abs=1e-9)
+    np.testing.assert_allclose(disk["hsic_batches"]["patch"], mem["hsic_batches"]["patch"])
+    assert list((tmp_path / "c").iterdir()) == []
