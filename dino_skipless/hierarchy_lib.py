@@ -31,7 +31,8 @@ Each ``HSIC_1`` is unbiased, so the three means converge to the population HSICs
 CKA_mb to the population CKA, with memory set by the minibatch, not by the number of images.
 
 **Summary numbers** of a CKA matrix over depths ``0..L`` (0 = the patch embedding entering the
-first block, ``i + 1`` = the output of block ``i``):
+first block, ``i + 1`` = the output of block ``i``; a CLS-token matrix starts at block 0, see
+``HAS_EMBEDDING``, and has one adjacent pair fewer):
 
 * ``adjacent[i] = CKA(depth i, depth i + 1)``: how similar block ``i``'s output is to its input;
 * ``adjacent_mean``: the mean of those L values;
@@ -61,8 +62,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-# Kornblith et al.'s threshold-free summaries are lower for a more hierarchical network (blocks
-# that change their input more); the effective depth is higher.
+# The threshold-free summaries are lower for a more hierarchical network (blocks that change
+# their input more); the effective depth is higher.
 STATISTICS = ("adjacent_mean", "first_last", "embed_last", "effective_depth")
 LOWER_IS_MORE_HIERARCHICAL = {
     "adjacent_mean": True,
