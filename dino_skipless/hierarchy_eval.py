@@ -353,7 +353,8 @@ def _evaluate(model, seg_val, cfg, seg_train, probe_cfg, knn_root, knn_cfg, devi
 def claims_for(models: list[dict], threshold: float = DEFAULT_THRESHOLD, seed: int = 0) -> list:
     """The claim "skipless_init's blocks are more hierarchical than skip's" (adjacent-block CKA,
     patch and CLS tokens) when ``models`` (with ``backbone`` and ``hsic_batches``) hold exactly
-    one model of each of the two variants (JSON-ready dicts). With more, which are seeds of one
+    one model of each of the two variants (JSON-ready dicts): a verdict about these two models
+    (image noise only, ``per_model``), not yet about the variants. With more, which are seeds of one
     recipe and which are other models (a run and its own init) is not for the stage to guess:
     group them and call ``hierarchy_claim``."""
     by: dict[str, list[dict]] = {}
@@ -363,7 +364,7 @@ def claims_for(models: list[dict], threshold: float = DEFAULT_THRESHOLD, seed: i
         return []
     out = []
     for kind in KINDS:
-        c = hierarchy_claim(by, kind=kind, threshold=threshold, seed=seed)
+        c = hierarchy_claim(by, kind=kind, threshold=threshold, seed=seed, per_model=True)
         c.pop("row")
         out.append(c)
     return out

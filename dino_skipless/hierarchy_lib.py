@@ -62,6 +62,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from .stats import NOISE_SE
+from .stats import verdict as seed_verdict
+
 # The threshold-free summaries are lower for a more hierarchical network (blocks that change
 # their input more); the effective depth is higher.
 STATISTICS = ("adjacent_mean", "first_last", "embed_last", "effective_depth")
@@ -77,7 +80,6 @@ KINDS = ("patch", "cls")
 HAS_EMBEDDING = {"patch": True, "cls": False}
 KIND_NAMES = {"patch": "patch tokens", "cls": "CLS token"}
 DEFAULT_THRESHOLD = 0.9  # see the module docstring: |update| / |input| > 1/3
-NOISE_SE = 2.0  # a difference within 2 standard errors is "within noise" (as the replication)
 
 
 # ---------------------------------------------------------------------------------- HSIC, CKA
@@ -303,6 +305,7 @@ def hierarchy_claim(
     n_boot: int = 2000,
     seed: int = 0,
     noise_se: float = NOISE_SE,
+    per_model: bool = False,
 ) -> dict:
     """Verdict on "``candidate``'s blocks are more hierarchical than ``baseline``'s" by one
     summary number (default: lower adjacent-block CKA of patch tokens).
@@ -317,8 +320,14 @@ def hierarchy_claim(
     difference); otherwise each model is resampled on its own. With few seeds the seed level
     understates the between-seed variance by about (S - 1) / S.
 
+    A claim about *variants* rests on training-seed noise (``stats``): with fewer than two
+    results of either variant the verdict is ``stats.verdict``'s ``untested (one seed)``, and the
+    evidence still gives the image-bootstrap Δ ± s.e. ``per_model=True`` states the verdict
+    about these very models instead (image noise only: what the stage says of one pair).
+
     Returns ``claim``, ``verdict`` (``shown`` / ``within noise`` (the difference is smaller than
-    ``noise_se`` s.e.) / ``not shown``, as the replication's claims table), ``evidence`` (one
+    ``noise_se`` s.e.) / ``not shown`` / ``untested (one seed)``, as the replication's claims
+    table), ``evidence`` (one
     line for the table), ``row`` = (claim, verdict, evidence), ``diff`` (candidate − baseline),
     ``se``, ``ci95``, ``z``, ``paired``, and per variant the mean and per-seed values.
     """
@@ -364,6 +373,8 @@ def hierarchy_claim(
         verdict = "within noise"
     else:
         verdict = "shown" if better else "not shown"
+    if not per_model and min(per_variant[v]["n_seeds"] for v in per_variant) < 2:
+        verdict = seed_verdict(diff, None)
     what = STAT_TITLES[statistic].format(threshold=threshold)
     claim = (
         f"{candidate}'s blocks are more hierarchical than {baseline}'s "

@@ -192,23 +192,25 @@ def fake_results(rng, step, seeds=1, k=12, digest="imgs"):
 def test_claim_shown_when_the_candidate_changes_more_per_block():
     rng = np.random.default_rng(0)
     res = {"skipless_init": fake_results(rng, 1.0), "skip": fake_results(rng, 0.2)}
-    c = hierarchy_claim(res, n_boot=500)
+    c = hierarchy_claim(res, n_boot=500, per_model=True)
     assert c["verdict"] == "shown" and c["diff"] < 0 and c["paired"]
     assert c["ci95"][1] < 0 and c["z"] < -2
     assert c["row"] == (c["claim"], c["verdict"], c["evidence"])
     assert "adjacent-block CKA" in c["claim"] and "± " in c["evidence"]
     # the effective depth runs the other way: higher is more hierarchical
-    e = hierarchy_claim(res, statistic="effective_depth", threshold=0.95, n_boot=200)
+    e = hierarchy_claim(res, statistic="effective_depth", threshold=0.95, n_boot=200,
+                        per_model=True)  # fmt: skip
     assert e["diff"] > 0 and e["verdict"] == "shown"
     # the opposite claim on the same numbers
-    rev = hierarchy_claim(res, candidate="skip", baseline="skipless_init", n_boot=200)
+    rev = hierarchy_claim(res, candidate="skip", baseline="skipless_init", n_boot=200,
+                          per_model=True)  # fmt: skip
     assert rev["verdict"] == "not shown" and rev["diff"] > 0
 
 
 def test_claim_within_noise_for_the_same_model_family():
     rng = np.random.default_rng(1)
     res = {"skipless_init": fake_results(rng, 0.6), "skip": fake_results(rng, 0.6)}
-    c = hierarchy_claim(res, n_boot=500)
+    c = hierarchy_claim(res, n_boot=500, per_model=True)
     assert c["verdict"] == "within noise" and abs(c["diff"]) < 2 * c["se"]
 
 
@@ -228,6 +230,19 @@ def test_claim_seeds_add_their_spread_and_unpaired_images_are_resampled_apart():
     assert b["se"] > 2 * a["se"]  # the between-seed spread dominates
     other = {"skipless_init": fake_results(rng, 0.8, digest="A"), "skip": fake_results(rng, 0.3)}
     assert not hierarchy_claim(other, n_boot=100)["paired"]
+
+
+def test_claim_about_variants_needs_two_seeds_of_each():
+    # as stats.verdict: one model per variant says nothing about seed noise, however clear
+    # the difference between the two models
+    rng = np.random.default_rng(3)
+    one = {"skipless_init": fake_results(rng, 1.0), "skip": fake_results(rng, 0.2)}
+    c = hierarchy_claim(one, n_boot=200)
+    assert c["verdict"] == "untested (one seed)" and c["diff"] < 0 and c["se"] > 0
+    three = {"skipless_init": fake_results(rng, 1.0, seeds=3), "skip": fake_results(rng, 0.2)}
+    assert hierarchy_claim(three, n_boot=200)["verdict"] == "untested (one seed)"
+    three["skip"] = fake_results(rng, 0.2, seeds=2)
+    assert hierarchy_claim(three, n_boot=200)["verdict"] == "shown"
 
 
 def test_claim_errors():
