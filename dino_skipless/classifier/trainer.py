@@ -12,7 +12,10 @@ Files in ``OUT``: ``config.yaml``, ``log.jsonl`` (one record every ``run.log_eve
 ``step``, ``epoch``, ``loss`` (that step's), ``loss_mean`` (since the last record), ``lr``, ``wd``,
 ``grad_norm``, ``img_per_s``, ``mem_gb``), ``epochs.jsonl`` (``epoch``, ``step``, ``train_loss``,
 and ``top1``, ``top5``, ``val_loss`` where evaluated), ``log.txt``, ``checkpoint.pt``,
-``backbone.pt`` / ``.json``, ``init/`` (the backbone before step 0) and ``summary.json``.
+``backbone.pt`` / ``.json``, ``init/`` (the backbone before step 0) and ``summary.json``
+(``final_loss``, ``step``, ``steps_per_epoch``, ``finished``, ``time_s`` / ``cpu_s`` (wall and
+training-process CPU seconds, summed over resumes), ``top1`` / ``top5`` / ``val_loss`` of the last
+evaluation, ``best_top1`` / ``best_epoch``, the data sizes and the ``config``).
 """
 
 from __future__ import annotations
@@ -148,10 +151,16 @@ class _Run:
         self.best = {"top1": None, "epoch": None}
         self.last_eval: dict | None = None
         self.elapsed_before, self.t_start = 0.0, time.monotonic()
+        self.cpu_before, self.cpu_start = 0.0, time.process_time()
         self.saved_step: int | None = None
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.t_start
+
+    def cpu(self) -> float:
+        """CPU seconds of the training process (all its threads, not its loader workers): on a
+        shared machine a steadier measure of the work than the wall time."""
+        return self.cpu_before + time.process_time() - self.cpu_start
 
     # --- checkpoint ------------------------------------------------------------------------
     def save(self, path: Path) -> None:
@@ -169,6 +178,7 @@ class _Run:
                 "best": dict(self.best),
                 "last_eval": self.last_eval,
                 "elapsed_s": self.elapsed(),
+                "cpu_s": self.cpu(),
                 "rng": rng_state(),
                 "config": self.cfg.to_dict(),
                 "meta": self.meta,
@@ -196,6 +206,7 @@ class _Run:
         self.best = dict(ckpt.get("best", self.best))
         self.last_eval = ckpt.get("last_eval")
         self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        self.cpu_before = float(ckpt.get("cpu_s", 0.0))
         set_rng_state(ckpt["rng"])
         self.saved_step = self.state.step
         if self.env.is_main:
@@ -341,7 +352,7 @@ def _train(r: _Run, resume_run: bool) -> ClassifyResult:
         total_batch=r.meta["total_batch"], progress=env.is_main and cfg.run.progress,
         epochs=o.epochs, on_epoch_end=r.epoch_end, on_step_end=r.step_end,
     )  # fmt: skip
-    r.t_start = time.monotonic()
+    r.t_start, r.cpu_start = time.monotonic(), time.process_time()
     model.train()
     try:
         finished = loop.run(r.state)
@@ -372,6 +383,7 @@ def _report_end(r: _Run, finished: bool, splits) -> None:
         "steps_per_epoch": r.niter,
         "finished": finished,
         "time_s": r.elapsed(),
+        "cpu_s": r.cpu(),
         "top1": ev.get("top1"),
         "top5": ev.get("top5"),
         "val_loss": ev.get("loss"),
