@@ -20,6 +20,7 @@ import torch
 
 from .data import DatasetError
 from .dino.checkpoint import ResumeError
+from .dino.config import ConfigError
 
 # scripts/bench_tokencut.py still imports markdown_table from here
 from .fileio import markdown_table as markdown_table
@@ -172,3 +173,59 @@ def label_for(path: str | os.PathLike, spec: BackboneSpec) -> str:
         else p.stem
     )
     return f"{name} ({spec.variant})" if name else spec.variant
+
+
+def parse_config_args(
+    argv: Sequence[str], aliases: dict[str, str | None], usage: str, keys: Callable[[], list[str]]
+) -> tuple[str | None, bool, bool, list[tuple[str, str]]]:
+    """The config-driven trainers' command line (``pretrain``, ``classify``): ``--config FILE``,
+    ``--resume``, ``--print-config``, ``--debug`` (skipped: the caller reads it), and overrides
+    ``key=value`` / ``--key value`` / ``--key=value`` / a bare ``--flag`` (= true), in order;
+    ``aliases`` renames short keys (``data`` -> ``data.path``; None: refused, pointing to
+    ``run.precision``: DINO's ``--use_fp16``).
+
+    -> (config path, resume, print_config, [(key, value), ...]) in command-line order."""
+    config, resume, show, overrides = None, False, False, []
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if tok in ("-h", "--help"):
+            print(usage)
+            print("config keys:\n  " + "\n  ".join(keys()))
+            raise SystemExit(0)
+        if tok == "--resume":
+            resume = True
+            continue
+        if tok == "--print-config":
+            show = True
+            continue
+        if tok == "--debug":
+            continue
+        if tok.startswith("--"):
+            key, eq, value = tok[2:].partition("=")
+            if not eq:
+                nxt = argv[i] if i < len(argv) else None
+                if nxt is None or nxt.startswith("--") or ("=" in nxt and "/" not in nxt):
+                    value = "true"  # a bare flag: --compile
+                else:
+                    value = nxt
+                    i += 1
+        elif "=" in tok:
+            key, _, value = tok.partition("=")
+        else:
+            raise ConfigError(
+                f"unexpected argument {tok!r}: use key=value, --key value, --config FILE or "
+                "--resume (see --help)"
+            )
+        key = key.replace("-", "_")
+        if key == "config":
+            config = value
+            continue
+        if key in aliases:
+            if aliases[key] is None:
+                raise ConfigError(f"--{key}: use run.precision=fp16|bf16|fp32 instead")
+            key = aliases[key]
+        overrides.append((key, value))
+    return config, resume, show, overrides

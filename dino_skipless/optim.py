@@ -74,18 +74,24 @@ class AdamWConfig:
     fused: bool | None = None  # None -> fused kernel when every parameter is on CUDA
 
 
-def get_param_groups(model: nn.Module) -> list[dict]:
+def get_param_groups(model: nn.Module, no_weight_decay: Iterable[str] = ()) -> list[dict]:
     """DINO's two groups: regularised params, then biases and 1-D params with ``weight_decay=0``.
 
     Same rule as the official ``utils.get_params_groups``: a parameter is not regularised iff its
     name ends with ``.bias`` or it is 1-D (norm weights). ``cls_token`` and ``pos_embed`` are 3-D,
     so, as in official DINO, they *are* weight-decayed. Frozen parameters are skipped.
+
+    ``no_weight_decay``: names whose last component also joins the second group, e.g.
+    ``("pos_embed", "cls_token")`` as timm's ``VisionTransformer.no_weight_decay()`` and the
+    supervised recipe of Xu et al. (``optim_factory.get_parameter_groups``: 1-D, ``.bias`` or in
+    the model's skip list).
     """
+    skip = set(no_weight_decay)
     regularized, not_regularized = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if name.endswith(".bias") or param.ndim == 1:
+        if name.endswith(".bias") or param.ndim == 1 or name.rsplit(".", 1)[-1] in skip:
             not_regularized.append(param)
         else:
             regularized.append(param)

@@ -11,6 +11,7 @@ Settings: defaults (``dino_skipless.dino.config.PretrainConfig``, the published 
 with a dotted key (``optim.lr``) or an unambiguous leaf (``lr``); shortcuts ``--data``
 (data.path), ``--out`` (run.out), ``--batch-size`` (data.batch_size_per_gpu). ``--resume``
 continues ``OUT/checkpoint.pt``; without ``--config`` it reuses the checkpoint's config.
+``--debug`` shows the traceback of an error.
 Writes OUT/{checkpoint.pt, log.jsonl, log.txt, config.yaml, backbone.pt, backbone.json,
 summary.json}.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from .cli import parse_config_args
 from .data import DatasetError
 from .dino.checkpoint import CHECKPOINT, ResumeError, load_checkpoint
 from .dino.collapse import CollapseError
@@ -40,48 +42,7 @@ USAGE = __doc__
 
 def parse_args(argv: Sequence[str]) -> tuple[str | None, bool, bool, list[tuple[str, str]]]:
     """-> (config path, resume, print_config, [(key, value), ...]) in command-line order."""
-    config, resume, show, overrides = None, False, False, []
-    argv = list(argv)
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        i += 1
-        if tok in ("-h", "--help"):
-            print(USAGE)
-            print("config keys:\n  " + "\n  ".join(leaf_keys()))
-            raise SystemExit(0)
-        if tok == "--resume":
-            resume = True
-            continue
-        if tok == "--print-config":
-            show = True
-            continue
-        if tok.startswith("--"):
-            key, eq, value = tok[2:].partition("=")
-            if not eq:
-                nxt = argv[i] if i < len(argv) else None
-                if nxt is None or nxt.startswith("--") or ("=" in nxt and "/" not in nxt):
-                    value = "true"  # a bare flag: --compile
-                else:
-                    value = nxt
-                    i += 1
-        elif "=" in tok:
-            key, _, value = tok.partition("=")
-        else:
-            raise ConfigError(
-                f"unexpected argument {tok!r}: use key=value, --key value, --config FILE or "
-                "--resume (see --help)"
-            )
-        key = key.replace("-", "_")
-        if key == "config":
-            config = value
-            continue
-        if key in ALIASES:
-            if ALIASES[key] is None:
-                raise ConfigError("--use_fp16: use run.precision=fp16|bf16|fp32 instead")
-            key = ALIASES[key]
-        overrides.append((key, value))
-    return config, resume, show, overrides
+    return parse_config_args(argv, ALIASES, USAGE, leaf_keys)
 
 
 def resolve_config(argv: Sequence[str]):
@@ -114,6 +75,8 @@ def main(argv: Sequence[str] | None = None):
         PretrainOOMError,
         FileExistsError,
     ) as e:
+        if "--debug" in argv:
+            raise
         raise SystemExit(f"error: {e}") from None
     finally:
         cleanup()

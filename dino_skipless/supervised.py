@@ -34,15 +34,19 @@ boxes and flips (nearest). On 2 cores this is 18 % (cls) and 14 % (seg) faster p
 The number of optimisation steps is the DINO run's: ``optim.epochs`` x (``data.synthetic_n`` or
 the folder's size) / batch, whatever the labelled set's size (the labelled set is cycled).
 Nothing here is a published method; it is a measuring stick.
+
+The training itself is the project's one supervised loop (``classifier.loop``: schedule, forward,
+non-finite guard, backward, clipping, step), the one the paper's classifier trainer
+(``python -m dino_skipless.classify``) runs, and the views are drawn through the same seeded
+data layer (``dino.sampling.SeededTransform``). What is the ceiling's own: its views and heads
+above, its budget (the DINO config's) and its data order (a seeded shuffle per pass over the
+labelled set, cycled to that budget).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -56,6 +60,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
+from .classifier.loop import Loop, LoopState, TrainStep
 from .data import ImageFolderDataset, build_segmentation_dataset, synthetic_root
 from .data.worlds import pretrain_root
 from .dino.augment import GaussianBlur, MultiCropAugmentation, Solarization
@@ -71,8 +76,8 @@ from .dino.augment_device import (
 )
 from .dino.checkpoint import export_backbone
 from .dino.config import PretrainConfig, build_config
-from .dino.sampling import sample_seeds
-from .dino.schedules import apply_schedules_, build_schedules
+from .dino.sampling import SeededTransform
+from .dino.schedules import build_schedules
 from .fileio import write_json
 from .models import build_model
 from .optim import build_optimizer, get_param_groups
@@ -88,20 +93,17 @@ class SupervisedResult:
     train_accuracy: float  # of the last epoch's steps (pixels for seg)
 
 
-class _SeededViews(Dataset):
-    """Two seeded augmented views per labelled sample, reproducible from (seed, epoch, index)."""
+class _SeededViews(SeededTransform):
+    """Two seeded augmented views per labelled sample, reproducible from (seed, epoch, index):
+    ``SeededTransform`` indexed like a plain dataset at ``self.epoch`` (the ceilings shuffle with
+    a DataLoader)."""
 
     def __init__(self, base: Dataset, views, seed: int):
-        self.base, self.views, self.seed, self.epoch = base, views, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.base)
+        super().__init__(base, views, seed)
+        self.epoch = 0
 
     def __getitem__(self, i: int):
-        torch_seed, py_seed = sample_seeds(self.seed, self.epoch, i)
-        torch.manual_seed(torch_seed)
-        random.seed(py_seed)
-        return self.views(*self.base[i])
+        return super().__getitem__((self.epoch, i))
 
 
 class _ClsViews:
@@ -260,55 +262,42 @@ def train_supervised(task: str, cfg: PretrainConfig, seg: dict | None = None) ->
         epochs=o.epochs, niter_per_ep=niter, total_batch=bs,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(cfg.run.seed)
-    losses: list[float] = []
-    correct = seen = 0
-    step, epoch, t0 = 0, 0, time.time()
     p = backbone.spec.patch_size
-    while step < total:
+
+    def batches(epoch: int, skip: int):
+        """One pass over the labelled set in a seeded shuffle (the budget cycles it)."""
         data.epoch = epoch
-        loader = DataLoader(
+        return DataLoader(
             data, batch_size=bs, shuffle=True, drop_last=True, generator=gen,
             num_workers=cfg.data.num_workers,
             collate_fn=_collate_decoded if on_device else _collate,
         )  # fmt: skip
-        for batch in loader:
-            if step >= total:
-                break
-            x, y = _device_views(batch, data.aug, device) if on_device else batch
-            s = sched.at(step)
-            apply_schedules_(optimizer, s["lr"], s["wd"])
-            if task == "cls":
-                logits = head(backbone(x))
-                loss = F.cross_entropy(logits, y)
-                hit, n = (logits.argmax(1) == y).sum().item(), len(y)
-            else:
-                tokens = backbone.forward_features(x)[:, backbone.num_prefix_tokens :]
-                g = x.shape[-1] // p
-                logits = head(tokens).transpose(1, 2).reshape(len(x), n_classes, g, g)
-                logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear")
-                loss = F.cross_entropy(logits, y, ignore_index=255)
-                valid = y != 255
-                hit = (logits.argmax(1)[valid] == y[valid]).sum().item()
-                n = int(valid.sum())
-            if not math.isfinite(loss.item()):
-                raise RuntimeError(f"non-finite supervised loss at step {step}; lower optim.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-            optimizer.step()
-            losses.append(loss.item())
-            if step >= total - niter:
-                correct, seen = correct + hit, seen + n
-            step += 1
-            if cfg.run.progress and step % cfg.run.log_every == 0:
-                print(
-                    f"step {step}/{total} loss {loss.item():.4f} lr {s['lr']:.2e} "
-                    f"({time.time() - t0:.0f}s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        epoch += 1
+
+    def loss_fn(_forward, batch, step: int, k: int):
+        x, y = _device_views(batch, data.aug, device) if on_device else batch
+        if task == "cls":
+            logits = head(backbone(x))
+            loss = F.cross_entropy(logits, y)
+            return loss, {"hits": (logits.argmax(1) == y).sum().item(), "seen": len(y)}
+        tokens = backbone.forward_features(x)[:, backbone.num_prefix_tokens :]
+        g = x.shape[-1] // p
+        logits = head(tokens).transpose(1, 2).reshape(len(x), n_classes, g, g)
+        logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear")
+        loss = F.cross_entropy(logits, y, ignore_index=255)
+        valid = y != 255
+        hits = (logits.argmax(1)[valid] == y[valid]).sum().item()
+        return loss, {"hits": hits, "seen": int(valid.sum())}
+
+    t0 = time.time()
+    state = LoopState()
+    Loop(
+        step_fn=TrainStep(model, optimizer, sched, device=device, clip_grad=o.clip_grad),
+        loss_fn=loss_fn, batches=batches, total_steps=total, steps_per_epoch=max(niter, 1),
+        epoch_steps=None, progress=cfg.run.progress, epochs=o.epochs,
+    ).run(state)  # fmt: skip
+    losses, step = state.losses, state.step
+    # the training accuracy of the last epoch's steps (pixels for seg)
+    correct, seen = state.last_stats.get("hits", 0), state.last_stats.get("seen", 0)
     export_backbone(backbone, out_dir)
     acc = correct / max(seen, 1)
     write_json(

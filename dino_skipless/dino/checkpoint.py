@@ -71,7 +71,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 # Files of a run folder that are written through a temp file (``.NAME.XXXX.tmp``).
 _ATOMIC_PREFIXES = (f".{CHECKPOINT}.", ".checkpoint_epoch", ".backbone", ".config.yaml.")
-_ATOMIC_PREFIXES += (".summary.json.", ".log.jsonl.")
+_ATOMIC_PREFIXES += (".summary.json.", ".log.jsonl.", ".epochs.jsonl.")
 
 
 def remove_stale_temp_files(out_dir: str | Path) -> list[Path]:
@@ -117,7 +117,10 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def load_checkpoint(path: str | Path, trust: bool = False) -> dict:
+def load_checkpoint(
+    path: str | Path, trust: bool = False, required: tuple[str, ...] = ("student", "meta")
+) -> dict:
+    """A training checkpoint holding the ``required`` entries (DINO's by default)."""
     path = Path(path)
     if not path.is_file():
         raise ResumeError(
@@ -127,16 +130,21 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> dict:
         ckpt = safe_torch_load(path, trust)
     except CheckpointError as e:  # refused, or corrupt/truncated (not by our atomic writes)
         raise ResumeError(str(e)) from None
-    if not isinstance(ckpt, dict) or "student" not in ckpt or "meta" not in ckpt:
-        raise ResumeError(f"{path} is not a dino_skipless training checkpoint")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
+        raise ResumeError(
+            f"{path} is not a checkpoint of this trainer (it needs the entries "
+            f"{', '.join(required)})"
+        )
     return ckpt
 
 
-def check_compatible(saved: dict, current: dict, path: str | Path) -> None:
-    """Refuse to resume when any ``MUST_MATCH`` entry of the run meta differs."""
+def check_compatible(
+    saved: dict, current: dict, path: str | Path, keys: tuple[str, ...] = MUST_MATCH
+) -> None:
+    """Refuse to resume when any of ``keys`` (DINO's ``MUST_MATCH``) of the run meta differs."""
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
-        for k in MUST_MATCH
+        for k in keys
         if saved.get(k) != current.get(k)
     ]
     if diffs:

@@ -8,7 +8,9 @@ c 3 for DINO ViT-S).
 
 Sources of a config, later wins: the defaults below, a YAML file (nested like the dataclasses),
 then command-line overrides ``key=value`` / ``--key value`` where ``key`` is a dotted path
-(``optim.lr``) or an unambiguous leaf name (``lr``, ``teacher_temp``).
+(``optim.lr``) or an unambiguous leaf name (``lr``, ``teacher_temp``). The loading functions
+take the config class (``cls``, default ``PretrainConfig``), so the supervised trainer's
+``ClassifyConfig`` is read, overridden and checked the same way.
 """
 
 from __future__ import annotations
@@ -200,22 +202,22 @@ class PretrainConfig:
 
     def validate(self) -> PretrainConfig:
         m, o, r = self.model, self.optim, self.run
-        _choice("model.arch", m.arch, tuple(ARCHS))
-        _choice("model.variant", m.variant, VARIANTS)
-        _choice("optim.optimizer", o.optimizer, OPTIMIZERS)
-        _choice("run.precision", r.precision, PRECISIONS)
-        _choice("run.on_nonfinite", r.on_nonfinite, ON_NONFINITE)
-        _choice("run.on_collapse", r.on_collapse, ("warn", "stop"))
+        check_choice("model.arch", m.arch, tuple(ARCHS))
+        check_choice("model.variant", m.variant, VARIANTS)
+        check_choice("optim.optimizer", o.optimizer, OPTIMIZERS)
+        check_choice("run.precision", r.precision, PRECISIONS)
+        check_choice("run.on_nonfinite", r.on_nonfinite, ON_NONFINITE)
+        check_choice("run.on_collapse", r.on_collapse, ("warn", "stop"))
         if r.collapse_window < 0:
             raise ConfigError(f"run.collapse_window must be >= 0, got {r.collapse_window}")
-        _choice("data.on_error", self.data.on_error, ON_ERROR)
+        check_choice("data.on_error", self.data.on_error, ON_ERROR)
         if not 0 <= self.data.max_bad_fraction <= 1:
             raise ConfigError(
                 f"data.max_bad_fraction must be in [0, 1], got {self.data.max_bad_fraction}"
             )
-        _choice("data.augment_on", self.data.augment_on, AUGMENT_ON)
-        _choice("data.world", self.data.world, WORLDS)
-        _choice("dino.centering", self.dino.centering, CENTERINGS)
+        check_choice("data.augment_on", self.data.augment_on, AUGMENT_ON)
+        check_choice("data.world", self.data.world, WORLDS)
+        check_choice("dino.centering", self.dino.centering, CENTERINGS)
         if self.dino.koleo_weight < 0:
             raise ConfigError(f"dino.koleo_weight must be >= 0, got {self.dino.koleo_weight}")
         if self.dino.sk_iterations < 1:
@@ -287,7 +289,7 @@ class PretrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+def check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ConfigError(f"{key}={value!r} is not valid; expected one of: {', '.join(valid)}")
 
@@ -406,10 +408,10 @@ def from_dict(cls, data: dict, prefix: str = "", where: str = "config"):
         raise ConfigError(f"{where}: {e}") from None
 
 
-def resolve_key(key: str) -> str:
+def resolve_key(key: str, cls=PretrainConfig) -> str:
     """Dotted key, or a unique leaf name (``lr`` -> ``optim.lr``); ``-`` counts as ``_``."""
     key = key.strip().replace("-", "_")
-    keys = leaf_keys()
+    keys = leaf_keys(cls)
     if key in keys:
         return key
     matches = [k for k in keys if k.split(".")[-1] == key or k.endswith("." + key)]
@@ -420,20 +422,20 @@ def resolve_key(key: str) -> str:
     raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(keys)}")
 
 
-def set_key(cfg: PretrainConfig, key: str, value: Any) -> None:
+def set_key(cfg, key: str, value: Any) -> None:
     """``set_key(cfg, 'optim.lr', '1e-3')``: coerced to the field's type, validated later."""
-    dotted = resolve_key(key)
+    dotted = resolve_key(key, type(cfg))
     parts = dotted.split(".")
     obj = cfg
     for p in parts[:-1]:
         obj = getattr(obj, p)
     tp = _hints(type(obj))[parts[-1]]
     setattr(obj, parts[-1], _coerce(dotted, tp, value))
-    if isinstance(obj, AugConfig):
+    if hasattr(obj, "__post_init__"):  # e.g. AugConfig re-checks its tuples
         obj.__post_init__()
 
 
-def load_yaml(path: str | Path) -> PretrainConfig:
+def load_yaml(path: str | Path, cls=PretrainConfig):
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -441,22 +443,27 @@ def load_yaml(path: str | Path) -> PretrainConfig:
         data = yaml.safe_load(path.read_text("utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of config sections, got {type(data).__name__}"
+        )
     data.setdefault("name", path.stem)
-    return from_dict(PretrainConfig, data, where=str(path))
+    return from_dict(cls, data, where=str(path))
 
 
 def build_config(
     path: str | Path | None = None,
     overrides: dict[str, Any] | list[tuple[str, Any]] | None = None,
-    base: PretrainConfig | None = None,
-) -> PretrainConfig:
+    base=None,
+    cls=PretrainConfig,
+):
     """YAML file (or ``base`` or the defaults), then overrides in order, then validation."""
     if path is not None:
-        cfg = load_yaml(path)
+        cfg = load_yaml(path, cls)
     elif base is not None:
-        cfg = from_dict(PretrainConfig, base.to_dict())
+        cfg = from_dict(cls, base.to_dict())
     else:
-        cfg = PretrainConfig()
+        cfg = cls()
     items = overrides.items() if isinstance(overrides, dict) else (overrides or [])
     for k, v in items:
         set_key(cfg, k, v)

@@ -539,7 +539,7 @@ def _run_epoch(r: RunState, epoch: int) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _open_run_dir(cfg: PretrainConfig, env: DistEnv, out_dir: Path, resume_run: bool) -> RunLogger:
+def open_run_dir(cfg: PretrainConfig, env: DistEnv, out_dir: Path, resume_run: bool) -> RunLogger:
     """Refuse a fresh start over a checkpoint, clean what a killed run left, open the log."""
     if not resume_run and (out_dir / CHECKPOINT).exists():
         raise FileExistsError(
@@ -558,7 +558,7 @@ def _open_run_dir(cfg: PretrainConfig, env: DistEnv, out_dir: Path, resume_run: 
     return log
 
 
-def _set_up_torch(cfg: PretrainConfig, dev: torch.device) -> None:
+def set_up_torch(cfg: PretrainConfig, dev: torch.device) -> None:
     """Threads, TF32, and the global seeds (official utils.fix_random_seeds; the model init is
     seeded separately in build_model)."""
     if dev.type == "cpu" and cfg.run.cpu_threads:
@@ -800,9 +800,9 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
             "one process"
         )
     out_dir = cfg.out_dir()
-    log = _open_run_dir(cfg, env, out_dir, resume_run)
+    log = open_run_dir(cfg, env, out_dir, resume_run)
     dev = env.device
-    _set_up_torch(cfg, dev)
+    set_up_torch(cfg, dev)
 
     # ============ data (and the k-NN monitor's held-out images) ============
     base = build_base_dataset(cfg, env, log)

@@ -4,7 +4,8 @@ Accepted by :func:`load_backbone` (and so by ``--ckpt`` of every stage):
 
 * our export: ``backbone.pt`` / ``backbone.safetensors`` with ``backbone.json`` beside it (or the
   folder holding them) — arch, variant, depth and patch size come from the JSON;
-* our training checkpoint ``checkpoint.pt`` (its ``teacher`` is used, spec from ``meta``);
+* our training checkpoint ``checkpoint.pt`` (its ``teacher`` is used, spec from ``meta``;
+  a supervised run's: its ``model``'s backbone);
 * an official DINO checkpoint (``teacher``/``student`` dicts, ``module.``/``backbone.``
   prefixes; ``args`` give arch and patch size) or a bare DINO backbone state dict;
 * a timm ViT state dict (classifier ``head.*`` dropped; pos-embed resampled if its grid differs).
@@ -205,6 +206,10 @@ def resolve_checkpoint(
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        meta = obj.get("meta") or {}
+        if "backbone" in meta:  # our supervised trainer's checkpoint (classifier.trainer)
+            spec = BackboneSpec.from_dict(meta["backbone"])
+            return _backbone_keys(obj["model"]), spec, "training checkpoint (classifier)"
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors (type {type(obj).__name__})")
