@@ -43,7 +43,7 @@ def dino_loss(
     student_out: torch.Tensor,
     teacher_out: torch.Tensor,
     center: torch.Tensor,
-    teacher_temp: float,
+    teacher_temp: float | torch.Tensor,
     student_temp: float = 0.1,
     n_crops: int = 10,
     n_global: int = 2,
@@ -68,6 +68,18 @@ def dino_loss(
 
 
 @torch.no_grad()
+def entropy_pair(
+    teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float | torch.Tensor
+) -> torch.Tensor:
+    """``teacher_entropies`` as a ``(2,)`` tensor on the logits' device: the trainer keeps it
+    there until a logging step (reading it every step would make the host wait for the GPU)."""
+    q = F.softmax((teacher_out.float() - center.float()) / teacher_temp, dim=-1)
+    per_row = -(q * q.clamp_min(1e-30).log()).sum(dim=-1).mean()
+    mean_q = q.mean(dim=0)
+    of_mean = -(mean_q * mean_q.clamp_min(1e-30).log()).sum()
+    return torch.stack([per_row, of_mean])
+
+
 def teacher_entropies(
     teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float
 ) -> tuple[float, float]:
@@ -78,11 +90,8 @@ def teacher_entropies(
     a healthy run keeps the first well below ln K and the second near ln K (the targets are
     sharp and different images use different dimensions).
     """
-    q = F.softmax((teacher_out.float() - center.float()) / teacher_temp, dim=-1)
-    per_row = -(q * q.clamp_min(1e-30).log()).sum(dim=-1).mean()
-    mean_q = q.mean(dim=0)
-    of_mean = -(mean_q * mean_q.clamp_min(1e-30).log()).sum()
-    return float(per_row), float(of_mean)
+    per_row, of_mean = entropy_pair(teacher_out, center, teacher_temp).tolist()
+    return per_row, of_mean
 
 
 def teacher_temp_schedule(
@@ -133,7 +142,7 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
         # (per-row teacher entropy, entropy of the batch-mean target) of the last call, this rank
-        self.last_entropies: tuple[float, float] = (float("nan"), float("nan"))
+        self.last_entropies = torch.full((2,), float("nan"))
         self.teacher_temp_schedule = teacher_temp_schedule(
             warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, n_epochs
         )
@@ -147,20 +156,27 @@ class DINOLoss(nn.Module):
         )
 
     def forward(
-        self, student_out: torch.Tensor, teacher_out: torch.Tensor, epoch: int
+        self,
+        student_out: torch.Tensor,
+        teacher_out: torch.Tensor,
+        epoch: int,
+        teacher_temp: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The loss at ``epoch``'s scheduled teacher temperature (or ``teacher_temp``: a tensor
+        keeps a compiled step from specialising on the epoch). Logits are upcast to fp32, so
+        both softmaxes run in fp32 under autocast (as DINOv2's loss)."""
+        temp = self.teacher_temp_at(epoch) if teacher_temp is None else teacher_temp
         loss = dino_loss(
             student_out.float(),
             teacher_out.float(),
             self.center,
-            self.teacher_temp_at(epoch),
+            temp,
             self.student_temp,
             self.n_crops,
             self.n_global,
         )
-        self.last_entropies = teacher_entropies(
-            teacher_out, self.center, self.teacher_temp_at(epoch)
-        )
+        # a (2,) tensor on the device: read on logging steps only
+        self.last_entropies = entropy_pair(teacher_out, self.center, temp)
         self.update_center(teacher_out)
         return loss
 
