@@ -536,11 +536,12 @@ def _student_loss(
 ) -> torch.Tensor:
     """The student forward and the DINO loss (+ ``dino.koleo_weight`` x DINOv2's KoLeo term on
     the student's CLS features of each global view)."""
+    temp = {} if teacher_temp is None else {"teacher_temp": teacher_temp}  # eager: the epoch's
     if not koleo:
-        return loss_fn(student(crops), teacher_out, epoch, teacher_temp=teacher_temp)
+        return loss_fn(student(crops), teacher_out, epoch, **temp)
     student_out, feats = student(crops, return_backbone=True)
     g = len(crops[0])
-    loss = loss_fn(student_out, teacher_out, epoch, teacher_temp=teacher_temp)
+    loss = loss_fn(student_out, teacher_out, epoch, **temp)
     return loss + koleo * (koleo_loss(feats[:g]) + koleo_loss(feats[g : 2 * g]))
 
 
