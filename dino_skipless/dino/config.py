@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ..data.worlds import WORLDS
@@ -33,7 +34,8 @@ from .loss import CENTERINGS
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 ON_NONFINITE = ("stop", "skip")
-AUGMENT_ON = ("cpu", "device")
+AUGMENT_ON = ("auto", "cpu", "device")
+DECODE_ON = ("cpu", "device")
 
 
 class ConfigError(ValueError):
@@ -125,12 +127,26 @@ class DataConfig:
     # epoch's samples were bad. Not in DINO (a bad file kills its run).
     on_error: str = "raise"
     max_bad_fraction: float = 0.01
-    # Where the multi-crop recipe runs. "cpu" (default): the official PIL pipeline in the loader
-    # workers, bit-for-bit the published recipe. "device": workers only decode and sample the
-    # (identical) random parameters; the crops are computed batched on run.device
-    # (dino/augment_device.py; float arithmetic, documented deviations of ~1/255).
-    augment_on: str = "cpu"
+    # Where the multi-crop recipe runs. "cpu": the official PIL pipeline in the loader workers,
+    # bit-for-bit the published recipe. "device": workers only decode and sample the (identical)
+    # random parameters; the crops are computed batched on run.device (dino/augment_device.py;
+    # float arithmetic, documented deviations of ~1/255). "auto" (default): "device" on CUDA,
+    # where the PIL pipeline would need ~50 CPU-ms per image, "cpu" on a CPU.
+    augment_on: str = "auto"
     decode_draft: int = 0  # device path: JPEG draft decode keeping sides >= N px (0 = off)
+    # Device path: shrink a decoded image whose longer side exceeds N px to N (antialiased, crop
+    # boxes rescaled), so one outsized image cannot grow the batch's canvas (0 = off).
+    decode_max_side: int = 0
+    # Device path: "device" decodes JPEGs in the training process on run.device
+    # (torchvision.io.decode_jpeg, nvJPEG on CUDA); "cpu": PIL in the loader workers.
+    decode_on: str = "cpu"
+
+
+def augment_on_for(data: DataConfig, device: torch.device | str) -> str:
+    """ "cpu" or "device": where ``data.augment_on`` puts the crops for a run on ``device``."""
+    if data.augment_on != "auto":
+        return data.augment_on
+    return "device" if torch.device(device).type == "cuda" else "cpu"
 
 
 @dataclass
@@ -165,7 +181,15 @@ class RunConfig:
     # DINO's --use_fp16 True is fp16 + GradScaler; we default to bf16 autocast (no scaler) on
     # CUDA. On CPU autocast is off (fp32) unless precision is fp32 anyway.
     precision: str = "bf16"
-    compile: bool = False  # torch.compile the student/teacher forward (GPU; slow to start)
+    # torch.compile the student and teacher forwards (two graphs, no recompiles); slow to start
+    compile: bool = False
+    # The teacher forward, student forward and DINO loss as one compiled graph (implies compile;
+    # one process only: the loss's centre is all-reduced across processes inside the loss)
+    compile_step: bool = False
+    # torch.compile's backend: "inductor" (generated kernels), or e.g. "aot_eager" (the same
+    # graphs run by eager kernels: scripts/gpu_check.py --tiny checks compilation in seconds)
+    compile_backend: str = "inductor"
+    dist_timeout_s: int = 1800  # collectives wait this long for the slowest rank (NCCL's is 600)
     cpu_threads: int | None = None  # torch.set_num_threads on CPU (None: torch's default)
     tf32: bool = True  # allow TF32 matmuls/convs on CUDA (fp32 parts of the step)
     saveckp_freq: int = 20  # main_dino.py --saveckp_freq 20 (epochs); always at the end too
@@ -215,7 +239,9 @@ class PretrainConfig:
             raise ConfigError(
                 f"data.max_bad_fraction must be in [0, 1], got {self.data.max_bad_fraction}"
             )
-        check_choice("data.augment_on", self.data.augment_on, AUGMENT_ON)
+        d = self.data
+        check_choice("data.augment_on", d.augment_on, AUGMENT_ON)
+        check_choice("data.decode_on", d.decode_on, DECODE_ON)
         check_choice("data.world", self.data.world, WORLDS)
         check_choice("dino.centering", self.dino.centering, CENTERINGS)
         if self.dino.koleo_weight < 0:
@@ -234,18 +260,36 @@ class PretrainConfig:
             )
         if not mon.knn_temperature > 0:
             raise ConfigError(f"monitor.knn_temperature must be > 0, got {mon.knn_temperature}")
-        if self.data.decode_draft and self.data.augment_on != "device":
-            raise ConfigError(
-                f"data.decode_draft={self.data.decode_draft} needs data.augment_on=device "
-                "(the CPU path decodes at full size, as the official code)"
+        for key, value in (
+            ("decode_draft", d.decode_draft),
+            ("decode_max_side", d.decode_max_side),
+        ):
+            if value < 0:
+                raise ConfigError(f"data.{key} must be >= 0, got {value}")
+        device_only = [
+            f"data.{k}={v}"
+            for k, v, off in (
+                ("decode_draft", d.decode_draft, 0),
+                ("decode_max_side", d.decode_max_side, 0),
+                ("decode_on", d.decode_on, "cpu"),
             )
-        if self.data.augment_on == "device" and self.data.on_error != "raise":
+            if v != off
+        ]
+        if device_only and d.augment_on == "cpu":
+            raise ConfigError(
+                f"{', '.join(device_only)} needs data.augment_on=device or auto (the CPU path "
+                "decodes at full size with PIL, as the official code)"
+            )
+        if d.decode_on == "device" and d.decode_draft:
+            raise ConfigError(
+                "data.decode_draft is a libjpeg option of the worker's decode; with "
+                "data.decode_on=device use data.decode_max_side to bound the decoded size"
+            )
+        if d.augment_on == "device" and d.on_error != "raise":
             raise ConfigError(
                 "data.on_error=skip is not supported with data.augment_on=device yet (a bad image "
                 "stops the run with its path); use data.augment_on=cpu to skip bad images"
             )
-        if self.data.decode_draft < 0:
-            raise ConfigError(f"data.decode_draft must be >= 0, got {self.data.decode_draft}")
         if m.drop_path != 0:
             raise ConfigError(
                 f"model.drop_path={m.drop_path}: only 0 is supported (the paper disables "
@@ -257,6 +301,7 @@ class PretrainConfig:
             "dino.out_dim": self.dino.out_dim,
             "model.patch_size": m.patch_size,
             "run.log_every": r.log_every,
+            "run.dist_timeout_s": r.dist_timeout_s,
         }
         for key, value in positive.items():
             if int(value) <= 0:
