@@ -165,3 +165,64 @@ def test_rng_state_is_plain_and_roundtrips():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
     # older checkpoints stored numpy's state as the tuple holding a uint32 array
     set_rng_state({**loaded, "numpy": np.random.get_state()})
+
+
+class _SystemPayload:
+    """Unpickling this calls ``os.system`` (module ``posix``): torch >= 2.6 reports it as a
+    GLOBAL whose module is blocked, another wording than an unknown global's."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_blocked_module_payload_names_the_global_not_truncation(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({**tiny_vit("skip").state_dict(), "x": _SystemPayload(marker)}, tmp_path / "e.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_backbone(tmp_path / "e.pt")
+    msg = str(e.value)
+    assert "truncated" not in msg and "not a .pt" not in msg
+    assert "system" in msg and "global" in msg.lower() and "--trust-checkpoint" in msg
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "torch_message, name",
+    [
+        # torch >= 2.6, a module on the blocklist
+        (
+            "Weights only load failed. In PyTorch 2.6, we changed the default ...\n\n\n"
+            "Trying to load unsupported GLOBAL posix.system whose module posix is blocked.\n",
+            "posix.system",
+        ),
+        # torch 2.4-2.6, any other global
+        (
+            "Weights only load failed. This file can still be loaded ...\n\tWeightsUnpickler "
+            "error: Unsupported global: GLOBAL __main__.Evil was not an allowed global by default.",
+            "__main__.Evil",
+        ),
+        # torch 1.13-2.3
+        (
+            "Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` "
+            "will likely succeed, but it can result in arbitrary code execution.Do it only if you "
+            "get the file from a trusted source. WeightsUnpickler error: Unsupported class "
+            "posix.system",
+            "posix.system",
+        ),
+        (
+            "Weights only load failed. ... WeightsUnpickler error: Trying to call reduce for "
+            "unrecognized function <built-in function system>",
+            "<built-in function system>",
+        ),
+    ],
+)
+def test_refused_global_reads_every_torch_wording(torch_message, name):
+    from dino_skipless.models.loading import refused_global
+
+    assert refused_global(torch_message) == name
+    assert refused_global("PytorchStreamReader failed reading zip archive") is None

@@ -62,26 +62,70 @@ TRUST_HELP = (
 )
 
 
-def safe_torch_load(path: str | Path, trust: bool = False):
-    """``torch.load`` that executes nothing from the file unless ``trust``."""
+# How each torch version words a refused global (``torch/_weights_only_unpickler.py``): torch >=
+# 2.6 for a module on its blocklist (os, subprocess, ...), 2.4+ for any other global, 1.13-2.3,
+# and a REDUCE of a function the unpickler does not know.
+_REFUSED_GLOBAL = (
+    re.compile(r"unsupported GLOBAL (\S+) whose module \S+ is blocked", re.IGNORECASE),
+    re.compile(r"Unsupported global: GLOBAL (\S+)"),
+    re.compile(r"Unsupported class (\S+)"),
+    re.compile(r"reduce for unrecognized function (.+?)\s*$", re.MULTILINE),
+)
+# The prefix of every refusal by ``torch.load(weights_only=True)`` (as opposed to a damaged file).
+_SAFE_LOADER_REFUSAL = "Weights only load failed"
+
+
+def refused_global(message: str) -> str | None:
+    """The global (``module.name``) that ``torch.load(weights_only=True)``'s error says it
+    refused, in the wording of any torch version since 1.13; None for other errors."""
+    for pattern in _REFUSED_GLOBAL:
+        found = pattern.search(message)
+        if found:
+            return found.group(1).rstrip(".")
+    return None
+
+
+def _unpickler_reason(message: str) -> str:
+    """The line of a weights-only refusal that says what was refused (not torch's preamble)."""
+    tail = message.split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    if "WeightsUnpickler error:" not in message:
+        lines = lines[1:] or lines  # torch's first line is its preamble
+    return (lines[0] if lines else message.strip())[:200]
+
+
+def _torch_load(source, name: str | Path, trust: bool):
     if trust:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(source, map_location="cpu", weights_only=False)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        msg = str(e)
+        first = (msg.strip().splitlines() or [type(e).__name__])[0][:200]
+        found = refused_global(msg)
         if found:
             raise CheckpointError(
-                f"refused to load {path}: it holds {found.group(1)}, which is not among the "
-                "objects a checkpoint may hold without running code from the file (tensors, "
-                "containers, numbers, argparse.Namespace, numpy arrays); if you trust the file, "
-                "pass --trust-checkpoint"
+                f"refused to load {name}: it needs the global {found}, which is not allowed "
+                "(unpickling it could run code stored in the file; a checkpoint may hold only "
+                "tensors, containers, numbers, argparse.Namespace and numpy arrays); if you "
+                "trust the file, pass --trust-checkpoint"
+            ) from None
+        if _SAFE_LOADER_REFUSAL in msg:  # junk bytes, or a pickle opcode it does not take
+            raise CheckpointError(
+                f"cannot read {name} as a PyTorch checkpoint (truncated, or not a .pt file?): "
+                f"the safe loader says: {_unpickler_reason(msg)} (for a file you trust, "
+                "--trust-checkpoint reads it with full pickle)"
             ) from None
         raise CheckpointError(
-            f"cannot read {path} as a PyTorch checkpoint (truncated, or not a .pt file?): {first}"
+            f"cannot read {name} as a PyTorch checkpoint (truncated, or not a .pt file?): {first}"
         ) from None
+
+
+def safe_torch_load(path: str | Path, trust: bool = False):
+    """``torch.load`` that executes nothing from the file unless ``trust``; a refusal names the
+    global the file needs and ``--trust-checkpoint``."""
+    return _torch_load(path, path, trust)
 
 
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
