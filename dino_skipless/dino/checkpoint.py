@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_write_text, temp_file_beside
-from ..models.loading import CheckpointError, safe_torch_load
+from ..models.loading import CheckpointError, CheckpointRefused, safe_torch_load
 from .runlog import truncate_jsonl
 from .state import RunState
 
@@ -125,6 +125,12 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> dict:
         )
     try:
         ckpt = safe_torch_load(path, trust)
+    except CheckpointRefused as e:  # pretraining has no --trust-checkpoint: it never needs one
+        raise ResumeError(
+            f"refused to load {path}: it needs the global {e.name}, which is not allowed "
+            "(unpickling it could run code stored in the file); the checkpoints that "
+            "dino_skipless.pretrain writes need none, so this file is not one of them"
+        ) from None
     except CheckpointError as e:  # refused, or corrupt/truncated (not by our atomic writes)
         raise ResumeError(str(e)) from None
     if not isinstance(ckpt, dict) or "student" not in ckpt or "meta" not in ckpt:

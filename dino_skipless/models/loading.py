@@ -41,6 +41,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded into the requested backbone."""
 
 
+class CheckpointRefused(CheckpointError):
+    """The safe loader refused a global the file needs (``name``); ``--trust-checkpoint`` would
+    unpickle it."""
+
+    def __init__(self, message: str, name: str = ""):
+        super().__init__(message)
+        self.name = name
+
+
 def _numpy_rng_globals() -> list:
     import numpy as np
 
@@ -105,11 +114,12 @@ def _torch_load(source, name: str | Path, trust: bool):
         first = (msg.strip().splitlines() or [type(e).__name__])[0][:200]
         found = refused_global(msg)
         if found:
-            raise CheckpointError(
+            raise CheckpointRefused(
                 f"refused to load {name}: it needs the global {found}, which is not allowed "
                 "(unpickling it could run code stored in the file; a checkpoint may hold only "
                 "tensors, containers, numbers, argparse.Namespace and numpy arrays); if you "
-                "trust the file, pass --trust-checkpoint"
+                "trust the file, pass --trust-checkpoint",
+                found,
             ) from None
         if _SAFE_LOADER_REFUSAL in msg:  # junk bytes, or a pickle opcode it does not take
             raise CheckpointError(
