@@ -62,6 +62,7 @@ def add_backbone_args(parser: argparse.ArgumentParser, multiple: bool = False) -
         help=f"untrained baseline of this variant ({VARIANT_HELP})",
     )
     g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    add_ckpt_variant_arg(g)
     g.add_argument("--arch", default="vit_small", choices=sorted(ARCHS), help="with --random-init")
     g.add_argument("--patch-size", type=int, default=16, help="with --random-init")
     g.add_argument("--depth", type=int, default=None, help="with --random-init (default: arch's)")
@@ -70,6 +71,16 @@ def add_backbone_args(parser: argparse.ArgumentParser, multiple: bool = False) -
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
     )
     add_debug_arg(parser)
+
+
+def add_ckpt_variant_arg(parser) -> None:
+    parser.add_argument(
+        "--ckpt-variant",
+        choices=VARIANTS,
+        default=None,
+        help="the variant of --ckpt weights that do not say (a plain state dict without its "
+        "backbone.json); refused where the file says another",
+    )
 
 
 def add_debug_arg(parser: argparse.ArgumentParser) -> None:
@@ -153,7 +164,11 @@ def backbones_from_args(args) -> list[tuple[torch.nn.Module, BackboneSpec, str]]
         raise SystemExit("give a backbone: --ckpt PATH or --random-init VARIANT [--arch ARCH]")
     out = []
     for path in ckpts:
-        model, spec = load_backbone(path, trust=getattr(args, "trust_checkpoint", False))
+        model, spec = load_backbone(
+            path,
+            trust=getattr(args, "trust_checkpoint", False),
+            variant=getattr(args, "ckpt_variant", None),
+        )
         out.append((model, spec, label_for(path, spec)))
     for variant in inits:
         out.append(_random_backbone(args, variant))

@@ -150,8 +150,9 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     entries = backbone_entries(args.ckpt, args.random_init, args.sweep_ckpts)
     backbones = load_backbones(
-        entries, args.arch, args.seed, args.patch_size, args.depth, args.trust_checkpoint
-    )
+        entries, args.arch, args.seed, args.patch_size, args.depth, args.trust_checkpoint,
+        args.ckpt_variant,
+    )  # fmt: skip
     if args.resolution is None and args.dataset == "synthetic" and device.type == "cpu":
         cfg = synthetic_cpu_resolution(cfg, backbones[0][1].patch_size, args.synthetic_size)
     validate_all(backbones, cfg, modes)

@@ -239,9 +239,11 @@ def load_backbones(
     patch_size: int = 16,
     depth: int | None = None,
     trust: bool = False,
+    ckpt_variant: str | None = None,
 ) -> list[tuple]:
     """[(model, spec, label, checkpoint description)]; ``random:VARIANT`` entries are random
-    inits of ``arch`` (``seed``, ``patch_size``, ``depth``)."""
+    inits of ``arch`` (``seed``, ``patch_size``, ``depth``); ``ckpt_variant``: the variant of
+    plain state dicts (``--ckpt-variant``)."""
     out = []
     for e in entries:
         if e.startswith("random:"):
@@ -250,7 +252,7 @@ def load_backbones(
             desc = {"random_init": variant, "arch": arch, "seed": seed}
             out.append((model, model.spec, f"random-{variant}", desc))
         else:
-            model, spec = load_backbone(e, trust=trust)
+            model, spec = load_backbone(e, trust=trust, variant=ckpt_variant)
             st = os.stat(e)
             desc = {"path": str(Path(e).resolve()), "size": st.st_size, "mtime": st.st_mtime}
             out.append((model, spec, label_for(e, spec), desc))

@@ -228,3 +228,97 @@ def test_refused_global_reads_every_torch_wording(torch_message, name):
 
     assert refused_global(torch_message) == name
     assert refused_global("PytorchStreamReader failed reading zip archive") is None
+
+
+def test_export_alone_rebuilds_its_own_network(tmp_path):
+    """A skipless_init export copied without backbone.json: the architecture stored in the
+    weights file builds the skipless network (it used to load as a residual 'skip' ViT)."""
+    from dino_skipless.dino.checkpoint import export_backbone
+
+    m = tiny_vit("skipless_init", depth=3)
+    export_backbone(m, tmp_path / "run")
+    alone = tmp_path / "copied"
+    alone.mkdir()
+    (alone / "backbone.pt").write_bytes((tmp_path / "run" / "backbone.pt").read_bytes())
+    loaded, spec = load_backbone(alone / "backbone.pt")
+    assert spec == m.spec and all(not b.skip for b in loaded.blocks)
+    assert _same_output(m, loaded)
+    assert load_backbone(tmp_path / "run")[1] == m.spec  # with its backbone.json as before
+
+
+def test_old_export_without_json_is_refused_with_the_flag_to_pass(tmp_path):
+    """A plain state dict named backbone.pt (an export from before the architecture was stored
+    in the file) without its backbone.json: the residual switch cannot be read off the weights."""
+    m = tiny_vit("skipless_init")
+    torch.save(m.state_dict(), tmp_path / "backbone.pt")
+    with pytest.raises(CheckpointError, match="--ckpt-variant") as e:
+        load_backbone(tmp_path / "backbone.pt")
+    assert "backbone.json" in str(e.value)
+    loaded, spec = load_backbone(tmp_path / "backbone.pt", variant="skipless_init")
+    assert spec.variant == "skipless_init" and _same_output(m, loaded)
+    # with the json beside it, an old export loads as before
+    m.spec.to_json(tmp_path / "backbone.json")
+    assert load_backbone(tmp_path)[1] == m.spec
+    with pytest.raises(CheckpointError, match="says variant 'skipless_init'"):
+        load_backbone(tmp_path, variant="skip")
+
+
+def test_json_contradicting_the_stored_architecture_is_refused(tmp_path):
+    from dino_skipless.dino.checkpoint import export_backbone
+
+    m = tiny_vit("skipless_init")
+    export_backbone(m, tmp_path)
+    tiny_vit("skip").spec.to_json(tmp_path / "backbone.json")
+    with pytest.raises(CheckpointError, match="variant"):
+        load_backbone(tmp_path)
+
+
+def test_safetensors_metadata_holds_the_architecture(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    m = tiny_vit("skipless")
+    save_file(
+        {k: v.contiguous() for k, v in m.state_dict().items()},
+        tmp_path / "backbone.safetensors",
+        metadata={"backbone_spec": json.dumps(m.spec.to_dict())},
+    )
+    loaded, spec = load_backbone(tmp_path)
+    assert spec == m.spec and _same_output(m, loaded)
+
+
+def test_loaded_checkpoint_records_the_file_and_its_hash(tmp_path):
+    import hashlib
+
+    from dino_skipless.dino.checkpoint import export_backbone
+
+    path = export_backbone(tiny_vit("skip"), tmp_path)
+    loaded, _ = load_backbone(tmp_path)
+    assert loaded.checkpoint_source["path"] == str(path.resolve())
+    assert loaded.checkpoint_source["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_cli_names_ckpt_variant_and_honours_it(tmp_path):
+    """Every evaluation CLI takes --ckpt-variant (add_backbone_args); the refusal of an old
+    export without its json names it, in one line and no traceback."""
+    import json
+
+    from eval import knn
+
+    m = tiny_vit("skipless_init")
+    torch.save(m.state_dict(), tmp_path / "backbone.pt")
+    argv = [
+        "--dataset", "synthetic", "--root", str(tmp_path / "syn"), "--synthetic-n", "12",
+        "--synthetic-size", "32", "--ckpt", str(tmp_path / "backbone.pt"),
+        "--resize", "32", "--crop", "32", "--num-workers", "0", "--k", "3",
+        "--out", str(tmp_path / "knn"), "--quiet",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        knn.main(argv)
+    assert "--ckpt-variant" in str(e.value.code) and "Traceback" not in str(e.value.code)
+    assert knn.main([*argv, "--ckpt-variant", "skipless_init"]) == 0
+    res = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert (
+        res["label"].endswith("(skipless_init)") and res["backbone"]["variant"] == "skipless_init"
+    )

@@ -5,8 +5,9 @@ hardware: student, teacher, optimizer (AdamW or SOAP state), the DINO loss centr
 GradScaler, the global step, the RNG states and the config. ``meta["backbone"]`` (a
 ``BackboneSpec`` dict) and ``teacher`` (``backbone.*`` keys) are what
 ``dino_skipless.models.load_backbone`` reads, so the checkpoint itself is also a backbone.
-The exported ``backbone.pt`` (plain state dict, no prefix) + ``backbone.json`` is the small,
-stable artefact the evaluation stages load.
+The exported ``backbone.pt`` (state dict without prefix, and the spec that rebuilds it) +
+``backbone.json`` (the same spec, readable) is the small, stable artefact the evaluation stages
+load.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_write_text, temp_file_beside
-from ..models.loading import CheckpointError, CheckpointRefused, safe_torch_load
+from ..models.loading import (
+    CheckpointError,
+    CheckpointRefused,
+    export_payload,
+    safe_torch_load,
+)
 from .runlog import truncate_jsonl
 from .state import RunState
 
@@ -161,11 +167,11 @@ def check_compatible(saved: dict, current: dict, path: str | Path) -> None:
 
 
 def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, stem: str = "backbone"):
-    """``DIR/<stem>.pt`` (state dict, unprefixed keys) + ``DIR/<stem>.json`` (BackboneSpec)."""
+    """``DIR/<stem>.pt`` (unprefixed state dict + the BackboneSpec that rebuilds it,
+    ``models.loading.export_payload``) + ``DIR/<stem>.json`` (the same spec, for reading)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    atomic_torch_save(sd, out_dir / f"{stem}.pt")
+    atomic_torch_save(export_payload(backbone), out_dir / f"{stem}.pt")
     atomic_write_text(out_dir / f"{stem}.json", json.dumps(backbone.spec.to_dict(), indent=2))
     return out_dir / f"{stem}.pt"
 
