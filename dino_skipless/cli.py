@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .data import DatasetError
+from .data.files import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 from .dino.checkpoint import ResumeError
 
 # scripts/bench_tokencut.py still imports markdown_table from here
@@ -70,7 +71,30 @@ def add_backbone_args(parser: argparse.ArgumentParser, multiple: bool = False) -
     g.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
     )
+    add_max_image_pixels_arg(parser)
     add_debug_arg(parser)
+
+
+class _SetMaxImagePixels(argparse.Action):
+    """Applied when parsed, into the environment, so the loader workers see it too."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value < 1:
+            parser.error(f"{option_string} must be a positive number of pixels, got {value}")
+        set_max_image_pixels(value)
+        setattr(namespace, self.dest, value)
+
+
+def add_max_image_pixels_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        action=_SetMaxImagePixels,
+        default=None,
+        metavar="N",
+        help=f"decompression-bomb limit: an image above N pixels is a bad image (default "
+        f"{DEFAULT_MAX_IMAGE_PIXELS:,}, PIL's)",
+    )
 
 
 def add_ckpt_variant_arg(parser) -> None:

@@ -57,6 +57,7 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 from .data import ImageFolderDataset, build_segmentation_dataset, synthetic_root
+from .data.files import set_max_image_pixels
 from .dino.augment import GaussianBlur, MultiCropAugmentation, Solarization
 from .dino.augment_device import (
     FLIP,
@@ -209,6 +210,7 @@ def _device_views(batch, aug, device) -> tuple[torch.Tensor, torch.Tensor]:
 def labelled_data(task: str, cfg: PretrainConfig, seg: dict) -> tuple[Dataset, int, int]:
     """(dataset of (image, label), number of classes, images per DINO epoch)."""
     d = cfg.data
+    set_max_image_pixels(d.max_image_pixels)  # in the environment: loader workers see it
     if task == "cls":
         root = d.path or synthetic_root(
             "imagefolder", n=d.synthetic_n, size=d.synthetic_size, seed=d.synthetic_seed

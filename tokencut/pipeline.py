@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms.functional import to_tensor
 from tqdm import tqdm
 
 from dino_skipless.data import build_detection_dataset, synthetic_root
+from dino_skipless.data.files import read_image
 from dino_skipless.features import check_layers, extract, normalize_image, patch_size
 from dino_skipless.fileio import markdown_table
 
@@ -66,8 +66,8 @@ def image_hw(ds, i: int) -> tuple[int, int]:
     rec = ds.records[i]
     if rec.size is not None:
         return int(rec.size[1]), int(rec.size[0])
-    with Image.open(ds.image_path(i)) as im:  # reads the header only
-        return im.height, im.width
+    # the header only; a missing, undecodable or oversized file is a DatasetError naming it
+    return read_image(ds.image_path(i), lambda im: (im.height, im.width))
 
 
 def plan_images(

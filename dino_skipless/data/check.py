@@ -28,6 +28,7 @@ from .base import DetectionDataset, SegmentationDataset
 from .coco20k import COCO20kDetection
 from .cocostuff import COCOStuffSegmentation
 from .errors import DatasetError
+from .files import DEFAULT_MAX_IMAGE_PIXELS, mode_note, set_max_image_pixels
 from .imagefolder import ImageFolderDataset
 from .voc import VOCDetection, VOCSegmentation, find_voc_dir
 
@@ -120,7 +121,8 @@ def check_imagefolder(ds: ImageFolderDataset, quick: bool = False) -> PartReport
 
 
 def _fingerprint(rep: PartReport, path: Path, quick: bool) -> None:
-    """Remember which file (device, inode) and, unless ``quick``, which content an image is."""
+    """Remember which file (device, inode) and, unless ``quick``, which content a readable
+    image is, and warn when it is read by its range (16-bit, float)."""
     try:
         st = os.stat(path)
         rep.file_keys[str(path)] = (st.st_dev, st.st_ino)
@@ -128,6 +130,9 @@ def _fingerprint(rep: PartReport, path: Path, quick: bool) -> None:
             rep.contents[str(path)] = file_digest(path)
     except OSError:
         pass  # reported by the reader
+    note = None if quick else mode_note(path)
+    if note:
+        rep.warnings.append(note)
 
 
 def duplicate_warnings(parts: dict[str, PartReport]) -> list[str]:
@@ -293,7 +298,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coarse", action="store_true", help="cocostuff: report the 27 classes")
     p.add_argument("--quick", action="store_true", help="check presence only, decode nothing")
     p.add_argument("--tolerate", type=int, default=0, help="problems allowed for exit 0")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"decompression-bomb limit: an image above N pixels is a problem (default "
+        f"{DEFAULT_MAX_IMAGE_PIXELS:,}, PIL's)",
+    )
     args = p.parse_args(argv)
+    if args.max_image_pixels is not None:
+        if args.max_image_pixels < 1:
+            p.error(f"--max-image-pixels must be a positive number, got {args.max_image_pixels}")
+        set_max_image_pixels(args.max_image_pixels)
     report, status = run_check(args)
     _print(report)
     if args.json:

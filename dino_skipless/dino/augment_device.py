@@ -55,8 +55,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from ..data.errors import DatasetError
-from ..data.files import _DECODE_ERRORS
+from ..data.files import read_image, to_rgb
 from .augment import AugConfig
 from .sampling import sample_seeds
 
@@ -155,18 +154,17 @@ def sample_params(cfg: AugConfig, height: int, width: int) -> torch.Tensor:
 
 
 def load_rgb_draft(path: Path, min_side: int) -> tuple[Image.Image, tuple[int, int]]:
-    """(RGB image decoded at a JPEG scale keeping both sides >= min_side, full (w, h))."""
-    try:
-        with Image.open(path) as im:
-            full = im.size
-            if im.format == "JPEG":
-                im.draft("RGB", (min_side, min_side))
-            im.load()
-            return im.convert("RGB"), full
-    except FileNotFoundError as e:
-        raise DatasetError(f"image missing: {path}") from e
-    except _DECODE_ERRORS as e:
-        raise DatasetError(f"corrupt or truncated image {path}: {e}") from e
+    """(RGB image decoded at a JPEG scale keeping both sides >= min_side, full (w, h)); every
+    failure a DatasetError naming the file, as ``data.files.load_rgb``."""
+
+    def use(im):
+        full = im.size
+        if im.format == "JPEG":
+            im.draft("RGB", (min_side, min_side))
+        im.load()
+        return to_rgb(im, path), full
+
+    return read_image(path, use)
 
 
 class SeededDecode(Dataset):

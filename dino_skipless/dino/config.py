@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ..data.files import DEFAULT_MAX_IMAGE_PIXELS
 from ..models import ARCHS, VARIANTS
 from ..optim import OPTIMIZERS, AdamWConfig, SOAPConfig
 from .augment import AugConfig
@@ -107,6 +108,9 @@ class DataConfig:
     # (dino/augment_device.py; float arithmetic, documented deviations of ~1/255).
     augment_on: str = "cpu"
     decode_draft: int = 0  # device path: JPEG draft decode keeping sides >= N px (0 = off)
+    # Decompression-bomb limit: an image with more pixels (read off its header) is a bad image
+    # (data.on_error). PIL's Image.MAX_IMAGE_PIXELS; not in DINO (PIL's own error killed a run).
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -192,6 +196,7 @@ class PretrainConfig:
             "dino.out_dim": self.dino.out_dim,
             "model.patch_size": m.patch_size,
             "run.log_every": r.log_every,
+            "data.max_image_pixels": self.data.max_image_pixels,
         }
         for key, value in positive.items():
             if int(value) <= 0:

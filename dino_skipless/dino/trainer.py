@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import DatasetError, ImageFolderDataset, synthetic_root
+from ..data.files import set_max_image_pixels
 from ..fileio import atomic_write_text, portable_path, write_json
 from ..jacobian_lib import layer_condition_numbers
 from ..models import build_model
@@ -94,6 +95,7 @@ class TrainResult:
 def build_dataset(cfg: PretrainConfig, env: DistEnv, log: RunLogger) -> Dataset:
     """ImageFolder at ``data.path``, or the cached synthetic scenes (announced loudly)."""
     d = cfg.data
+    set_max_image_pixels(d.max_image_pixels)  # in the environment: loader workers see it
     if d.path:
         base = ImageFolderDataset(d.path)  # DatasetError if missing / no images
         log.info(
