@@ -58,17 +58,17 @@ def load_counts(path: str | Path, probe: str) -> tuple[np.ndarray, str, dict]:
 def compare_runs(a: str, b: str, probe: str = "single", n_boot: int = 10000, seed: int = 0) -> dict:
     ca, da, ra = load_counts(a, probe)
     cb, db, rb = load_counts(b, probe)
-    # content of the validation image and mask files (runs before it: the masks' digest only)
-    warning = require_same_data(
-        (ra.get("data_digest") or {}).get("val"),
-        (rb.get("data_digest") or {}).get("val"),
-        "use the same --dataset/--root/--synthetic-* options for both",
-    )
     if da != db:
         raise ValueError(
             "the two runs were not scored on the same validation images (target digests differ): "
             "use the same --dataset/--root/--resolution/--synthetic-* options for both"
         )
+    # and the content of the validation image and mask files (runs before it: masks only)
+    warning = require_same_data(
+        (ra.get("data_digest") or {}).get("val"),
+        (rb.get("data_digest") or {}).get("val"),
+        "use the same --dataset/--root/--synthetic-* options for both",
+    )
     out = paired_bootstrap_miou(ca, cb, n_boot, seed)
 
     def probe_result(r: dict) -> dict:

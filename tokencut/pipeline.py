@@ -253,23 +253,20 @@ def discover(
 
 
 def data_digest(ds, items: list[Item]) -> dict[str, str]:
-    """``{"images", "ground_truth"}``: content digests of the evaluated images' files and of
-    their ground truth as scored (id, size, boxes), in order; ``tokencut.compare`` pairs only
-    runs whose digests agree."""
+    """``{"images", "ground_truth"}``: content digests of the evaluated images' files (the
+    decoded pixels for a reader without files) and of their ground truth as scored (id, size,
+    boxes), in order; ``tokencut.compare`` pairs only runs whose digests agree."""
     gt = (
-        b"".join(
-            [
-                it.image_id.encode(),
-                np.asarray(it.hw, np.int64).tobytes(),
-                np.asarray(it.gt, np.float64).tobytes(),
-            ]
-        )
+        it.image_id.encode()
+        + np.asarray(it.hw, np.int64).tobytes()
+        + np.asarray(it.gt, np.float64).tobytes()
         for it in items
     )
-    return {
-        "images": files_digest(ds.image_path(it.index) for it in items),
-        "ground_truth": digest_of(gt),
-    }
+    if hasattr(ds, "image_path"):
+        images = files_digest(ds.image_path(it.index) for it in items)
+    else:
+        images = digest_of(np.asarray(ds.load(it.index)).tobytes() for it in items)
+    return {"images": images, "ground_truth": digest_of(gt)}
 
 
 def vis_count(n_items: int, vis_max: int) -> int:

@@ -322,9 +322,8 @@ def _bare_spec(sd, path: Path, sidecar: Path, variant: str | None) -> tuple[Back
         spec = _spec_from(sidecar.read_text(), f"{sidecar} (the backbone spec beside {path.name})")
         return _check_variant(spec, variant, str(sidecar)), "exported backbone (spec from json)"
     if variant is not None:
-        return infer_spec(
-            sd, variant
-        ), f"bare ViT state dict (variant {variant} from {VARIANT_FLAG})"
+        kind = f"bare ViT state dict (variant {variant} from {VARIANT_FLAG})"
+        return infer_spec(sd, variant), kind
     if path.stem.startswith("backbone"):
         raise CheckpointError(
             f"{path} holds weights without their architecture (an export from before it was "
