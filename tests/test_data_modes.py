@@ -101,6 +101,19 @@ def test_the_limit_can_be_raised_and_lowered(tmp_path, monkeypatch):
     assert load_rgb(tmp_path / "small.png").size == (16, 10)
 
 
+def test_a_lowered_limit_leaves_pil_global_alone(tmp_path, monkeypatch):
+    """A lower limit is the reader's own check: PIL's process-wide Image.MAX_IMAGE_PIXELS,
+    lowered, made every later plain Image.open of a 64 x 64 mask raise a decompression bomb."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    before = Image.MAX_IMAGE_PIXELS
+    Image.new("RGB", (20, 12)).save(tmp_path / "small.png")  # 240 px: above twice 100
+    monkeypatch.setenv(MAX_PIXELS_ENV, "100")
+    with pytest.raises(DatasetError, match="decompression-bomb limit of 100"):
+        load_rgb(tmp_path / "small.png")
+    assert Image.MAX_IMAGE_PIXELS == before
+    Image.open(tmp_path / "small.png").close()  # no DecompressionBombError
+
+
 def test_bomb_is_replaced_under_on_error_skip(tmp_path):
     """The pretraining guard (data.on_error=skip) replaces a bomb like any unreadable image."""
     for c in ("a", "b"):

@@ -84,7 +84,10 @@ def read_image(path: Path, use: Callable[[Image.Image], T], what: str = "image")
         with warnings.catch_warnings():
             # PIL's own bomb check: a warning above its limit, an error above twice it
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = limit
+            if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
+                # only ever raised: a lower limit is checked below, and PIL's global, lowered,
+                # would outlive this call for every other Image.open of the process
+                Image.MAX_IMAGE_PIXELS = limit
             im = Image.open(path)
         with im:
             if im.width * im.height > limit:
