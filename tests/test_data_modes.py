@@ -160,3 +160,17 @@ def test_flags_and_config_set_the_limit(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "decompression-bomb limit of 100" in msg and "data.on_error=skip" in msg
     assert "\n" not in msg and "Traceback" not in msg
+
+
+def test_knn_monitor_reads_images_through_the_pipeline_reader(tmp_path):
+    """The pretraining k-NN monitor decodes its held-out images like every other stage: a
+    16-bit PNG by its range (PIL's convert clipped it to white), a bomb named as a bad image."""
+    from dino_skipless.dino.monitor import _Decoded
+
+    Image.fromarray(RAMP16).save(tmp_path / "g16.png")  # 16 x 16: kept at its size
+    x, label = _Decoded([(tmp_path / "g16.png", 3)], 16)[0]
+    assert label == 3 and x.shape == (3, 16, 16)
+    assert (x[0].numpy() == np.arange(256).reshape(16, 16)).all()
+    (tmp_path / "bomb.png").write_bytes(_png_header(20000, 20000))
+    with pytest.raises(DatasetError, match="decompression-bomb limit"):
+        _Decoded([(tmp_path / "bomb.png", 0)], 16)[0]
