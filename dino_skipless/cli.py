@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .data import DatasetError
+from .data.files import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 from .dino.checkpoint import ResumeError
 from .dino.config import ConfigError
 
@@ -63,6 +64,7 @@ def add_backbone_args(parser: argparse.ArgumentParser, multiple: bool = False) -
         help=f"untrained baseline of this variant ({VARIANT_HELP})",
     )
     g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    add_ckpt_variant_arg(g)
     g.add_argument("--arch", default="vit_small", choices=sorted(ARCHS), help="with --random-init")
     g.add_argument("--patch-size", type=int, default=16, help="with --random-init")
     g.add_argument("--depth", type=int, default=None, help="with --random-init (default: arch's)")
@@ -70,7 +72,40 @@ def add_backbone_args(parser: argparse.ArgumentParser, multiple: bool = False) -
     g.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
     )
+    add_max_image_pixels_arg(parser)
     add_debug_arg(parser)
+
+
+class _SetMaxImagePixels(argparse.Action):
+    """Applied when parsed, into the environment, so the loader workers see it too."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value < 1:
+            parser.error(f"{option_string} must be a positive number of pixels, got {value}")
+        set_max_image_pixels(value)
+        setattr(namespace, self.dest, value)
+
+
+def add_max_image_pixels_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        action=_SetMaxImagePixels,
+        default=None,
+        metavar="N",
+        help=f"decompression-bomb limit: an image above N pixels is a bad image (default "
+        f"{DEFAULT_MAX_IMAGE_PIXELS:,}, PIL's)",
+    )
+
+
+def add_ckpt_variant_arg(parser) -> None:
+    parser.add_argument(
+        "--ckpt-variant",
+        choices=VARIANTS,
+        default=None,
+        help="the variant of --ckpt weights that do not say (a plain state dict without its "
+        "backbone.json); refused where the file says another",
+    )
 
 
 def add_debug_arg(parser: argparse.ArgumentParser) -> None:
@@ -154,7 +189,11 @@ def backbones_from_args(args) -> list[tuple[torch.nn.Module, BackboneSpec, str]]
         raise SystemExit("give a backbone: --ckpt PATH or --random-init VARIANT [--arch ARCH]")
     out = []
     for path in ckpts:
-        model, spec = load_backbone(path, trust=getattr(args, "trust_checkpoint", False))
+        model, spec = load_backbone(
+            path,
+            trust=getattr(args, "trust_checkpoint", False),
+            variant=getattr(args, "ckpt_variant", None),
+        )
         out.append((model, spec, label_for(path, spec)))
     for variant in inits:
         out.append(_random_backbone(args, variant))

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cli import add_debug_arg, cli_main, resolve_device
+from .cli import add_ckpt_variant_arg, add_debug_arg, cli_main, resolve_device
 from .fileio import command_line
 from .jacobian_lib import (
     CFG,
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ckpt", help="analyse this checkpoint (its own arch/variant) instead")
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    add_ckpt_variant_arg(p)
     p.add_argument("--tokens", type=int, default=CFG.n_tokens, help="n tokens ~ N(0, I)")
     p.add_argument("--layers", type=int, nargs="+", help="default: Table 6's 0 4 7 11 (scaled)")
     p.add_argument("--full", action="store_true", help="also kappa(J J^T) of the whole network")
@@ -77,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.ckpt, args.trust_checkpoint, args.variant, args.arch, args.seed,
         patch_size=args.patch_size, depth=args.depth, embed_dim=args.embed_dim,
         num_heads=args.num_heads, alpha=args.alpha, beta=args.beta, c=args.c,
+        ckpt_variant=args.ckpt_variant,
     )  # fmt: skip
     head = {
         "command": command_line(),

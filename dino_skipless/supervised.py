@@ -62,6 +62,7 @@ from torchvision.transforms import functional as TF
 
 from .classifier.loop import Loop, LoopState, TrainStep
 from .data import ImageFolderDataset, build_segmentation_dataset, synthetic_root
+from .data.files import set_max_image_pixels
 from .data.worlds import pretrain_root
 from .dino.augment import GaussianBlur, MultiCropAugmentation, Solarization
 from .dino.augment_device import (
@@ -212,6 +213,7 @@ def _device_views(batch, aug, device) -> tuple[torch.Tensor, torch.Tensor]:
 def labelled_data(task: str, cfg: PretrainConfig, seg: dict) -> tuple[Dataset, int, int]:
     """(dataset of (image, label), number of classes, images per DINO epoch)."""
     d = cfg.data
+    set_max_image_pixels(d.max_image_pixels)  # in the environment: loader workers see it
     if task == "cls":
         # the DINO run's own pretraining images (data.path, or its world), with their labels
         root = d.path or pretrain_root(d.world, d.synthetic_n, d.synthetic_size, d.synthetic_seed)

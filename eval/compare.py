@@ -8,18 +8,21 @@ images once for both runs: what the runs share (hard images, rare classes) cance
 spread of the *difference* is smaller than the two unpaired error bars whenever the runs err
 on the same images. Reads the ``per_image_counts.npz`` that ``python -m eval.linprobe``
 writes beside ``results.json`` (with ``--bootstrap`` > 0, the default); each run contributes
-its best learning rate, as in its own table.
+its best learning rate, as in its own table. Runs whose validation images or masks differ (the
+``data_digest`` of their files' contents) are refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from dino_skipless.cli import add_debug_arg, cli_main
+from dino_skipless.digest import require_same_data
 from dino_skipless.fileio import markdown_table, write_report
 
 from .metrics import paired_bootstrap_miou
@@ -60,6 +63,12 @@ def compare_runs(a: str, b: str, probe: str = "single", n_boot: int = 10000, see
             "the two runs were not scored on the same validation images (target digests differ): "
             "use the same --dataset/--root/--resolution/--synthetic-* options for both"
         )
+    # and the content of the validation image and mask files (runs before it: masks only)
+    warning = require_same_data(
+        (ra.get("data_digest") or {}).get("val"),
+        (rb.get("data_digest") or {}).get("val"),
+        "use the same --dataset/--root/--synthetic-* options for both",
+    )
     out = paired_bootstrap_miou(ca, cb, n_boot, seed)
 
     def probe_result(r: dict) -> dict:
@@ -79,6 +88,7 @@ def compare_runs(a: str, b: str, probe: str = "single", n_boot: int = 10000, see
         "best_lr_b": pb.get("best_lr"),
         "unpaired_se_a": pa.get("miou_se"),
         "unpaired_se_b": pb.get("miou_se"),
+        "data_warning": warning,
     }
 
 
@@ -118,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         r = compare_runs(args.a, args.b, args.probe, args.n_boot, args.seed)
     except ValueError as e:
         raise SystemExit(f"eval.compare: {e}") from None
+    if r["data_warning"]:
+        print(f"warning: {r['data_warning']}", file=sys.stderr)
     text = render(r)
     print(text, end="")
     if args.out:

@@ -13,9 +13,9 @@ A root without ``train/`` and ``val/`` is split per class, deterministically (``
 
 ``--pixels S`` replaces the backbone by the raw-pixel baseline: the same resized, cropped,
 normalised image, area-downsampled to S x S and flattened (3 S^2 dimensions), then the same
-cosine k-NN. ``results.json`` keeps each validation image's top-1 hit (``val_correct``) and a
-digest of the validation labels, so two runs can be paired image by image
-(``paired_knn``: exact McNemar test).
+cosine k-NN. ``results.json`` keeps each validation image's top-1 hit (``val_correct``) and
+digests of the validation labels and image files, so two runs can be paired image by image
+(``paired_knn``: exact McNemar test), and runs on other images are refused.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from dino_skipless.cli import default_num_workers
 from dino_skipless.data import DatasetError, ImageFolderDataset, synthetic_root
 from dino_skipless.data.worlds import world_root
+from dino_skipless.digest import digest_of, files_digest, require_same_data
 from dino_skipless.features import IMAGENET_MEAN, IMAGENET_STD
 from dino_skipless.fileio import markdown_table
 from dino_skipless.knn import (  # noqa: F401  (the k-NN math, shared with the trainer's monitor)
@@ -57,11 +58,29 @@ def labels_digest(labels: Sequence[int]) -> str:
     return hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
+SAME_DATA_HINT = "use the same --root (or --dataset synthetic --synthetic-*) and --val-fraction"
+
+
+def val_data_digest(val, classes: Sequence[str]) -> dict[str, str]:
+    """``{"images", "labels"}``: content digests of the validation image files and of their
+    class names, in order (``paired_knn`` pairs only runs whose digests agree)."""
+    if isinstance(val, Subset):
+        paths = [val.dataset.image_path(i) for i in val.indices]
+        labels = [classes[val.dataset.targets[i]] for i in val.indices]
+    else:
+        paths = [val.image_path(i) for i in range(len(val))]
+        labels = [classes[t] for t in val.targets]
+    return {"images": files_digest(paths), "labels": digest_of(labels)}
+
+
 def paired_knn(a: dict, b: dict) -> dict:
-    """Exact McNemar test of two k-NN ``results.json`` on the same validation images."""
+    """Exact McNemar test of two k-NN ``results.json`` on the same validation images; runs
+    whose ``data_digest`` differ are refused (``DataMismatch``), runs without one (older) are
+    paired on their label digest, with ``data_warning`` saying so."""
     for r, name in ((a, "A"), (b, "B")):
         if "val_correct" not in r:
             raise ValueError(f"k-NN result {name} has no per-image 'val_correct' (older run?)")
+    warning = require_same_data(a.get("data_digest"), b.get("data_digest"), SAME_DATA_HINT)
     if a.get("val_digest") != b.get("val_digest") or len(a["val_correct"]) != len(b["val_correct"]):
         raise ValueError("the two k-NN runs were scored on different validation images")
     ca, cb = np.asarray(a["val_correct"], bool), np.asarray(b["val_correct"], bool)
@@ -75,6 +94,7 @@ def paired_knn(a: dict, b: dict) -> dict:
         "only_b": only_b,
         "p_value": mcnemar_exact(only_a, only_b),
         "n": len(ca),
+        "data_warning": warning,
     }  # fmt: skip
 
 
@@ -199,6 +219,7 @@ def run_knn(
         "t0": t0,
         "features_s": t1 - t0,
         "val_digest": labels_digest(va_y.cpu().tolist()),
+        "data_digest": val_data_digest(val, classes),
     }
 
 
@@ -215,7 +236,8 @@ def knn_record(
     command: str,
 ) -> dict:
     """``results.json``: accuracies of the reported k (``cfg.k[0]``) and of every k, the split,
-    the backbone and config, and the per-image hits and label digest for ``paired_knn``."""
+    the backbone and config, and the per-image hits and the label and data digests for
+    ``paired_knn``."""
     main_k = str(cfg.k[0])
     top1 = run["per_k"][main_k]["top1"]
     return {
@@ -239,6 +261,7 @@ def knn_record(
         "timings": {"features_s": run["features_s"], "total_s": time.perf_counter() - run["t0"]},
         "val_correct": run["correct"],
         "val_digest": run["val_digest"],
+        "data_digest": run["data_digest"],
     }
 
 

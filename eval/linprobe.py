@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.bootstrap,
         help="resamples of the validation images for the mIoU standard error (0 = none)",
     )
+    p.add_argument(
+        "--max-unknown-label-fraction",
+        type=float,
+        default=d.max_unknown_label_fraction,
+        help="refuse a split whose mask pixels outside the label set exceed this fraction",
+    )
     p.add_argument("--voc-train-split", default=d.voc_train_split, choices=("train", "trainaug"))
     p.add_argument(
         "--voc-train-subset",
@@ -133,6 +139,7 @@ def config_from_args(args) -> tuple[LinProbeConfig, tuple[str, ...]]:
         train_subset=args.train_subset if args.train_subset and args.train_subset > 0 else None,
         subset_seed=args.subset_seed,
         bootstrap=max(0, args.bootstrap),
+        max_unknown_label_fraction=args.max_unknown_label_fraction,
         voc_train_split=args.voc_train_split,
         voc_train_subset=args.voc_train_subset if args.voc_train_subset else None,
         standardize=not args.no_standardize,
@@ -150,8 +157,9 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     entries = backbone_entries(args.ckpt, args.random_init, args.sweep_ckpts)
     backbones = load_backbones(
-        entries, args.arch, args.seed, args.patch_size, args.depth, args.trust_checkpoint
-    )
+        entries, args.arch, args.seed, args.patch_size, args.depth, args.trust_checkpoint,
+        args.ckpt_variant,
+    )  # fmt: skip
     if args.resolution is None and args.dataset == "synthetic" and device.type == "cpu":
         cfg = synthetic_cpu_resolution(cfg, backbones[0][1].patch_size, args.synthetic_size)
     validate_all(backbones, cfg, modes)

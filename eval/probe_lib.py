@@ -75,6 +75,11 @@ class LinProbeConfig:
     # Bootstrap resamples of the validation images for the mIoU error bar (0 = none). Not part
     # of the paper's protocol; it reports how much the number would move with other images.
     bootstrap: int = 1000
+    # Mask pixels outside the dataset's label set (values that are no class, RGB colours not in
+    # the palette) read as ignore. Above this fraction of a split's pixels the probe is refused
+    # (a mistake in the masks, not the dataset's annotation); below, one warning names the
+    # files. Not in the paper: real VOC/ADE20K/COCO-Stuff masks hold none.
+    max_unknown_label_fraction: float = 0.001
     extract_batch_size: int = 16
     num_workers: int = field(default_factory=default_num_workers)  # 4, at most the CPU count
     # Cap on the upsampled logits of one chunk (elements); a step is split over lrs, then over

@@ -29,6 +29,7 @@ from dino_skipless.fileio import command_line, new_run_id, write_report
 from .ncut import SOLVERS, TokenCutConfig
 from .pipeline import (
     DATASETS,
+    data_digest,
     discover,
     load_dataset,
     report_text,
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
     results = results_record(
         plan, preds, cfg, seconds, sweep=args.sweep_layers, run_id=new_run_id(),
         dataset=args.dataset, root=root, label=label, spec=spec, command=command_line(),
+        digest=data_digest(ds, plan.items),
     )  # fmt: skip
     text = report_text(results, args.sweep_layers, device)
     write_report(Path(args.out) / "results", results, text)

@@ -70,7 +70,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from ..data.errors import DatasetError
-from ..data.files import _DECODE_ERRORS
+from ..data.files import read_image, to_rgb
 from .augment import AugConfig
 from .sampling import sample_seeds
 
@@ -182,20 +182,19 @@ def load_rgb_draft(
     path: Path, min_side: int = 0, max_side: int = 0
 ) -> tuple[Image.Image, tuple[int, int]]:
     """(RGB image, full (w, h)): decoded at a JPEG scale keeping both sides >= ``min_side``
-    (0: full scale), then shrunk to ``capped_size(.., max_side)`` if it is larger."""
-    try:
-        with Image.open(path) as im:
-            full = im.size
-            target = capped_size(*full, max_side)
-            if im.format == "JPEG" and (min_side or target != full):
-                want = target if target != full else (0, 0)
-                im.draft("RGB", (max(want[0], min_side), max(want[1], min_side)))
-            im.load()
-            img = im.convert("RGB")
-    except FileNotFoundError as e:
-        raise DatasetError(f"image missing: {path}") from e
-    except _DECODE_ERRORS as e:
-        raise DatasetError(f"corrupt or truncated image {path}: {e}") from e
+    (0: full scale), then shrunk to ``capped_size(.., max_side)`` if it is larger; every
+    failure a DatasetError naming the file, as ``data.files.load_rgb``."""
+
+    def use(im):
+        full = im.size
+        target = capped_size(*full, max_side)
+        if im.format == "JPEG" and (min_side or target != full):
+            want = target if target != full else (0, 0)
+            im.draft("RGB", (max(want[0], min_side), max(want[1], min_side)))
+        im.load()
+        return to_rgb(im, path), full
+
+    img, full = read_image(path, use)
     if capped_size(*img.size, max_side) != img.size:
         img = img.resize(capped_size(*img.size, max_side), Image.BICUBIC)
     return img, full
@@ -204,17 +203,19 @@ def load_rgb_draft(
 def read_jpeg(path: Path) -> tuple[torch.Tensor | None, tuple[int, int]]:
     """``(file bytes as a 1-D uint8 tensor, full (w, h))`` of a baseline RGB/gray JPEG that
     ``torchvision.io.decode_jpeg`` can decode on the device; ``(None, size)`` for other files
-    (PNG, CMYK JPEG), which the worker decodes itself."""
+    (PNG, CMYK JPEG), which the worker decodes itself. The header is read by
+    ``data.files.read_image``: a missing, undecodable or oversized file is a DatasetError."""
+
+    def header(im):
+        return im.size, im.format == "JPEG" and im.mode in ("RGB", "L")
+
+    size, ok = read_image(path, header)
+    if not ok:
+        return None, size
     try:
-        with Image.open(path) as im:
-            size, ok = im.size, im.format == "JPEG" and im.mode in ("RGB", "L")
-        if not ok:
-            return None, size
         data = Path(path).read_bytes()
-    except FileNotFoundError as e:
-        raise DatasetError(f"image missing: {path}") from e
-    except _DECODE_ERRORS as e:
-        raise DatasetError(f"corrupt or truncated image {path}: {e}") from e
+    except OSError as e:
+        raise DatasetError(f"image unreadable: {path}: {e}") from e
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), size
 
 

@@ -5,8 +5,9 @@ hardware: student, teacher, optimizer (AdamW or SOAP state), the DINO loss centr
 GradScaler, the global step, the RNG states and the config. ``meta["backbone"]`` (a
 ``BackboneSpec`` dict) and ``teacher`` (``backbone.*`` keys) are what
 ``dino_skipless.models.load_backbone`` reads, so the checkpoint itself is also a backbone.
-The exported ``backbone.pt`` (plain state dict, no prefix) + ``backbone.json`` is the small,
-stable artefact the evaluation stages load.
+The exported ``backbone.pt`` (state dict without prefix, and the spec that rebuilds it) +
+``backbone.json`` (the same spec, readable) is the small, stable artefact the evaluation stages
+load.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_write_text, temp_file_beside
-from ..models.loading import CheckpointError, safe_torch_load
+from ..models.loading import (
+    CheckpointError,
+    CheckpointRefused,
+    export_payload,
+    safe_torch_load,
+)
 from .runlog import truncate_jsonl
 from .state import RunState
 
@@ -128,6 +134,12 @@ def load_checkpoint(
         )
     try:
         ckpt = safe_torch_load(path, trust)
+    except CheckpointRefused as e:  # pretraining has no --trust-checkpoint: it never needs one
+        raise ResumeError(
+            f"refused to load {path}: it needs the global {e.name}, which is not allowed "
+            "(unpickling it could run code stored in the file); the checkpoints that "
+            "dino_skipless.pretrain writes need none, so this file is not one of them"
+        ) from None
     except CheckpointError as e:  # refused, or corrupt/truncated (not by our atomic writes)
         raise ResumeError(str(e)) from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
@@ -163,11 +175,11 @@ def check_compatible(
 
 
 def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, stem: str = "backbone"):
-    """``DIR/<stem>.pt`` (state dict, unprefixed keys) + ``DIR/<stem>.json`` (BackboneSpec)."""
+    """``DIR/<stem>.pt`` (unprefixed state dict + the BackboneSpec that rebuilds it,
+    ``models.loading.export_payload``) + ``DIR/<stem>.json`` (the same spec, for reading)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    atomic_torch_save(sd, out_dir / f"{stem}.pt")
+    atomic_torch_save(export_payload(backbone), out_dir / f"{stem}.pt")
     atomic_write_text(out_dir / f"{stem}.json", json.dumps(backbone.spec.to_dict(), indent=2))
     return out_dir / f"{stem}.pt"
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import yaml
 
+from ..data.files import DEFAULT_MAX_IMAGE_PIXELS
 from ..data.worlds import WORLDS
 from ..models import ARCHS, VARIANTS
 from ..optim import OPTIMIZERS, AdamWConfig, SOAPConfig
@@ -140,6 +141,9 @@ class DataConfig:
     # Device path: "device" decodes JPEGs in the training process on run.device
     # (torchvision.io.decode_jpeg, nvJPEG on CUDA); "cpu": PIL in the loader workers.
     decode_on: str = "cpu"
+    # Decompression-bomb limit: an image with more pixels (read off its header) is a bad image
+    # (data.on_error). PIL's Image.MAX_IMAGE_PIXELS; not in DINO (PIL's own error killed a run).
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 def augment_on_for(data: DataConfig, device: torch.device | str) -> str:
@@ -302,6 +306,7 @@ class PretrainConfig:
             "model.patch_size": m.patch_size,
             "run.log_every": r.log_every,
             "run.dist_timeout_s": r.dist_timeout_s,
+            "data.max_image_pixels": self.data.max_image_pixels,
         }
         for key, value in positive.items():
             if int(value) <= 0:

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..data import DatasetError, ImageFolderDataset
+from ..data.files import set_max_image_pixels
 from ..data.worlds import pretrain_root
 from ..fileio import atomic_write_text, portable_path, write_json
 from ..jacobian_lib import layer_condition_numbers
@@ -115,6 +116,7 @@ class TrainResult:
 def build_base_dataset(cfg: PretrainConfig, env: DistEnv, log: RunLogger) -> ImageFolderDataset:
     """ImageFolder at ``data.path``, or the cached small world (announced loudly)."""
     d = cfg.data
+    set_max_image_pixels(d.max_image_pixels)  # in the environment: loader workers see it
     if d.path:
         base = ImageFolderDataset(d.path)  # DatasetError if missing / no images
         log.info(
