@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import random
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -528,6 +530,27 @@ def test_bad_images_are_reported_by_path(tmp_path):
     for draft in (0, 64):
         ds = SeededDecode(ImageFolderDataset(d.parent), cfg, 0, draft=draft)
         with pytest.raises(DatasetError, match="broken.jpg"):
+            ds[(0, 0)]
+
+
+def test_a_decompression_bomb_is_a_bad_image_on_every_decode_path(tmp_path):
+    """PIL, the draft/capped decode and decode_on=device's header read all go through
+    data.files.read_image: a bomb is a DatasetError naming it (read_jpeg's own Image.open let
+    PIL's DecompressionBombError through)."""
+    d = tmp_path / "bomb" / "a"
+    d.mkdir(parents=True)
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # 4e8 px, no pixel data
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+    (d / "bomb.png").write_bytes(png)
+    cfg = AugConfig(global_size=16, local_size=8, n_local=0)
+    for kw in ({}, {"draft": 64}, {"max_side": 100}, {"encoded": True}):
+        ds = SeededDecode(ImageFolderDataset(d.parent), cfg, 0, **kw)
+        with pytest.raises(DatasetError, match="bomb.png.*decompression-bomb limit"):
             ds[(0, 0)]
 
 
