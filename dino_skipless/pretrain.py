@@ -26,6 +26,7 @@ from .dino.collapse import CollapseError
 from .dino.config import ConfigError, build_config, config_from_dict, leaf_keys
 from .dino.distributed import cleanup
 from .dino.trainer import NonFiniteLossError, PretrainOOMError, train
+from .errors import UserError
 
 ALIASES = {
     "data": "data.path",
@@ -113,6 +114,7 @@ def main(argv: Sequence[str] | None = None):
         CollapseError,
         PretrainOOMError,
         FileExistsError,
+        UserError,
     ) as e:
         raise SystemExit(f"error: {e}") from None
     finally:

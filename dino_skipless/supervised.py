@@ -38,7 +38,6 @@ Nothing here is a published method; it is a measuring stick.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -56,6 +55,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
+from .cli import ArgumentParser, add_debug_arg, cli_main, flag, hold_out_dir
 from .data import ImageFolderDataset, build_segmentation_dataset, synthetic_root
 from .dino.augment import GaussianBlur, MultiCropAugmentation, Solarization
 from .dino.augment_device import (
@@ -72,11 +72,15 @@ from .dino.checkpoint import export_backbone
 from .dino.config import PretrainConfig, build_config
 from .dino.sampling import sample_seeds
 from .dino.schedules import apply_schedules_, build_schedules
+from .errors import UserError
 from .fileio import write_json
 from .models import build_model
 from .optim import build_optimizer, get_param_groups
+from .outdir import OutDirError
+from .ranges import AT_LEAST_1, NON_NEGATIVE
 
 TASKS = ("cls", "seg")
+STAGE = "dino_skipless.supervised"
 
 
 @dataclass
@@ -230,6 +234,12 @@ def train_supervised(task: str, cfg: PretrainConfig, seg: dict | None = None) ->
     cfg.validate()
     seg = seg or {}
     out_dir = cfg.out_dir()
+    for name in ("backbone.pt", "backbone.safetensors"):  # as pretraining refuses a new run there
+        if (out_dir / name).exists():
+            raise OutDirError(
+                f"{out_dir / name} exists (an earlier export): choose another --out, or delete "
+                "it to train again"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.run.cpu_threads:
         torch.set_num_threads(cfg.run.cpu_threads)
@@ -291,7 +301,9 @@ def train_supervised(task: str, cfg: PretrainConfig, seg: dict | None = None) ->
                 hit = (logits.argmax(1)[valid] == y[valid]).sum().item()
                 n = int(valid.sum())
             if not math.isfinite(loss.item()):
-                raise RuntimeError(f"non-finite supervised loss at step {step}; lower optim.lr")
+                raise UserError(
+                    f"non-finite supervised loss at step {step}; lower optim.lr (nothing written)"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if o.clip_grad:
@@ -328,8 +340,9 @@ def train_supervised(task: str, cfg: PretrainConfig, seg: dict | None = None) ->
     return SupervisedResult(out_dir, step, losses, acc)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m dino_skipless.supervised",
         description="Supervised ceiling: the same ViT and budget as a DINO config, trained on "
         "labels, exported like a DINO backbone.",
@@ -338,13 +351,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="the DINO recipe whose budget to match")
     p.add_argument("--out", required=True)
     p.add_argument("--seg-root", default=None, help="--task seg: a VOC root (default: synthetic)")
-    p.add_argument("--seg-n", type=int, default=1336, help="synthetic VOC scenes (3/4 trainaug)")
-    p.add_argument("--seg-size", type=int, default=96)
-    p.add_argument("--seg-seed", type=int, default=1, help="not the evaluation scenes' seed")
+    p.add_argument(
+        "--seg-n", type=flag(int, AT_LEAST_1), default=1336, help="synthetic VOC scenes (3/4 "
+        "trainaug)"
+    )  # fmt: skip
+    p.add_argument("--seg-size", type=flag(int, AT_LEAST_1), default=96)
+    p.add_argument(
+        "--seg-seed",
+        type=flag(int, NON_NEGATIVE),
+        default=1,
+        help="not the evaluation scenes' seed",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    add_debug_arg(p)
     args = p.parse_args(argv)
+    bad = [kv for kv in args.overrides if "=" not in kv]
+    if bad:
+        p.error(f"expected key=value config overrides, got {' '.join(bad)}")
     overrides = [tuple(kv.split("=", 1)) for kv in args.overrides]
     cfg = build_config(args.config, [*overrides, ("run.out", args.out)])
+    hold_out_dir(args.out, STAGE, report=None)
     seg = {"root": args.seg_root, "n": args.seg_n, "size": args.seg_size, "seed": args.seg_seed}
     r = train_supervised(args.task, cfg, seg if args.task == "seg" else None)
     print(

@@ -27,9 +27,13 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from dino_skipless.ranges import Range
+
 from .scipy_ref import second_eigvec_scipy
 
 SOLVERS = ("torch", "dense", "lobpcg", "scipy")
+TAU_RANGE = Range(ge=-1, lt=1)  # a cosine; tau = 1 leaves no edge (every graph degenerate)
+EPS_RANGE = Range(gt=0, lt=1)  # > 0 keeps the graph connected, < 1 below an edge's weight
 SEED_RTOL = 1e-8  # |x| values this close to the max count as ties for the seed (see below)
 
 

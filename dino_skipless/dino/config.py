@@ -24,6 +24,15 @@ import yaml
 
 from ..models import ARCHS, VARIANTS
 from ..optim import OPTIMIZERS, AdamWConfig, SOAPConfig
+from ..ranges import (
+    FiniteFloat,
+    NonNegFloat,
+    NonNegInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    check_fields,
+)
 from .augment import AugConfig
 from .decode import ON_ERROR
 
@@ -42,11 +51,13 @@ class ModelConfig:
 
     arch: str = "vit_small"  # main_dino.py --arch vit_small (paper: ViT-S/16)
     variant: str = "skipless_init"  # paper's method; "skip" = baseline, "skipless" = no init
-    patch_size: int = 16  # main_dino.py --patch_size 16
-    depth: int | None = None  # None: the arch's depth (12 for vit_small); paper studies 9-12
-    alpha: float = 1.8  # paper Sec. 5 / App.: DINO ViT-S mimetic W_Q W_K^T = alpha Z + beta I
-    beta: float = 1.0  # paper, DINO ViT-S
-    c: float = 3.0  # paper, DINO ViT-S: W_V, W_O scaled orthonormal with scale c
+    patch_size: PositiveInt = 16  # main_dino.py --patch_size 16
+    depth: PositiveInt | None = (
+        None  # None: the arch's depth (12 for vit_small); paper studies 9-12
+    )
+    alpha: FiniteFloat = 1.8  # paper Sec. 5 / App.: DINO ViT-S mimetic W_Q W_K^T = alpha Z + beta I
+    beta: FiniteFloat = 1.0  # paper, DINO ViT-S
+    c: PositiveFloat = 3.0  # paper, DINO ViT-S: W_V, W_O scaled orthonormal with scale c
     drop_path: float = 0.0  # paper: 0 for every variant (official DINO default is 0.1)
 
 
@@ -54,18 +65,18 @@ class ModelConfig:
 class DINOConfig:
     """Head, loss and teacher (official DINOHead / DINOLoss / EMA defaults, boosted ViT-S/16)."""
 
-    out_dim: int = 65536  # main_dino.py --out_dim 65536
+    out_dim: PositiveInt = 65536  # main_dino.py --out_dim 65536
     norm_last_layer: bool = False  # README boosted ViT-S/16: --norm_last_layer false
     use_bn_in_head: bool = False  # main_dino.py --use_bn_in_head False
-    head_nlayers: int = 3  # utils.DINOHead nlayers=3
-    head_hidden_dim: int = 2048  # utils.DINOHead hidden_dim=2048
-    head_bottleneck_dim: int = 256  # utils.DINOHead bottleneck_dim=256
-    momentum_teacher: float = 0.996  # main_dino.py --momentum_teacher 0.996 (cosine -> 1)
-    warmup_teacher_temp: float = 0.04  # main_dino.py --warmup_teacher_temp 0.04
-    teacher_temp: float = 0.07  # README boosted ViT-S/16: --teacher_temp 0.07
-    warmup_teacher_temp_epochs: int = 30  # README boosted ViT-S/16: 30
-    student_temp: float = 0.1  # DINOLoss student_temp=0.1
-    center_momentum: float = 0.9  # DINOLoss center_momentum=0.9
+    head_nlayers: PositiveInt = 3  # utils.DINOHead nlayers=3
+    head_hidden_dim: PositiveInt = 2048  # utils.DINOHead hidden_dim=2048
+    head_bottleneck_dim: PositiveInt = 256  # utils.DINOHead bottleneck_dim=256
+    momentum_teacher: Probability = 0.996  # main_dino.py --momentum_teacher 0.996 (cosine -> 1)
+    warmup_teacher_temp: PositiveFloat = 0.04  # main_dino.py --warmup_teacher_temp 0.04
+    teacher_temp: PositiveFloat = 0.07  # README boosted ViT-S/16: --teacher_temp 0.07
+    warmup_teacher_temp_epochs: NonNegInt = 30  # README boosted ViT-S/16: 30
+    student_temp: PositiveFloat = 0.1  # DINOLoss student_temp=0.1
+    center_momentum: Probability = 0.9  # DINOLoss center_momentum=0.9
 
 
 @dataclass
@@ -73,14 +84,14 @@ class OptimConfig:
     """Optimiser and per-iteration schedules (main_dino.py defaults)."""
 
     optimizer: str = "adamw"  # main_dino.py --optimizer adamw; "soap" = Vyas et al. 2025
-    epochs: int = 300  # README boosted ViT-S/16 (official default 100)
-    lr: float = 0.0005  # main_dino.py --lr 0.0005, scaled by total_batch / 256
-    min_lr: float = 1e-6  # main_dino.py --min_lr 1e-6 (cosine target)
-    warmup_epochs: int = 10  # main_dino.py --warmup_epochs 10 (linear lr warm-up)
-    weight_decay: float = 0.04  # main_dino.py --weight_decay 0.04 (cosine start)
-    weight_decay_end: float = 0.4  # main_dino.py --weight_decay_end 0.4
-    clip_grad: float = 3.0  # main_dino.py --clip_grad 3.0 (per-parameter; 0 = off)
-    freeze_last_layer: int = 1  # main_dino.py --freeze_last_layer 1 (epochs)
+    epochs: PositiveInt = 300  # README boosted ViT-S/16 (official default 100)
+    lr: PositiveFloat = 0.0005  # main_dino.py --lr 0.0005, scaled by total_batch / 256
+    min_lr: NonNegFloat = 1e-6  # main_dino.py --min_lr 1e-6 (cosine target)
+    warmup_epochs: NonNegInt = 10  # main_dino.py --warmup_epochs 10 (linear lr warm-up)
+    weight_decay: NonNegFloat = 0.04  # main_dino.py --weight_decay 0.04 (cosine start)
+    weight_decay_end: NonNegFloat = 0.4  # main_dino.py --weight_decay_end 0.4
+    clip_grad: NonNegFloat = 3.0  # main_dino.py --clip_grad 3.0 (per-parameter; 0 = off)
+    freeze_last_layer: NonNegInt = 1  # main_dino.py --freeze_last_layer 1 (epochs)
     adamw: AdamWConfig = field(default_factory=AdamWConfig)  # torch AdamW defaults, as DINO
     soap: SOAPConfig = field(default_factory=SOAPConfig)  # official soap.py defaults
 
@@ -90,23 +101,23 @@ class DataConfig:
     """Where images come from and how they are batched."""
 
     path: str | None = None  # ImageFolder root (ImageNet train); None: synthetic scenes
-    batch_size_per_gpu: int = 64  # main_dino.py --batch_size_per_gpu 64 (x16 GPUs = 1024)
-    num_workers: int = 10  # main_dino.py --num_workers 10
+    batch_size_per_gpu: PositiveInt = 64  # main_dino.py --batch_size_per_gpu 64 (x16 GPUs = 1024)
+    num_workers: NonNegInt = 10  # main_dino.py --num_workers 10
     pin_memory: bool = True  # main_dino.py DataLoader(pin_memory=True); CUDA only here
-    synthetic_n: int = 1000  # synthetic fallback: number of scenes (not a published value)
-    synthetic_size: int = 128  # synthetic fallback: image side in px
-    synthetic_seed: int = 0  # synthetic fallback: generator seed
+    synthetic_n: PositiveInt = 1000  # synthetic fallback: number of scenes (not a published value)
+    synthetic_size: PositiveInt = 128  # synthetic fallback: image side in px
+    synthetic_seed: NonNegInt = 0  # synthetic fallback: generator seed
     # An unreadable image: "raise" stops with its path; "skip" replaces it by a seeded draw
     # (resume stays exact), counts it, and stops when more than max_bad_fraction of an
     # epoch's samples were bad. Not in DINO (a bad file kills its run).
     on_error: str = "raise"
-    max_bad_fraction: float = 0.01
+    max_bad_fraction: Probability = 0.01
     # Where the multi-crop recipe runs. "cpu" (default): the official PIL pipeline in the loader
     # workers, bit-for-bit the published recipe. "device": workers only decode and sample the
     # (identical) random parameters; the crops are computed batched on run.device
     # (dino/augment_device.py; float arithmetic, documented deviations of ~1/255).
     augment_on: str = "cpu"
-    decode_draft: int = 0  # device path: JPEG draft decode keeping sides >= N px (0 = off)
+    decode_draft: NonNegInt = 0  # device path: JPEG draft decode keeping sides >= N px (0 = off)
 
 
 @dataclass
@@ -114,30 +125,34 @@ class RunConfig:
     """Bookkeeping: output, precision, checkpoints, logging. None of it changes the method."""
 
     out: str | None = None  # None: runs/<config file stem> or runs/pretrain
-    seed: int = 0  # main_dino.py --seed 0
+    seed: NonNegInt = 0  # main_dino.py --seed 0
     device: str = "auto"  # auto: cuda if available (LOCAL_RANK's GPU under torchrun), else cpu
     # DINO's --use_fp16 True is fp16 + GradScaler; we default to bf16 autocast (no scaler) on
     # CUDA. On CPU autocast is off (fp32) unless precision is fp32 anyway.
     precision: str = "bf16"
     compile: bool = False  # torch.compile the student/teacher forward (GPU; slow to start)
-    cpu_threads: int | None = None  # torch.set_num_threads on CPU (None: torch's default)
+    cpu_threads: PositiveInt | None = None  # torch.set_num_threads on CPU (None: torch's default)
     tf32: bool = True  # allow TF32 matmuls/convs on CUDA (fp32 parts of the step)
-    saveckp_freq: int = 20  # main_dino.py --saveckp_freq 20 (epochs); always at the end too
+    saveckp_freq: NonNegInt = 20  # main_dino.py --saveckp_freq 20 (epochs); always at the end too
     keep_epochs: list[int] = field(default_factory=lambda: [200, 300])  # paper evaluates these
-    ckpt_every_steps: int = 0  # also write checkpoint.pt every N iterations (0 = off)
-    max_steps: int | None = None  # stop (with a checkpoint) after this global step; for tests
-    log_every: int = 10  # one log.jsonl record every N iterations (DINO's MetricLogger: 10)
+    ckpt_every_steps: NonNegInt = 0  # also write checkpoint.pt every N iterations (0 = off)
+    max_steps: PositiveInt | None = (
+        None  # stop (with a checkpoint) after this global step; for tests
+    )
+    log_every: PositiveInt = 10  # one log.jsonl record every N iterations (DINO's MetricLogger: 10)
     on_nonfinite: str = "stop"  # "stop" as DINO (sys.exit(1)); "skip": count and go on
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = True  # write DIR/tb if tensorboard is importable
-    jacobian_every_epochs: int = 0  # paper App. A.7 condition numbers every N epochs (0 = off)
-    jacobian_tokens: int = 16  # tokens of the random input of the condition-number probe
+    jacobian_every_epochs: NonNegInt = (
+        0  # paper App. A.7 condition numbers every N epochs (0 = off)
+    )
+    jacobian_tokens: PositiveInt = 16  # tokens of the random input of the condition-number probe
     # Collapse alarm (dino/collapse.py; not in the official code): the teacher target's
     # information about the image (batch-mean entropy minus per-image entropy, nats) below
     # collapse_min_info for collapse_window consecutive steps -> loud warning, or an error
     # with on_collapse=stop. collapse_window=0 switches it off.
-    collapse_window: int = 100
-    collapse_min_info: float = 0.05
+    collapse_window: NonNegInt = 100
+    collapse_min_info: FiniteFloat = 0.05
     on_collapse: str = "warn"  # "warn" | "stop"
 
 
@@ -154,20 +169,21 @@ class PretrainConfig:
     name: str = "pretrain"  # run name (the YAML file's stem); default out dir runs/<name>
 
     def validate(self) -> PretrainConfig:
+        """Every value in its declared range (the field types, ``dino_skipless.ranges``), every
+        choice valid, and the relations between fields; ``ConfigError`` names the key."""
         m, o, r = self.model, self.optim, self.run
+        try:
+            check_fields(self)
+            self.aug.check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         _choice("model.arch", m.arch, tuple(ARCHS))
         _choice("model.variant", m.variant, VARIANTS)
         _choice("optim.optimizer", o.optimizer, OPTIMIZERS)
         _choice("run.precision", r.precision, PRECISIONS)
         _choice("run.on_nonfinite", r.on_nonfinite, ON_NONFINITE)
         _choice("run.on_collapse", r.on_collapse, ("warn", "stop"))
-        if r.collapse_window < 0:
-            raise ConfigError(f"run.collapse_window must be >= 0, got {r.collapse_window}")
         _choice("data.on_error", self.data.on_error, ON_ERROR)
-        if not 0 <= self.data.max_bad_fraction <= 1:
-            raise ConfigError(
-                f"data.max_bad_fraction must be in [0, 1], got {self.data.max_bad_fraction}"
-            )
         _choice("data.augment_on", self.data.augment_on, AUGMENT_ON)
         if self.data.decode_draft and self.data.augment_on != "device":
             raise ConfigError(
@@ -179,23 +195,11 @@ class PretrainConfig:
                 "data.on_error=skip is not supported with data.augment_on=device yet (a bad image "
                 "stops the run with its path); use data.augment_on=cpu to skip bad images"
             )
-        if self.data.decode_draft < 0:
-            raise ConfigError(f"data.decode_draft must be >= 0, got {self.data.decode_draft}")
         if m.drop_path != 0:
             raise ConfigError(
                 f"model.drop_path={m.drop_path}: only 0 is supported (the paper disables "
                 "drop-path in every variant for a fair skip/skipless comparison)"
             )
-        positive = {
-            "optim.epochs": o.epochs,
-            "data.batch_size_per_gpu": self.data.batch_size_per_gpu,
-            "dino.out_dim": self.dino.out_dim,
-            "model.patch_size": m.patch_size,
-            "run.log_every": r.log_every,
-        }
-        for key, value in positive.items():
-            if int(value) <= 0:
-                raise ConfigError(f"{key} must be a positive integer, got {value}")
         if o.warmup_epochs > o.epochs:
             raise ConfigError(
                 f"optim.warmup_epochs ({o.warmup_epochs}) exceeds optim.epochs ({o.epochs})"
@@ -206,8 +210,6 @@ class PretrainConfig:
                 raise ConfigError(
                     f"aug.{size_key}={size} is not a multiple of model.patch_size={m.patch_size}"
                 )
-        if self.data.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
         return self
 
     @property
@@ -366,8 +368,6 @@ def set_key(cfg: PretrainConfig, key: str, value: Any) -> None:
         obj = getattr(obj, p)
     tp = _hints(type(obj))[parts[-1]]
     setattr(obj, parts[-1], _coerce(dotted, tp, value))
-    if isinstance(obj, AugConfig):
-        obj.__post_init__()
 
 
 def load_yaml(path: str | Path) -> PretrainConfig:
@@ -375,9 +375,17 @@ def load_yaml(path: str | Path) -> PretrainConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text("utf-8")) or {}
+        data = yaml.safe_load(path.read_text("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected a YAML mapping)") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a YAML mapping of config sections (model:, optim:, ...), got a "
+            f"{type(data).__name__}"
+        )
     data.setdefault("name", path.stem)
     return from_dict(PretrainConfig, data, where=str(path))
 
