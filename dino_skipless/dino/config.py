@@ -394,8 +394,11 @@ def build_config(
     path: str | Path | None = None,
     overrides: dict[str, Any] | list[tuple[str, Any]] | None = None,
     base: PretrainConfig | None = None,
+    validate: bool = True,
 ) -> PretrainConfig:
-    """YAML file (or ``base`` or the defaults), then overrides in order, then validation."""
+    """YAML file (or ``base`` or the defaults), then overrides in order, then validation
+    (``validate=False``: only the overrides' types are checked, e.g. to find a run's folder
+    before its own config is read)."""
     if path is not None:
         cfg = load_yaml(path)
     elif base is not None:
@@ -405,7 +408,7 @@ def build_config(
     items = overrides.items() if isinstance(overrides, dict) else (overrides or [])
     for k, v in items:
         set_key(cfg, k, v)
-    return cfg.validate()
+    return cfg.validate() if validate else cfg
 
 
 def config_from_dict(data: dict) -> PretrainConfig:
