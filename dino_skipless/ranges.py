@@ -67,12 +67,14 @@ POSITIVE = Range(gt=0)
 NON_NEGATIVE = Range(ge=0)
 AT_LEAST_1 = Range(ge=1)
 PROBABILITY = Range(ge=0, le=1)
+BELOW_1 = Range(ge=0, lt=1)
 
 # Field types with their range (the plain type is what YAML values and overrides coerce to).
 FiniteFloat = Annotated[float, FINITE]
 PositiveFloat = Annotated[float, POSITIVE]
 NonNegFloat = Annotated[float, NON_NEGATIVE]
 Probability = Annotated[float, PROBABILITY]
+FractionBelow1 = Annotated[float, BELOW_1]  # a share that must leave something: [0, 1)
 PositiveInt = Annotated[int, AT_LEAST_1]
 NonNegInt = Annotated[int, NON_NEGATIVE]
 

@@ -25,7 +25,7 @@ for training is thrown away.
   together, with DINO's colour jitter / grayscale / blur / solarisation on the image only.
   Ceiling of the linear probe and TokenCut.
 
-With ``data.augment_on: device`` (as ``configs/learn_cpu.yaml``) the views are made as the DINO
+With ``data.augment_on: device`` (as ``configs/quickstart_cpu.yaml``) the views are made as the DINO
 run makes them: the loader worker decodes and samples the parameters, the crops and photometric
 ops run batched in the training process (``dino/augment_device.py``), with the same parameters
 as the PIL path for each (seed, epoch, index); masks are cropped in the worker with the same
@@ -57,6 +57,7 @@ from torchvision.transforms import functional as TF
 
 from .cli import ArgumentParser, add_debug_arg, cli_main, flag, hold_out_dir
 from .data import ImageFolderDataset, build_segmentation_dataset, synthetic_root
+from .data.worlds import pretrain_root
 from .dino.augment import GaussianBlur, MultiCropAugmentation, Solarization
 from .dino.augment_device import (
     FLIP,
@@ -214,9 +215,8 @@ def labelled_data(task: str, cfg: PretrainConfig, seg: dict) -> tuple[Dataset, i
     """(dataset of (image, label), number of classes, images per DINO epoch)."""
     d = cfg.data
     if task == "cls":
-        root = d.path or synthetic_root(
-            "imagefolder", n=d.synthetic_n, size=d.synthetic_size, seed=d.synthetic_seed
-        )
+        # the DINO run's own pretraining images (data.path, or its world), with their labels
+        root = d.path or pretrain_root(d.world, d.synthetic_n, d.synthetic_size, d.synthetic_seed)
         base = ImageFolderDataset(root)
         return base, len(base.classes), len(base)
     root = seg.get("root") or synthetic_root("voc", n=seg["n"], size=seg["size"], seed=seg["seed"])

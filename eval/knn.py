@@ -2,6 +2,7 @@
 
     python -m eval.knn --root IMAGENET_LIKE (train/ and val/ ImageFolders) --ckpt ck.pt
     python -m eval.knn --dataset synthetic --random-init skipless_init --arch vit_mini
+    python -m eval.knn --dataset photos --synthetic-n 1000 --synthetic-size 96 --ckpt RUN
 
 Features: the CLS token after the final norm (``model(x)``), L2-normalised; images resized
 (bicubic, short side 256) and centre-cropped to 224, ImageNet-normalised. Each test image takes
@@ -72,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--root", default=None, help="ImageFolder root (train/ + val/, or one folder)")
-    p.add_argument("--dataset", choices=("imagefolder", "synthetic"), default="imagefolder")
+    p.add_argument(
+        "--dataset", choices=("imagefolder", "synthetic", "photos", "digits"), default="imagefolder",
+        help="synthetic: the pattern classes; photos / digits: the real-image worlds of "
+        "dino_skipless/data/worlds.py (sized by --synthetic-n/-size/-seed)",
+    )  # fmt: skip
     add_backbone_args(p)
     p.add_argument(
         "--k", type=flag(int, AT_LEAST_1), nargs="+", default=list(d.k),

@@ -35,15 +35,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from dino_skipless.dino.checkpoint import INIT_DIR
 from dino_skipless.dino.config import build_config, load_yaml
-from dino_skipless.fileio import portable_path
 from dino_skipless.pretrain import resolve_config
+from dino_skipless.replication.seeds import compare_models, fmt_seed, fmt_test, seed_rows
+from dino_skipless.replication.stages import (  # noqa: F401  (finished, recipe_diff: tests)
+    Stages,
+    check_reused,
+    finished,
+    last_record,
+    load_json,
+    read_jsonl,
+    recipe_diff,
+    run,
+)
 from eval.compare import compare_runs
 from eval.knn import paired_knn
 from tokencut.compare import compare as tokencut_compare
@@ -67,6 +75,8 @@ QUICK_PRETRAIN = [
     "data.synthetic_n=24",
     "data.synthetic_size=48",
     "run.progress=false",
+    "monitor.knn_bank=40",
+    "monitor.knn_queries=20",
 ]
 PIXELS = 16  # side of the raw-pixel k-NN baseline's downsampled image
 # The evaluation scenes' seeds: pretraining and the cls ceiling see synthetic class folders of
@@ -81,71 +91,7 @@ SEG_CEILING_SEED = 1
 # left ln 6 after 175 steps. A ceiling should be as high as the budget allows, so it gets its
 # own lr (0.0025 x 32/256 = 3.1e-4); nothing else differs from the DINO runs.
 SUPERVISED_LR = 0.0025
-
-
-def finished(run_dir: Path) -> bool:
-    """A training stage ran to its end: its summary.json exists and does not say otherwise."""
-    summary = run_dir / "summary.json"
-    return summary.exists() and bool(load_json(summary).get("finished", True))
-
-
-# Run settings that change what a run learns; the other run.* keys only say where and how
-# it logs, so a page can be rebuilt with, e.g., another --jacobian-every.
-RECIPE_RUN_KEYS = ("run.seed", "run.precision", "run.max_steps", "run.on_nonfinite")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """Dotted keys; paths as the run's files record them (``portable_path``)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = portable_path(v) if isinstance(v, str) else v
-    return out
-
-
-def recipe_diff(have: dict, want: dict) -> list[str]:
-    """``key: reused vs requested`` for every recipe key in which a finished run's config
-    (``have``) differs from the one this invocation would train (``want``)."""
-    h, w = _flat(have), _flat(want)
-    keys = [k for k in sorted(set(h) | set(w)) if not k.startswith("run.") or k in RECIPE_RUN_KEYS]
-    return [f"{k}: {h.get(k)!r} vs {w.get(k)!r}" for k in keys if h.get(k) != w.get(k)]
-
-
-def check_reused(run_dir: Path, have: dict, want: dict) -> None:
-    """A finished run is reused only if it is the run this invocation asks for: otherwise the
-    page would label its numbers with the wrong recipe."""
-    diff = recipe_diff(have, want)
-    if diff:
-        raise SystemExit(
-            f"{run_dir} is a finished run of another recipe than this command's ({len(diff)} "
-            "keys differ, reused vs requested):\n  "
-            + "\n  ".join(diff[:12])
-            + "\npass the --config and overrides it was trained with, or another --out"
-        )
-
-
-def run(cmd: list[str], log: Path) -> float:
-    """Run one stage; on failure show the tail of its log (the stage explains itself there)."""
-    t0 = time.perf_counter()
-    print("$ " + " ".join(cmd), flush=True)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
-        raise SystemExit(f"stage failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
-    return time.perf_counter() - t0
-
-
-def load_json(path: Path) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def last_record(run_dir: Path) -> dict:
-    lines = (run_dir / "log.jsonl").read_text().splitlines()
-    return json.loads(lines[-1])
+WORLD_CHOICES = ("patterns", "photos")
 
 
 def kappas(jac_json: Path) -> dict[str, float]:
@@ -161,7 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="configs/quickstart_cpu.yaml", help="pretraining recipe")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--optimizers", nargs="+", default=["adamw"], choices=["adamw", "soap"])
-    p.add_argument("--data", default=None, help="ImageFolder for pretraining (default: synthetic)")
+    p.add_argument(
+        "--seeds", type=int, default=1,
+        help="training seeds (run.seed 0..N-1) of every variant and ceiling; claims that compare "
+        "variants use the spread over them",
+    )  # fmt: skip
+    p.add_argument(
+        "--full-eval-seeds", type=int, default=None, metavar="M",
+        help="seeds below M get every evaluation, the others k-NN and kappa only (default: all)",
+    )  # fmt: skip
+    p.add_argument(
+        "--seed-ceilings", nargs="*", default=None, choices=["cls", "seg"],
+        help="ceilings trained for every seed (default: every ceiling of --ceilings); the others "
+        "for seed 0 only",
+    )  # fmt: skip
+    p.add_argument(
+        "--world", choices=WORLD_CHOICES, default="patterns",
+        help="small world without --data: patterns (synthetic, with VOC-format scenes for the "
+        "probe and TokenCut) or photos (real photographs; k-NN only)",
+    )  # fmt: skip
+    p.add_argument("--data", default=None, help="ImageFolder for pretraining (default: a world)")
     p.add_argument(
         "--dataset-roots",
         nargs="*",
@@ -204,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def seed_suffix(seed: int) -> str:
+    """Seed 0 keeps the plain names (``skip_adamw``), others get ``_seed<N>``."""
+    return "" if seed == 0 else f"_seed{seed}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     out: Path = args.out
@@ -212,16 +182,27 @@ def main(argv: list[str] | None = None) -> dict:
     quick = args.quick
     roots = dict(kv.split("=", 1) for kv in args.dataset_roots)
     dev = ["--device", args.device] if args.device else []
+    photos = args.world == "photos" and not args.data
+    seeds = list(range(max(args.seeds, 1)))
+    full_eval = set(seeds[: args.full_eval_seeds] if args.full_eval_seeds is not None else seeds)
+    ceilings = [] if photos and args.ceilings == ["cls", "seg"] else list(args.ceilings)
+    if photos:
+        ceilings = [c for c in (args.ceilings or []) if c == "cls"]  # no masks in photographs
+    seed_ceilings = set(ceilings if args.seed_ceilings is None else args.seed_ceilings)
 
     overrides = list(QUICK_PRETRAIN if quick else []) + list(args.pretrain_overrides)
     if args.data:
         overrides.append(f"data.path={args.data}")
+    elif photos:
+        overrides.append("data.world=photos")
     # identical for every variant: a diverging skipless run skips its non-finite steps (and
     # counts them) instead of stopping, so it still yields a model to evaluate
     overrides += [
         f"run.jacobian_every_epochs={args.jacobian_every or (1 if quick else 2)}",
         "run.on_nonfinite=skip",
     ]
+    base_cfg = resolve_config(["--config", args.config, *overrides])[0]
+    world_data = base_cfg.data
     # 96 px = 12x12 patches of 8 px for the synthetic scenes (64 px was too coarse for the
     # thin objects); 448 for real data and /16 models
     res = args.eval_resolution or (32 if quick else 448 if roots else 96)
@@ -245,16 +226,25 @@ def main(argv: list[str] | None = None) -> dict:
         "--synthetic-size",
         "48" if quick else "96",
     ]
-    # k-NN on the 6 pattern classes (held-out seed): the standard DINO pretraining monitor
-    knn_args = (
-        ["--dataset", "synthetic", "--synthetic-n", "60", "--synthetic-size", "48",
-         "--resize", "32", "--crop", "32", "--synthetic-seed", str(KNN_SEED)]
-        if quick
-        else ["--root", roots["knn"]]
-        if "knn" in roots
-        else ["--dataset", "synthetic", "--synthetic-n", "10000", "--synthetic-size", "96",
-              "--resize", "64", "--crop", "64", "--synthetic-seed", str(KNN_SEED)]
-    )  # fmt: skip
+    # k-NN on the pattern classes (held-out seed), or the photos world's val-region crops
+    # against its train-region crops: the standard DINO pretraining monitor
+    if photos:
+        knn_args = ["--dataset", "photos", "--synthetic-n", str(world_data.synthetic_n),
+                    "--synthetic-size", str(world_data.synthetic_size),
+                    "--synthetic-seed", str(world_data.synthetic_seed)]  # fmt: skip
+        knn_args += (
+            ["--resize", "32", "--crop", "32"] if quick else ["--resize", "64", "--crop", "64"]
+        )
+    else:
+        knn_args = (
+            ["--dataset", "synthetic", "--synthetic-n", "60", "--synthetic-size", "48",
+             "--resize", "32", "--crop", "32", "--synthetic-seed", str(KNN_SEED)]
+            if quick
+            else ["--root", roots["knn"]]
+            if "knn" in roots
+            else ["--dataset", "synthetic", "--synthetic-n", "10000", "--synthetic-size", "96",
+                  "--resize", "64", "--crop", "64", "--synthetic-seed", str(KNN_SEED)]
+        )  # fmt: skip
 
     def seg_data() -> list[str]:
         return (
@@ -270,24 +260,26 @@ def main(argv: list[str] | None = None) -> dict:
             else ["--dataset", "synthetic", *det_synth]
         )
 
-    det_sets = [n for n in ("voc12", "coco20k") if n in roots] or ["synthetic"]
-    results: dict = {"config": args.config, "quick": quick, "overrides": overrides, "runs": {}}
+    det_sets = [] if photos else [n for n in ("voc12", "coco20k") if n in roots] or ["synthetic"]
+    results: dict = {
+        "config": args.config,
+        "quick": quick,
+        "world": "data" if args.data else args.world,
+        "overrides": overrides,
+        "seeds": seeds,
+        "full_eval_seeds": sorted(full_eval),
+        "runs": {},
+    }
     results["baselines"] = {}
-    timings: dict[str, float] = {}
     run_dirs: dict[str, Path] = {}
     # stages reused from an earlier invocation keep the wall time they took then
     prev = out / "results.json"
-    prev_timings = load_json(prev).get("timings_s", {}) if prev.exists() else {}
+    stages = Stages(args.reuse_evals, load_json(prev).get("timings_s", {}) if prev.exists() else {})
+    stage, timings = stages.stage, stages.timings
 
-    def stage(key: str, cmd: list[str], log: Path, result: Path) -> None:
-        if args.reuse_evals and result.exists():
-            print(f"reusing {result}", flush=True)
-            timings[key] = float(prev_timings.get(key, 0.0))
-        else:
-            timings[key] = run(cmd, log)
-
-    def evaluate(name: str, src: list[str], rec: dict) -> None:
-        """k-NN, linear probe (single + multiscale), TokenCut (every block) of one model."""
+    def evaluate(name: str, src: list[str], rec: dict, full: bool = True) -> None:
+        """k-NN, and with ``full`` the linear probe (single + multiscale) and TokenCut (every
+        block) of one model."""
         logs = out / "logs" / name
         logs.mkdir(parents=True, exist_ok=True)
         kn = out / "knn" / name
@@ -302,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
         rec["knn_top1"], rec["knn_n_val"] = knr["top1"], knr["n_val"]
         rec["knn_top1_se"] = knr.get("top1_se")
         rec["dirs"] = {"knn": str(kn)}
+        if not full or photos:
+            return
         lp = out / "linprobe" / name
         stage(
             f"{name}/linprobe",
@@ -337,66 +331,80 @@ def main(argv: list[str] | None = None) -> dict:
             }
             rec["dirs"][f"tokencut_{det}"] = str(tc)
 
-    for opt in args.optimizers:
-        for variant in args.variants:
-            name = f"{variant}_{opt}"
-            rdir = out / "runs" / name
-            logs = out / "logs" / name
-            logs.mkdir(parents=True, exist_ok=True)
-            run_dirs[name] = rdir
-            rec: dict = {"variant": variant, "optimizer": opt}
-            # A finished run (summary.json says so) is reused and a killed one resumed exactly;
-            # backbone.json alone proves nothing: it is tracked with the results.
-            pretrain_args = ["--config", args.config, "--variant", variant, "--optimizer", opt,
-                             "--out", str(rdir), *overrides]  # fmt: skip
-            if finished(rdir):
-                check_reused(
+    def train_stage(key: str, run_dir: Path, cmd: list[str], log: Path, want: dict, have) -> None:
+        """A training stage: a finished run is reused (under this recipe only), a killed one
+        resumed exactly, else trained; its time comes from its own summary."""
+        if finished(run_dir):
+            check_reused(run_dir, have(), want)
+        else:
+            resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
+            run([*cmd, *resume], log)
+        summary = load_json(run_dir / "summary.json")
+        stages.reused(key, summary.get("time_s", summary.get("train_time_s")))
+
+    for seed in seeds:
+        sfx = seed_suffix(seed)
+        full = seed in full_eval
+        for opt in args.optimizers:
+            for variant in args.variants:
+                group = f"{variant}_{opt}"
+                name = group + sfx
+                rdir = out / "runs" / name
+                logs = out / "logs" / name
+                logs.mkdir(parents=True, exist_ok=True)
+                run_dirs[name] = rdir
+                rec: dict = {"variant": variant, "optimizer": opt, "seed": seed, "group": group}
+                # A finished run (summary.json says so) is reused and a killed one resumed
+                # exactly; backbone.json alone proves nothing: it is tracked with the results.
+                pretrain_args = ["--config", args.config, "--variant", variant, "--optimizer",
+                                 opt, "--out", str(rdir), *overrides, f"run.seed={seed}"]  # fmt: skip
+                train_stage(
+                    f"{name}/pretrain",
                     rdir,
-                    load_yaml(rdir / "config.yaml").to_dict(),
-                    resolve_config(pretrain_args)[0].to_dict(),
-                )
-                timings[f"{name}/pretrain"] = float(prev_timings.get(f"{name}/pretrain", 0.0))
-            else:
-                resume = ["--resume"] if (rdir / "checkpoint.pt").exists() else []
-                timings[f"{name}/pretrain"] = float(
-                    prev_timings.get(f"{name}/pretrain", 0.0) if resume else 0.0
-                ) + run(
-                    [py, "-m", "dino_skipless.pretrain", *pretrain_args, *resume],
+                    [py, "-m", "dino_skipless.pretrain", *pretrain_args],
                     logs / "pretrain.txt",
-                )  # fmt: skip
-            last = last_record(rdir)
-            summary = rdir / "summary.json"
-            rec["collapse"] = load_json(summary).get("collapse") if summary.exists() else None
-            rec["final_loss"] = float(last["loss"])
-            rec["nonfinite_skipped"] = int(last.get("nonfinite_skipped", 0))
-            rec["steps"] = int(last["step"]) + 1
-            spec = load_json(rdir / "backbone.json")
-            arch = ["--arch", spec["arch"], "--depth", str(spec["depth"]),
-                    "--patch-size", str(spec["patch_size"])]  # fmt: skip
-            tokens = ["--tokens", "8" if quick else "16"]
-            # the run's own init (the trainer exports it; older runs lack it: a fresh draw of
-            # the same spec and variant) is the floor and the kappa at init
-            own_init = rdir / INIT_DIR
-            has_init = (own_init / "backbone.json").exists()
-            init_src = ["--ckpt", str(own_init)] if has_init else ["--random-init", variant, *arch]
-            for when, src in (
-                ("init", ["--ckpt", str(own_init)] if has_init else ["--variant", variant, *arch]),
-                ("end", ["--ckpt", str(rdir)]),
-            ):
-                jdir = out / "jacobian" / name / when
-                stage(
-                    f"{name}/jacobian_{when}",
-                    [py, "-m", "dino_skipless.jacobian", *src, *tokens, "--out", str(jdir), *dev],
-                    logs / f"jacobian_{when}.txt",
-                    jdir / "jacobian.json",
+                    resolve_config(pretrain_args)[0].to_dict(),
+                    lambda rdir=rdir: load_yaml(rdir / "config.yaml").to_dict(),
                 )
-                rec[f"kappa_{when}"] = kappas(jdir / "jacobian.json")
-            evaluate(name, ["--ckpt", str(rdir)], rec)
-            results["runs"][name] = rec
-            if not args.no_baselines and variant not in results["baselines"]:
-                base: dict = {"variant": variant}
-                evaluate(f"random_{variant}", init_src, base)
-                results["baselines"][variant] = base
+                last = last_record(rdir)
+                summary = load_json(rdir / "summary.json")
+                rec["collapse"] = summary.get("collapse")
+                rec["knn_monitor"] = summary.get("knn_monitor")
+                rec["final_loss"] = float(last["loss"])
+                rec["nonfinite_skipped"] = int(last.get("nonfinite_skipped", 0))
+                rec["steps"] = int(last["step"]) + 1
+                spec = load_json(rdir / "backbone.json")
+                arch = ["--arch", spec["arch"], "--depth", str(spec["depth"]),
+                        "--patch-size", str(spec["patch_size"])]  # fmt: skip
+                tokens = ["--tokens", "8" if quick else "16"]
+                # the run's own init (the trainer exports it; older runs lack it: a fresh draw
+                # of the same spec and variant) is the floor and the kappa at init
+                own_init = rdir / INIT_DIR
+                has_init = (own_init / "backbone.json").exists()
+                init_src = (
+                    ["--ckpt", str(own_init)] if has_init else ["--random-init", variant, *arch]
+                )
+                for when, src in (
+                    ("init", ["--ckpt", str(own_init)] if has_init else ["--variant", variant, *arch]),
+                    ("end", ["--ckpt", str(rdir)]),
+                ):  # fmt: skip
+                    jdir = out / "jacobian" / name / when
+                    stage(
+                        f"{name}/jacobian_{when}",
+                        [py, "-m", "dino_skipless.jacobian", *src, *tokens, "--out", str(jdir),
+                         *dev],
+                        logs / f"jacobian_{when}.txt",
+                        jdir / "jacobian.json",
+                    )  # fmt: skip
+                    rec[f"kappa_{when}"] = kappas(jdir / "jacobian.json")
+                evaluate(name, ["--ckpt", str(rdir)], rec, full)
+                floor = variant + sfx
+                rec["floor"] = floor
+                results["runs"][name] = rec
+                if not args.no_baselines and floor not in results["baselines"]:
+                    base: dict = {"variant": variant, "seed": seed}
+                    evaluate(f"random_{floor}", init_src, base, full)
+                    results["baselines"][floor] = base
 
     if not args.no_baselines:
         # the reference points that bracket every evaluation (see the module docstring)
@@ -418,93 +426,108 @@ def main(argv: list[str] | None = None) -> dict:
             else ["--seg-n", "24" if quick else "1336", "--seg-size", "48" if quick else "96",
                   "--seg-seed", str(SEG_CEILING_SEED)]
         )  # fmt: skip
-        for task in args.ceilings:
-            name = f"supervised_{task}"
-            sdir = out / "runs" / name
-            (out / "logs" / name).mkdir(parents=True, exist_ok=True)
-            sup_overrides = ["model.variant=skip", *overrides, f"optim.lr={SUPERVISED_LR}"]
-            if finished(sdir):
+        for seed in seeds:
+            sfx = seed_suffix(seed)
+            for task in ceilings:
+                if seed and task not in seed_ceilings:
+                    continue
+                name = f"supervised_{task}{sfx}"
+                sdir = out / "runs" / name
+                (out / "logs" / name).mkdir(parents=True, exist_ok=True)
+                sup_overrides = ["model.variant=skip", *overrides, f"optim.lr={SUPERVISED_LR}",
+                                 f"run.seed={seed}"]  # fmt: skip
                 want = build_config(
                     args.config,
                     [*(tuple(kv.split("=", 1)) for kv in sup_overrides), ("run.out", str(sdir))],
                 )
-                check_reused(sdir, load_json(sdir / "summary.json")["config"], want.to_dict())
-                timings[f"{name}/train"] = float(prev_timings.get(f"{name}/train", 0.0))
-            else:
-                timings[f"{name}/train"] = run(
-                    [py, "-m", "dino_skipless.supervised", "--task", task, "--config", args.config,
-                     "--out", str(sdir), *(seg_src if task == "seg" else []), *sup_overrides],
+                train_stage(
+                    f"{name}/train",
+                    sdir,
+                    [py, "-m", "dino_skipless.supervised", "--task", task, "--config",
+                     args.config, "--out", str(sdir), *(seg_src if task == "seg" else []),
+                     *sup_overrides],
                     out / "logs" / name / "train.txt",
+                    want.to_dict(),
+                    lambda sdir=sdir: load_json(sdir / "summary.json")["config"],
                 )  # fmt: skip
-            rec = {"variant": "skip", "task": task, **load_json(sdir / "summary.json")}
-            rec.pop("config", None)
-            evaluate(name, ["--ckpt", str(sdir)], rec)
-            refs[name] = rec
+                rec = {"variant": "skip", "task": task, "seed": seed,
+                       **load_json(sdir / "summary.json")}  # fmt: skip
+                rec.pop("config", None)
+                evaluate(name, ["--ckpt", str(sdir)], rec, seed in full_eval)
+                refs[name] = rec
         results["references"] = refs
         results["evaluations"] = evaluations(results)
+        results["seed_level"] = seed_level(results)
 
-    ckpts = [a for d in run_dirs.values() for a in ("--ckpt", str(d))]
-    pca_png = out / "pca.png"
-    pca_data = (
-        ["--dataset", "voc", "--root", roots["voc"]]
-        if "voc" in roots
-        else ["--dataset", "synthetic"]
-    )
-    timings["pca"] = run(
-        [py, "-m", "dino_skipless.pca", *ckpts, *pca_data, "--n", str(n_pca), "--resolution", str(res),
-         "--out", str(pca_png), *dev],
-        out / "logs" / "pca.txt",
-    )  # fmt: skip
-    results["pca_figure"] = str(pca_png)
+    seed0 = {
+        n: d for n, d in run_dirs.items() if n in results["runs"] and not results["runs"][n]["seed"]
+    }
+    if not photos:
+        ckpts = [a for d in seed0.values() for a in ("--ckpt", str(d))]
+        pca_png = out / "pca.png"
+        pca_data = (
+            ["--dataset", "voc", "--root", roots["voc"]]
+            if "voc" in roots
+            else ["--dataset", "synthetic"]
+        )
+        timings["pca"] = run(
+            [py, "-m", "dino_skipless.pca", *ckpts, *pca_data, "--n", str(n_pca),
+             "--resolution", str(res), "--out", str(pca_png), *dev],
+            out / "logs" / "pca.txt",
+        )  # fmt: skip
+        results["pca_figure"] = str(pca_png)
     results["curves_figure"] = str(plot_curves(run_dirs, out / "training_curves.png"))
     results["timings_s"] = timings
     check_results(results)
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=2)
-    (out / "RESULTS.md").write_text(results_markdown(results))
+    (out / "RESULTS.md").write_text(results_markdown(results, out))
     print((out / "RESULTS.md").read_text())
     return results
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def plot_curves(run_dirs: dict[str, Path], path: Path) -> Path:
-    """Loss, teacher entropy (the collapse monitor) and per-layer kappa during pretraining."""
+    """Loss, teacher information (the collapse monitor), per-layer kappa and the online k-NN
+    during pretraining; one colour per variant, one line style per training seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.4), dpi=150)
-    colors = {}
+    fig, axes = plt.subplots(1, 5, figsize=(21, 3.6), dpi=150)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors: dict[str, str] = {}
+    styles = ["-", "--", ":", "-."]
     for name, rdir in run_dirs.items():
+        group, _, seed = name.partition("_seed")
+        color = colors.setdefault(group, palette[len(colors) % len(palette)])
+        ls = styles[int(seed or 0) % len(styles)]
+        label = group if not seed else None
         rows = read_jsonl(rdir / "log.jsonl")
         steps = [r["step"] for r in rows]
-        (line,) = axes[0].plot(steps, [r["loss"] for r in rows], label=name, lw=1.2)
-        colors[name] = line.get_color()
+        axes[0].plot(steps, [r["loss"] for r in rows], label=label, color=color, ls=ls, lw=1.1)
         if rows and "teacher_entropy" in rows[0]:
-            axes[1].plot(steps, [r["teacher_entropy"] for r in rows], color=colors[name], lw=1.2)
-            axes[1].plot(steps, [r["teacher_batch_entropy"] for r in rows], color=colors[name],
-                         lw=0.8, ls="--")  # fmt: skip
             info = [r["teacher_batch_entropy"] - r["teacher_entropy"] for r in rows]
-            axes[3].plot(steps, info, color=colors[name], lw=1.2)
+            axes[1].plot(steps, info, color=color, ls=ls, lw=1.1)
+            axes[2].plot(steps, [r["teacher_entropy"] for r in rows], color=color, ls=ls, lw=1.1)
         jac = read_jsonl(rdir / "jacobian.jsonl")
         layers = sorted({r["layer"] for r in jac})
         for layer in layers:
             pts = [(r["step"], min(r["kappa"], 1e20)) for r in jac if r["layer"] == layer]
             shade = 0.35 + 0.65 * (layer + 1) / (layers[-1] + 1)  # deeper blocks darker
-            axes[2].plot(*zip(*pts), color=colors[name], lw=1.0, marker="o", ms=2, alpha=shade)
+            axes[3].plot(*zip(*pts), color=color, ls=ls, lw=0.9, marker="o", ms=2, alpha=shade)
+        knn = read_jsonl(rdir / "knn.jsonl")
+        if knn:
+            axes[4].plot([r["step"] for r in knn], [r["knn_top1"] for r in knn], color=color,
+                         ls=ls, lw=1.1, marker="o", ms=2.5)  # fmt: skip
     axes[0].set_ylabel("DINO loss")
-    axes[0].legend(fontsize=7, frameon=False)
-    axes[1].set_ylabel("teacher entropy (nats)\nsolid: per image, dashed: batch mean")
-    axes[2].set_ylabel("κ(K_l K_lᵀ) per block (darker = deeper)")
-    axes[2].set_yscale("log")
-    axes[3].set_ylabel("target information about the image (nats)\nbatch − per-image entropy")
-    axes[3].axhline(0.05, color="k", lw=0.6, ls=":")  # run.collapse_min_info
+    axes[0].legend(fontsize=7, frameon=False, title="line style: seed 0, 1, 2", title_fontsize=6)
+    axes[1].set_ylabel("target information about the image (nats)\nbatch − per-image entropy")
+    axes[1].axhline(0.05, color="k", lw=0.6, ls=":")  # run.collapse_min_info
+    axes[2].set_ylabel("teacher target entropy per image (nats)")
+    axes[3].set_ylabel("κ(K_l K_lᵀ) per block (darker = deeper)")
+    axes[3].set_yscale("log")
+    axes[4].set_ylabel("online k-NN top-1 (%), held-out images")
     for ax in axes:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
@@ -525,7 +548,7 @@ def check_results(results: dict) -> None:
             # a skipless run may diverge: that is a result, not a pipeline failure
             rec["diverged"] = True
         for key in ("linprobe_single_miou", "linprobe_multiscale_miou", "knn_top1"):
-            if not 0.0 <= rec[key] <= 100.0:
+            if key in rec and not 0.0 <= rec[key] <= 100.0:
                 problems.append(f"{key}={rec[key]}")
         for key, val in rec.items():
             if key.startswith("tokencut_") and not 0.0 <= val["corloc"] <= 100.0:
@@ -595,20 +618,26 @@ def share_se(gain: dict, room: dict, gap: float) -> float | None:
 
 
 def evaluations(results: dict) -> dict:
-    """Per evaluation: floor (per variant), ceiling, pixels, and each run with its paired test
-    against its own floor and the share of the floor-to-ceiling gap it closes."""
+    """Per evaluation: floor (each run's own init), ceiling, pixels, and each run with its
+    paired test against its own floor and the share of the floor-to-ceiling gap it closes
+    (against the ceiling of the same training seed where there is one, else seed 0's)."""
     runs, base, refs = results["runs"], results.get("baselines", {}), results.get("references", {})
     dets = sorted({k for r in runs.values() for k in r if k.startswith("tokencut_")})
     out: dict = {}
     for ev in [*EVALUATIONS, *dets]:
         ceiling_name = EVALUATIONS[ev][2] if ev in EVALUATIONS else "supervised_seg"
-        e: dict = {"floor": {}, "runs": {}}
-        for v, b in base.items():
-            e["floor"][v] = _value(b, ev)
-        if ceiling_name in refs:
-            e["ceiling"] = _value(refs[ceiling_name], ev) | {"model": ceiling_name}
+        e: dict = {"floor": {}, "runs": {}, "ceilings": {}}
+        for fl, b in base.items():
+            e["floor"][fl] = _value(b, ev)
+        for name, ref in refs.items():
+            if name.startswith(ceiling_name) and _value(ref, ev) is not None:
+                e["ceilings"][name] = _value(ref, ev) | {"seed": ref.get("seed", 0)}
+        if ceiling_name in e["ceilings"]:
+            e["ceiling"] = e["ceilings"][ceiling_name] | {"model": ceiling_name}
             e["ceiling_vs_floor_skip"] = (
-                paired_test(ev, refs[ceiling_name], base["skip"]) if "skip" in base else None
+                paired_test(ev, refs[ceiling_name], base["skip"])
+                if e["floor"].get("skip") is not None
+                else None
             )
         if ev == "knn" and "pixels" in refs:
             e["pixels"] = _value(refs["pixels"], ev)
@@ -616,22 +645,70 @@ def evaluations(results: dict) -> dict:
             row = _value(r, ev)
             if row is None:
                 continue
-            v = r["variant"]
-            if v in base and _value(base[v], ev) is not None:
-                row["vs_floor"] = paired_test(ev, r, base[v])
-                if "ceiling" in e:
-                    lo, hi = e["floor"][v]["value"], e["ceiling"]["value"]
+            fl = r.get("floor", r["variant"])
+            if e["floor"].get(fl) is not None:
+                row["vs_floor"] = paired_test(ev, r, base[fl])
+                cname = ceiling_name + seed_suffix(r.get("seed", 0))
+                if cname not in e["ceilings"]:
+                    cname = ceiling_name
+                if cname in e["ceilings"]:
+                    lo, hi = e["floor"][fl]["value"], e["ceilings"][cname]["value"]
                     # no room above the floor: a share of it means nothing
                     row["gap_closed"] = (row["value"] - lo) / (hi - lo) if hi > lo else None
                     if hi > lo:
                         room = (
                             e["ceiling_vs_floor_skip"]
-                            if v == "skip" and e.get("ceiling_vs_floor_skip")
-                            else paired_test(ev, refs[ceiling_name], base[v])
+                            if fl == "skip"
+                            and cname == ceiling_name
+                            and e.get("ceiling_vs_floor_skip")
+                            else paired_test(ev, refs[cname], base[fl])
                         )
                         row["gap_closed_se"] = share_se(row["vs_floor"], room, hi - lo)
+            row["seed"] = r.get("seed", 0)
+            row["group"] = r.get("group", name)
             e["runs"][name] = row
         out[ev] = e
+    return out
+
+
+# The comparisons between variants that the paper's claims rest on (a beats b).
+VARIANT_PAIRS = (
+    ("skipless_init", "skipless"),
+    ("skip", "skipless"),
+    ("skipless_init", "skip"),
+)
+
+
+def seed_level(results: dict) -> dict:
+    """Per evaluation: each model over its training seeds (``seeds.seed_rows``: mean ± s.e.,
+    between-seed s.d. next to the mean within-run s.e., gain over the own init) and the
+    comparisons of variants across seeds (on the final value and on the gain)."""
+    out = {}
+    for ev, e in results.get("evaluations", {}).items():
+        per_seed: dict[str, dict[int, dict]] = {}
+        for row in e["runs"].values():
+            per_seed.setdefault(row["group"], {})[row["seed"]] = row
+        for name, c in e.get("ceilings", {}).items():
+            per_seed.setdefault(f"ceiling ({name.split('_seed')[0]})", {})[c["seed"]] = c
+        floors: dict[str, dict[int, dict]] = {}
+        for fl, f in e["floor"].items():
+            if f is not None:
+                b = results["baselines"][fl]
+                floors.setdefault(b["variant"], {})[b.get("seed", 0)] = f
+        comps = {}
+        groups = {row["group"] for row in e["runs"].values()}
+        for opt in sorted({g.rsplit("_", 1)[1] for g in groups}):
+            for a, b in VARIANT_PAIRS:
+                ga, gb = f"{a}_{opt}", f"{b}_{opt}"
+                for what in ("value", "gain"):
+                    t = compare_models(per_seed, ga, gb, what)
+                    if t is not None:
+                        comps[f"{ga} vs {gb} ({what})"] = t
+        out[ev] = {
+            "models": seed_rows(per_seed),
+            "floors": seed_rows(floors),
+            "comparisons": comps,
+        }
     return out
 
 
@@ -666,16 +743,23 @@ def compare(new: float, old: float, se: float | None) -> str:
 def paper_claims(results: dict) -> list[tuple[str, str, str]]:
     """(claim, verdict, evidence) for each of the paper's claims this run can test.
 
-    Verdicts come from the numbers alone, so the page cannot overstate what was measured:
-    differences smaller than ``NOISE_SE`` standard errors are "within noise" (binomial s.e. for
-    k-NN and CorLoc, the linear probe's bootstrap s.e. over validation images for mIoU; against
-    a run's own init, the paired test of ``results["evaluations"]`` where there is one).
+    Verdicts come from the numbers alone, so the page cannot overstate what was measured.
+    Claims that compare *variants* rest on training seeds when there are several
+    (``results["seed_level"]``: a t-test across seeds, paired by seed); with one seed they fall
+    back to the evaluation's noise of that one trained model (binomial s.e. for k-NN and
+    CorLoc, the probe's bootstrap s.e. over validation images for mIoU), and say so.
+    Differences smaller than ``NOISE_SE`` standard errors are "within noise". "Beats its own
+    init" is a claim about one run: the paired test on the same images, per seed.
     """
     runs, base = results["runs"], results.get("baselines", {})
+    sl = results.get("seed_level", {})
+    n_seeds = len(results.get("seeds", [0]))
     out: list[tuple[str, str, str]] = []
-    by = {r["variant"]: r for r in runs.values() if r["optimizer"] == "adamw"} or {
-        r["variant"]: r for r in runs.values()
-    }
+    adamw = [r for r in runs.values() if r.get("optimizer") == "adamw"] or list(runs.values())
+    by_seed: dict[int, dict[str, dict]] = {}
+    for r in adamw:
+        by_seed.setdefault(r.get("seed", 0), {})[r["variant"]] = r
+    by = by_seed.get(0, {})
     det = sorted(k for r in runs.values() for k in r if k.startswith("tokencut_"))
     det = det[0] if det else None
 
@@ -698,93 +782,192 @@ def paper_claims(results: dict) -> list[tuple[str, str, str]]:
     def pm(se: float | None) -> str:
         return f" (± {se:.1f} s.e.)" if se is not None else ""
 
-    if {"skip", "skipless", "skipless_init"} <= by.keys():
+    def across_seeds(ev: str, a: str, b: str, what: str = "value") -> dict | None:
+        """The seed-level test of ``a`` > ``b`` (adamw), when there are >= 2 seeds."""
+        t = sl.get(ev, {}).get("comparisons", {}).get(f"{a}_adamw vs {b}_adamw ({what})")
+        return t if t is not None and t.get("se") is not None else None
+
+    def seed_evidence(ev: str, a: str, b: str, what: str, unit: str) -> str:
+        rows = sl[ev]["models"]
+        key = "gain" if what == "gain" else "value"
+        ma, mb = rows[f"{a}_adamw"][key], rows[f"{b}_adamw"][key]
+        lead = "gain over own init, " if what == "gain" else ""
+        return (
+            f"{lead}{unit} {a} {fmt_seed(ma)} vs {b} {fmt_seed(mb)}; difference "
+            f"{fmt_test(across_seeds(ev, a, b, what))}"
+        )
+
+    variants = {"skip", "skipless", "skipless_init"}
+    if variants <= by.keys():
         for when, claim in (
             ("init", "Skipless at the default init is ill-conditioned; the paper's init fixes it "
                      "(Sec. 4, Tables 5-6)"),
             ("end", "After training, skipless_init stays well conditioned; skipless does not "
                     "(Table 6)"),
         ):  # fmt: skip
-            k = {v: max(by[v][f"kappa_{when}"].values()) for v in by}
-            if k["skipless"] > SINGULAR and k["skipless_init"] < WELL_CONDITIONED:
+            per_seed = [
+                {v: max(rs[v][f"kappa_{when}"].values()) for v in variants}
+                for _, rs in sorted(by_seed.items())
+                if variants <= rs.keys() and all(f"kappa_{when}" in rs[v] for v in variants)
+            ]
+            if all(k["skipless"] > SINGULAR and k["skipless_init"] < WELL_CONDITIONED
+                   for k in per_seed):  # fmt: skip
                 verdict = "shown"
-            elif k["skipless"] > SINGULAR and k["skipless_init"] < SINGULAR:
+            elif all(k["skipless"] > SINGULAR and k["skipless_init"] < SINGULAR for k in per_seed):
                 verdict = "partly shown"  # finite, but far above the paper's tens
             else:
                 verdict = "not shown"
+
+            def span(v: str, ks=per_seed) -> str:
+                lo, hi = min(k[v] for k in ks), max(k[v] for k in ks)
+                return _fmt_kappa(lo) if lo == hi else f"{_fmt_kappa(lo)}-{_fmt_kappa(hi)}"
+
+            seeds_txt = f" over {len(per_seed)} seeds" if len(per_seed) > 1 else ""
             out.append((
                 claim,
                 verdict,
-                f"max κ at {when}: skip {_fmt_kappa(k['skip'])}, skipless "
-                f"{_fmt_kappa(k['skipless'])}, skipless_init {_fmt_kappa(k['skipless_init'])} "
+                f"max κ at {when}{seeds_txt}: skip {span('skip')}, skipless {span('skipless')}, "
+                f"skipless_init {span('skipless_init')} "
                 "(paper, ViT-S: skip 1.0-1.6, skipless ∞, skipless_init 2.7-22)",
             ))  # fmt: skip
+    if n_seeds > 1 and "knn" in sl:
+        for claim, ev, a, b, what, unit in (
+            ("Removing the skips hurts: skip learns better features than skipless", "knn",
+             "skip", "skipless", "value", "k-NN top-1"),
+            ("The paper's init makes skipless trainable: skipless_init beats skipless", "knn",
+             "skipless_init", "skipless", "value", "k-NN top-1"),
+            ("skipless_init gains more from training than skip", "knn", "skipless_init", "skip",
+             "gain", "k-NN"),
+            ("skipless_init matches or beats skip", "knn", "skipless_init", "skip", "value",
+             "k-NN top-1"),
+        ):  # fmt: skip
+            t = across_seeds(ev, a, b, what)
+            if t is None:
+                continue
+            v = t["verdict"]
+            if claim.endswith("matches or beats skip") and v == "within noise":
+                v = "shown (a tie within seed noise)"
+            out.append((f"{claim} (k-NN)", v, seed_evidence(ev, a, b, what, unit)))
     if {"skip", "skipless_init"} <= by.keys():
         s, n = by["skip"], by["skipless_init"]
         for mode, what in (("single", "single block"), ("multiscale", "multiscale")):
             key = f"linprobe_{mode}_miou"
+            if key not in s or key not in n:
+                continue
+            claim = f"skipless_init beats skip on dense linear probing, {what} (Table 2)"
+            t = across_seeds(f"linprobe_{mode}", "skipless_init", "skip")
+            if t is not None:
+                out.append((claim, t["verdict"],
+                            seed_evidence(f"linprobe_{mode}", "skipless_init", "skip", "value",
+                                          "mIoU")))  # fmt: skip
+                continue
             se = miou_se(n, s, mode)
+            one = " (one training seed: evaluation noise only)" if n_seeds == 1 else ""
             out.append(
                 (
-                    f"skipless_init beats skip on dense linear probing, {what} (Table 2)",
+                    claim,
                     compare(n[key], s[key], se),
-                    f"mIoU skipless_init {n[key]:.2f} vs skip {s[key]:.2f}{pm(se)}",
+                    f"mIoU skipless_init {n[key]:.2f} vs skip {s[key]:.2f}{pm(se)}{one}",
                 )
             )
-        if det:
-            se = corloc_se(n, s)
-            out.append(
-                (
-                    "skipless_init beats skip on TokenCut object discovery (Fig. 3)",
-                    compare(n[det]["corloc"], s[det]["corloc"], se),
-                    f"CorLoc skipless_init {n[det]['corloc']:.1f} vs skip "
-                    f"{s[det]['corloc']:.1f}{pm(se)}",
+        if det and det in s and det in n:
+            claim = "skipless_init beats skip on TokenCut object discovery (Fig. 3)"
+            t = across_seeds(det, "skipless_init", "skip")
+            if t is not None:
+                out.append((claim, t["verdict"],
+                            seed_evidence(det, "skipless_init", "skip", "value", "CorLoc")))  # fmt: skip
+            else:
+                se = corloc_se(n, s)
+                out.append(
+                    (
+                        claim,
+                        compare(n[det]["corloc"], s[det]["corloc"], se),
+                        f"CorLoc skipless_init {n[det]['corloc']:.1f} vs skip "
+                        f"{s[det]['corloc']:.1f}{pm(se)}",
+                    )
                 )
-            )
     evals = results.get("evaluations", {})
-    run_of = {r["variant"]: name for name, r in runs.items() if r is by.get(r["variant"])}
-    for v, r in by.items():
-        if v not in base:
-            continue
-        b = base[v]
-        # the paired test of each evaluation against the run's own init (same images) where
-        # the page has one, else the unpaired s.e. (which can only understate a gain)
-        parts = []
-        for name, ev, key in (("k-NN", "knn", "knn_top1"),
-                              ("mIoU", "linprobe_single", "linprobe_single_miou"),
-                              ("mIoU multiscale", "linprobe_multiscale",
-                               "linprobe_multiscale_miou")):  # fmt: skip
-            paired = evals.get(ev, {}).get("runs", {}).get(run_of[v], {}).get("vs_floor")
-            se = (
-                paired["se"]
-                if paired
-                else knn_se(r, b)
-                if ev == "knn"
-                else miou_se(r, b, ev.split("_")[1])
+    for v in sorted({r["variant"] for r in adamw}, key=["skip", "skipless", "skipless_init"].index):
+        per_seed_verdicts = []
+        for seed, rs in sorted(by_seed.items()):
+            if v not in rs:
+                continue
+            r = rs[v]
+            fl = r.get("floor", v)
+            if fl not in base:
+                continue
+            b = base[fl]
+            name = next(nm for nm, x in runs.items() if x is r)
+            # the paired test of each evaluation against the run's own init (same images)
+            # where the page has one, else the unpaired s.e. (which can only understate a gain)
+            parts = []
+            for label, ev, key in (("k-NN", "knn", "knn_top1"),
+                                   ("mIoU", "linprobe_single", "linprobe_single_miou"),
+                                   ("mIoU multiscale", "linprobe_multiscale",
+                                    "linprobe_multiscale_miou")):  # fmt: skip
+                if key not in r or key not in b:
+                    continue
+                paired = evals.get(ev, {}).get("runs", {}).get(name, {}).get("vs_floor")
+                se = (
+                    paired["se"]
+                    if paired
+                    else knn_se(r, b)
+                    if ev == "knn"
+                    else miou_se(r, b, ev.split("_")[1])
+                )
+                parts.append((label, compare(r[key], b[key], se), r[key] - b[key], se))
+            if det and det in r and det in b:
+                paired = evals.get(det, {}).get("runs", {}).get(name, {}).get("vs_floor")
+                se = paired["se"] if paired else corloc_se(r, b)
+                parts.append(("CorLoc", compare(r[det]["corloc"], b[det]["corloc"], se),
+                              r[det]["corloc"] - b[det]["corloc"], se))  # fmt: skip
+            verdicts = [p[1] for p in parts]
+            shown = [p[0] for p in parts if p[1] == "shown"]
+            verdict = (
+                "shown"
+                if set(verdicts) == {"shown"}
+                else "not shown"
+                if "not shown" in verdicts
+                else f"shown on {', '.join(shown)} only"
+                if shown
+                else "within noise"
             )
-            parts.append((name, compare(r[key], b[key], se), r[key] - b[key], se))
-        if det:
-            paired = evals.get(det, {}).get("runs", {}).get(run_of[v], {}).get("vs_floor")
-            se = paired["se"] if paired else corloc_se(r, b)
-            parts.append(("CorLoc", compare(r[det]["corloc"], b[det]["corloc"], se),
-                          r[det]["corloc"] - b[det]["corloc"], se))  # fmt: skip
-        verdicts = [p[1] for p in parts]
-        shown = [p[0] for p in parts if p[1] == "shown"]
+            per_seed_verdicts.append((seed, verdict, parts))
+        if not per_seed_verdicts:
+            continue
+        claim = (
+            f"(precondition, not a paper claim) pretraining taught {v} something: "
+            "it beats its own random init"
+        )
+        if len(per_seed_verdicts) == 1:
+            _, verdict, parts = per_seed_verdicts[0]
+            out.append((
+                claim,
+                verdict,
+                "gain over its own init (paired s.e.): "
+                + ", ".join(f"{label} {g:+.1f}{pm(se)}" for label, _, g, se in parts),
+            ))  # fmt: skip
+            continue
+        kinds = [vd for _, vd, _ in per_seed_verdicts]
+        knn_shown = sum(
+            any(label == "k-NN" and vd == "shown" for label, vd, _, _ in parts)
+            for _, _, parts in per_seed_verdicts
+        )
+        n = len(per_seed_verdicts)
         verdict = (
-            "shown"
-            if set(verdicts) == {"shown"}
-            else "not shown"
-            if "not shown" in verdicts
-            else f"shown on {', '.join(shown)} only"
-            if shown
-            else "within noise"
+            kinds[0] + f" (all {n} seeds)"
+            if len(set(kinds)) == 1
+            else (f"k-NN shown in {knn_shown} of {n} seeds")
         )
         out.append((
-            f"(precondition, not a paper claim) pretraining taught {v} something: "
-            "it beats its own random init",
+            claim,
             verdict,
-            "gain over its own init (paired s.e.): "
-            + ", ".join(f"{name} {g:+.1f}{pm(se)}" for name, _, g, se in parts),
+            "gain over its own init (paired s.e.), per seed: "
+            + "; ".join(
+                f"seed {seed}: "
+                + ", ".join(f"{label} {g:+.1f}{pm(se)}" for label, _, g, se in parts)
+                for seed, _, parts in per_seed_verdicts
+            ),
         ))  # fmt: skip
     return out
 
@@ -854,7 +1037,56 @@ def headroom_markdown(results: dict) -> list[str]:
     return lines
 
 
-def results_markdown(results: dict) -> str:
+def seed_level_markdown(results: dict) -> list[str]:
+    """The variants over training seeds: each evaluation's table and the tests across seeds."""
+    sl = results.get("seed_level")
+    if not sl:
+        return []
+    seeds = results.get("seeds", [0])
+    lines = [
+        "",
+        f"## Over training seeds ({len(seeds)}: run.seed {', '.join(map(str, seeds))})",
+        "",
+        "Mean over training seeds ± its s.e.; **between-seed s.d.** (how much another seed of the "
+        "same recipe differs) next to the **mean within-run s.e.** (the evaluation's noise for one "
+        "trained model: binomial over k-NN queries or TokenCut images, bootstrap over probe "
+        "images). Gain: each run against its own initialisation (the paired test on the same "
+        "images), z per seed. Floors are the runs' own inits.",
+    ]
+    for ev, block in sl.items():
+        title = EVAL_TITLES.get(ev, f"TokenCut CorLoc (%), {ev.removeprefix('tokencut_')}")
+        lines += ["", f"**{title}**", ""]
+        lines += ["| model | seeds | mean ± s.e. | between-seed s.d. | within-run s.e. | "
+                  "gain over own init | z per seed |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+
+        def cell(x: float | None) -> str:
+            return "–" if x is None else f"{x:.2f}"
+
+        for kind, rows in (("floor", block["floors"]), ("model", block["models"])):
+            for name, r in rows.items():
+                label = f"floor: {name} at its own init" if kind == "floor" else name
+                v = r["value"]
+                gain = r.get("gain")
+                g = "–" if not gain else (
+                    f"{gain['mean']:+.2f}" + (f" ± {gain['se']:.2f}" if gain["se"] is not None else "")
+                )  # fmt: skip
+                zs = ", ".join("–" if z is None else f"{z:.1f}" for z in r.get("per_seed_z", []))
+                mean = f"{v['mean']:.2f}" + (f" ± {v['se']:.2f}" if v["se"] is not None else "")
+                lines.append(
+                    f"| {label} | {v['n']} | {mean} | {cell(v['sd'])} | {cell(r['within_se'])} "
+                    f"| {g} | {zs or '–'} |"
+                )
+        tested = {n: t for n, t in block["comparisons"].items() if t["se"] is not None}
+        if tested:
+            lines += ["", "| comparison across seeds | difference | verdict |", "|---|---|---|"]
+            for name, t in tested.items():
+                lines.append(f"| {name} | {fmt_test(t)} | {t['verdict']} |")
+        elif block["comparisons"]:
+            lines += ["", "One training seed here: the variants are not compared across seeds."]
+    return lines
+
+
+def run_rows(results: dict) -> list[tuple[str, dict]]:
     runs, base = results["runs"], results.get("baselines", {})
     rows = list(runs.items()) + [(f"random init {v}", r) for v, r in base.items()]
     rows += [
@@ -862,20 +1094,61 @@ def results_markdown(results: dict) -> str:
         for name, r in results.get("references", {}).items()
         if name.startswith("supervised_")
     ]
+    return rows
+
+
+def world_section(results: dict, rel: str) -> list[str]:
+    """Another world's replication (e.g. ``OUT/photos``) summarised on this page."""
+    world = results.get("world", "?")
     lines = [
-        "# Small-scale replication",
+        "",
+        f"## Second world: {world} ([its page]({rel}/RESULTS.md))",
+        "",
+        f"The same recipe and variants on the **{world}** world "
+        "(`dino_skipless/data/worlds.py`), "
+        f"{len(results.get('seeds', [0]))} training seeds; k-NN only.",
+    ]
+    lines += seed_level_markdown(results)[2:]
+    lines += ["", "| claim | verdict | evidence |", "|---|---|---|"]
+    lines += [f"| {c} | **{v}** | {e} |" for c, v, e in paper_claims(results)]
+    return lines
+
+
+def results_markdown(results: dict, out: Path | None = None) -> str:
+    runs = results["runs"]
+    rows = run_rows(results)
+    world = results.get("world", "patterns")
+    lines = [
+        "# Small-scale replication" + (f": the {world} world" if world != "patterns" else ""),
         "",
         f"Recipe: `{results['config']}`"
         + (" (quick mode)" if results["quick"] else "")
         + (f", overrides `{' '.join(results['overrides'])}`" if results["overrides"] else "")
+        + f", training seeds {results.get('seeds', [0])}"
+        + (
+            f" (every evaluation for seeds {results['full_eval_seeds']}, k-NN and κ only for the"
+            " others)"
+            if results.get("full_eval_seeds") not in (None, results.get("seeds"))
+            else ""
+        )
         + ". Generated by `scripts/replicate_small.py`; every number below is read from the"
         " stage's own `results.json` under this folder.",
+    ]
+    lines += seed_level_markdown(results)
+    lines += [
         "",
-        "## Dense linear probing (mIoU, paper Table 2 layout) and the k-NN monitor",
+        "## The paper's claims at this scale",
+        "",
+        "| claim | this run | evidence |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {c} | **{v}** | {e} |" for c, v, e in paper_claims(results)]
+    lines += [
+        "",
+        "## Every run: dense linear probing (mIoU, paper Table 2 layout) and k-NN",
         "",
         "mIoU ± its bootstrap standard error over the validation images; k-NN top-1 in percent"
-        " (one binomial s.e. is about 100·sqrt(p(1-p)/n)). Differences within two standard"
-        " errors are reported as noise in the claims table below.",
+        " (one binomial s.e. is about 100·sqrt(p(1-p)/n)); `–`: not evaluated for this seed.",
         "",
         "| run | steps | final DINO loss | k-NN top-1 | single block | multiscale |",
         "|---|---|---|---|---|---|",
@@ -887,8 +1160,16 @@ def results_markdown(results: dict) -> str:
         if (r.get("collapse") or {}).get("collapsed"):
             loss += f" (collapse alarm at step {r['collapse']['collapsed_at_step']})"
         single, multi = (
-            f"{r[f'linprobe_{m}_miou']:.2f}"
-            + (f" ± {r[f'linprobe_{m}_se']:.2f}" if r.get(f"linprobe_{m}_se") is not None else "")
+            (
+                f"{r[f'linprobe_{m}_miou']:.2f}"
+                + (
+                    f" ± {r[f'linprobe_{m}_se']:.2f}"
+                    if r.get(f"linprobe_{m}_se") is not None
+                    else ""
+                )
+            )
+            if f"linprobe_{m}_miou" in r
+            else "–"
             for m in ("single", "multiscale")
         )
         lines.append(
@@ -896,12 +1177,18 @@ def results_markdown(results: dict) -> str:
             f"{multi} |"
         )
     det_keys = sorted({k for r in runs.values() for k in r if k.startswith("tokencut_")})
-    lines += ["", "## Object discovery (TokenCut CorLoc, best block; paper Fig. 3 layout)", ""]
-    lines += ["| run | " + " | ".join(k.removeprefix("tokencut_") for k in det_keys) + " |"]
-    lines += ["|---|" + "---|" * len(det_keys)]
-    for name, r in rows:
-        cells = [f"{r[k]['corloc']:.1f} (block {r[k]['best_layer']})" for k in det_keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if det_keys:
+        lines += ["", "## Object discovery (TokenCut CorLoc, best block; paper Fig. 3 layout)", ""]
+        lines += ["| run | " + " | ".join(k.removeprefix("tokencut_") for k in det_keys) + " |"]
+        lines += ["|---|" + "---|" * len(det_keys)]
+        for name, r in rows:
+            if not any(k in r for k in det_keys):
+                continue
+            cells = [
+                f"{r[k]['corloc']:.1f} (block {r[k]['best_layer']})" if k in r else "–"
+                for k in det_keys
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     layers = sorted({int(k) for r in runs.values() for k in r["kappa_init"]})
     lines += ["", "## Self-attention Jacobian conditioning κ(K_l K_lᵀ) (paper Table 6 layout)", ""]
     lines += ["| run | when | " + " | ".join(f"L{i}" for i in layers) + " |"]
@@ -915,31 +1202,28 @@ def results_markdown(results: dict) -> str:
                 + " |"
             )
     lines += headroom_markdown(results)
+    lines += ["", "## Figures", ""]
+    if results.get("pca_figure"):
+        lines += ["![PCA of the last block's patch features](pca.png)", ""]
     lines += [
-        "",
-        "## The paper's claims at this scale",
-        "",
-        "| claim | this run | evidence |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {c} | **{v}** | {e} |" for c, v, e in paper_claims(results)]
-    lines += [
-        "",
-        "## Figures",
-        "",
-        "![PCA of the last block's patch features](pca.png)",
-        "",
-        "![Training curves: loss, teacher entropy, per-block condition numbers]"
-        "(training_curves.png)",
+        "![Training curves: loss, teacher information, per-block condition numbers, online "
+        "k-NN](training_curves.png)",
         "",
     ]
     if results.get("timings_s"):
-        total = sum(results["timings_s"].values())
+        t = results["timings_s"]
+        total = sum(t.values())
+        train = sum(v for k, v in t.items() if k.endswith(("/pretrain", "/train")))
         lines += [
-            f"Wall time of the stages: {total / 60:.1f} min (a stage reused from an earlier, "
-            "interrupted invocation counts 0 when that invocation wrote no timings).",
+            f"Cost: {total / 60:.1f} min of stage wall time in all ({train / 60:.1f} min of "
+            f"training, from each run's own `summary.json`; {(total - train) / 60:.1f} min of "
+            "evaluation, a stage reused from an earlier invocation keeping the time it took "
+            "then).",
             "",
         ]
+    for sub in sorted(out.iterdir()) if out is not None else []:
+        if sub.is_dir() and (sub / "results.json").exists() and sub.name in WORLD_CHOICES:
+            lines += world_section(load_json(sub / "results.json"), sub.name)
     return "\n".join(lines)
 
 

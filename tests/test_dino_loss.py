@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dino_skipless.dino import DINOLoss, dino_loss
 from dino_skipless.dino.loss import teacher_entropies
@@ -163,3 +164,71 @@ def test_teacher_entropies_hand_cases():
     per_row, of_mean = teacher_entropies(torch.tensor(t), torch.tensor(c), 0.07)
     assert per_row == pytest.approx(want_row, rel=1e-5)
     assert of_mean == pytest.approx(want_mean, rel=1e-5)
+
+
+def _dinov2_sinkhorn_knopp(teacher_output, teacher_temp, n_iterations=3):
+    """DINOv2's ``SinkhornKnoppTeacher.sinkhorn_knopp_teacher`` (single process), verbatim
+    apart from float64: the reference for ours."""
+    q = torch.exp(teacher_output.double() / teacher_temp).t()
+    b, k = q.shape[1], q.shape[0]
+    q /= torch.sum(q)
+    for _ in range(n_iterations):
+        q /= torch.sum(q, dim=1, keepdim=True)
+        q /= k
+        q /= torch.sum(q, dim=0, keepdim=True)
+        q /= b
+    q *= b
+    return q.t()
+
+
+def test_sinkhorn_knopp_matches_dinov2_and_balances_the_batch():
+    from dino_skipless.dino.loss import sinkhorn_knopp_targets
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(64, 32, generator=g) * 0.05  # small logits: upstream's exp does not overflow
+    ours = sinkhorn_knopp_targets(t, 0.04, 3)
+    ref = _dinov2_sinkhorn_knopp(t, 0.04, 3)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-7)
+    # every image's target is a distribution; with more rounds every prototype gets 1/K of
+    # the batch: here B/K = 2 images' worth of mass each
+    torch.testing.assert_close(ours.sum(1), torch.ones(64), rtol=1e-5, atol=1e-6)
+    many = sinkhorn_knopp_targets(t, 0.04, 200)
+    torch.testing.assert_close(many.sum(0), torch.full((32,), 2.0), rtol=1e-3, atol=1e-3)
+    # logits that would overflow float32's exp upstream (x / T = 2,500) stay finite here
+    big = sinkhorn_knopp_targets(t * 2000, 0.04, 3)
+    assert torch.isfinite(big).all()
+    torch.testing.assert_close(big.sum(1), torch.ones(64), rtol=1e-5, atol=1e-6)
+
+
+def test_loss_with_sinkhorn_knopp_uses_its_targets_and_keeps_no_centre():
+    from dino_skipless.dino.loss import cross_entropy_over_views, sinkhorn_knopp_targets
+
+    g = torch.Generator().manual_seed(1)
+    n_crops, b, k = 4, 8, 16
+    s, t = torch.randn(n_crops * b, k, generator=g), torch.randn(2 * b, k, generator=g)
+    fn = DINOLoss(k, n_crops, 0.04, 0.04, 0, 5, centering="sinkhorn_knopp")
+    loss = fn(s, t, epoch=0)
+    q = sinkhorn_knopp_targets(t, 0.04, 3)  # over both global views at once, as DINOv2
+    assert loss.item() == pytest.approx(cross_entropy_over_views(s, q, 0.1, n_crops).item())
+    assert torch.equal(fn.center, torch.zeros(1, k))  # DINOv2 keeps no centre with SK
+    h, hb = fn.last_entropies  # the collapse monitor reads the targets actually used
+    assert hb - h > 0
+    with pytest.raises(ValueError, match="centering"):
+        DINOLoss(k, n_crops, centering="median")
+
+
+def test_koleo_matches_dinov2_and_rewards_spread():
+    from dino_skipless.dino.loss import koleo_loss
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 8, generator=g)
+    # DINOv2's KoLeoLoss, verbatim apart from the module wrapper
+    y = F.normalize(x, eps=1e-8, p=2, dim=-1)
+    dots = torch.mm(y, y.t())
+    dots.view(-1)[:: (len(y) + 1)].fill_(-1)
+    _, nn_idx = torch.max(dots, dim=1)
+    ref = -torch.log(torch.nn.PairwiseDistance(2, eps=1e-8)(y, y[nn_idx]) + 1e-8).mean()
+    assert koleo_loss(x).item() == pytest.approx(ref.item(), rel=1e-6)
+    # images pressed together cost more than images spread out
+    tight = torch.ones(12, 8) + 1e-3 * torch.randn(12, 8, generator=g)
+    assert koleo_loss(tight) > koleo_loss(x)

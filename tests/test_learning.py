@@ -1,6 +1,6 @@
 """Does the trainer teach anything? (issue 17, point 6)
 
-A short run of the CPU learning recipe (``configs/learn_cpu.yaml`` shrunk to 4 blocks and
+A short run of the CPU recipe (``configs/quickstart_cpu.yaml`` shrunk to 4 blocks and
 32/16 px crops: 930 DINO steps, 151 s on 2 idle cores with the k-NN) must beat its own
 initialisation (``RUN/init``, exported before step 0) on the k-NN of the pattern world, image
 by image (``paired_knn``: exact McNemar test on 1,998 held-out images).
@@ -29,14 +29,16 @@ from dino_skipless.dino.trainer import train
 from eval.knn import main as knn_main
 from eval.knn import paired_knn
 
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "learn_cpu.yaml"
-# 930 steps of batch 32; depth, crops and epochs are the only changes to configs/learn_cpu.yaml
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "quickstart_cpu.yaml"
+# 930 steps of batch 32; depth, crops and epochs are the only changes to the recipe (the online
+# monitor is off: this test scores with eval.knn, whose numbers its bars were measured with)
 SHORT = {
     "model.variant": "skip",
     "model.depth": 4,
     "aug.global_size": 32,
     "aug.local_size": 16,
     "optim.epochs": 30,
+    "monitor.knn_every": 0,
     "run.progress": False,
     "run.tensorboard": False,
 }

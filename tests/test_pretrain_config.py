@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from dino_skipless.dino.checkpoint import ResumeError, check_resume_config
 from dino_skipless.dino.config import (
     ConfigError,
     PretrainConfig,
@@ -184,26 +186,60 @@ def test_quickstart_config_is_small():
     assert cfg.out_dir() == Path("runs/quickstart")
 
 
-def test_learn_config_is_the_quickstart_with_its_documented_changes():
-    # configs/learn_cpu.yaml's header and the README list exactly these differences; any other
-    # drift would make the README's screen (quickstart + these overrides) describe another recipe.
+def test_quickstart_differs_from_the_published_recipe_only_where_documented():
+    # configs/quickstart_cpu.yaml's comments and the README ("Does the trainer learn?") explain
+    # exactly these changes for a CPU; any other drift would be an undocumented method change.
     quick = load_yaml(CONFIGS / "quickstart_cpu.yaml").validate().to_dict()
-    learn = load_yaml(CONFIGS / "learn_cpu.yaml").validate().to_dict()
+    ref = PretrainConfig().to_dict()
     changed = {
-        (s, k): (quick[s][k], learn[s][k])
+        (s, k)
         for s in quick
         if isinstance(quick[s], dict)
         for k in quick[s]
-        if quick[s][k] != learn[s][k]
+        if quick[s][k] != ref[s][k]
     }
-    assert changed == {
-        ("aug", "global_size"): (64, 48),
-        ("aug", "local_size"): (32, 24),
-        ("aug", "n_local"): (4, 2),
-        ("dino", "warmup_teacher_temp"): (0.01, 0.04),
-        ("dino", "teacher_temp"): (0.01, 0.04),
-        ("optim", "epochs"): (16, 48),
-        ("data", "augment_on"): ("cpu", "device"),
-        ("run", "out"): ("runs/quickstart", "runs/learn"),
-        ("run", "cpu_threads"): (1, 2),
-    }
+    sizes = {("model", "arch"), ("model", "patch_size"), ("aug", "global_size"),
+             ("aug", "local_size"), ("aug", "n_local"), ("aug", "blur_sigma"),
+             ("dino", "out_dim"), ("dino", "head_hidden_dim"), ("dino", "head_bottleneck_dim"),
+             ("data", "batch_size_per_gpu"), ("data", "num_workers"), ("data", "synthetic_size")}  # fmt: skip
+    schedule = {("dino", "momentum_teacher"), ("dino", "teacher_temp"),
+                ("dino", "warmup_teacher_temp_epochs"), ("optim", "epochs"), ("optim", "lr"),
+                ("optim", "min_lr"), ("optim", "warmup_epochs")}  # fmt: skip
+    bookkeeping = {("data", "augment_on"), ("monitor", "knn_every"), ("run", "out"),
+                   ("run", "precision"), ("run", "cpu_threads"), ("run", "saveckp_freq"),
+                   ("run", "keep_epochs")}  # fmt: skip
+    assert changed == sizes | schedule | bookkeeping
+    # the published starting temperature, the centring and the student side are untouched
+    assert quick["dino"]["warmup_teacher_temp"] == 0.04 == quick["dino"]["teacher_temp"]
+    assert quick["dino"]["centering"] == "centering" and quick["dino"]["student_temp"] == 0.1
+
+
+def test_monitor_and_remedy_values_are_range_checked():
+    """The #29 keys take their range from their field type like every other (issue 33)."""
+    for key, value, want in (
+        ("monitor.knn_holdout_fraction", 1.0, "monitor.knn_holdout_fraction must be in [0, 1)"),
+        ("monitor.knn_k", 0, "monitor.knn_k must be >= 1, got 0"),
+        ("monitor.knn_temperature", 0.0, "monitor.knn_temperature must be > 0"),
+        ("monitor.knn_every", -1, "monitor.knn_every must be >= 0"),
+        ("dino.koleo_weight", -0.1, "dino.koleo_weight must be >= 0"),
+        ("dino.sk_iterations", 0, "dino.sk_iterations must be >= 1"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(want)):
+            build_config(overrides={key: value})
+    build_config(overrides={"monitor.knn_holdout_fraction": 0.0, "monitor.knn_every": 0})
+
+
+def test_resume_may_change_how_the_monitor_scores_not_what_it_holds_out():
+    """The monitor's k, temperature, bank and cadence are bookkeeping; switching it on or off, or
+    changing its held-out queries, changes the images pretrained on (``holdout_split``)."""
+    saved = PretrainConfig().to_dict()
+    scoring = {"monitor.knn_k": 5, "monitor.knn_every": 3, "monitor.knn_bank": 10}
+    check_resume_config(saved, build_config(overrides=scoring), 0, 1, "ck")
+    for key, value in (
+        ("monitor.knn_every", 0),
+        ("monitor.knn_holdout", False),
+        ("monitor.knn_queries", 10),
+        ("dino.koleo_weight", 0.1),
+    ):
+        with pytest.raises(ResumeError, match=re.escape(f"{key}: checkpoint")):
+            check_resume_config(saved, build_config(overrides={key: value}), 0, 1, "ck")

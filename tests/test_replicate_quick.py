@@ -183,11 +183,15 @@ def test_claim_verdicts_follow_the_numbers_and_their_noise():
 
 
 def test_finished_reuses_only_completed_runs(tmp_path):
-    # backbone.json is tracked with the results, so only summary.json tells a run is complete
+    # backbone.json and summary.json are tracked with the results, so a run is complete only
+    # when its summary says so and its weights are there
     finished = _load_script().finished
     assert not finished(tmp_path)
     (tmp_path / "backbone.json").write_text("{}")
     assert not finished(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"finished": True}))
+    assert not finished(tmp_path)  # a results folder's copy: the weights are not tracked
+    (tmp_path / "backbone.pt").write_bytes(b"")
     (tmp_path / "summary.json").write_text(json.dumps({"finished": False}))
     assert not finished(tmp_path)  # stopped at run.max_steps: resume it
     (tmp_path / "summary.json").write_text(json.dumps({"finished": True}))

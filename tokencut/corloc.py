@@ -11,10 +11,12 @@ official value bit for bit and CorLoc takes the official decision at the thresho
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
+
+# the paired tests live with the project's other statistics; importable from here as before
+from dino_skipless.stats import mcnemar_exact, paired_diff_se  # noqa: F401
 
 OFFICIAL_IOU_EPS = 1e-7
 
@@ -57,35 +59,3 @@ def corloc(best_ious: Sequence[float], threshold: float = 0.5) -> float:
     if np.isnan(v).any():
         raise ValueError("an image without ground-truth boxes was passed to corloc()")
     return float(100.0 * np.mean(v >= threshold))
-
-
-def paired_diff_se(only_a: int, only_b: int, n: int) -> float:
-    """Standard error (percent points) of the difference of two paired accuracies over ``n``
-    items, from the discordant counts: sqrt((b + c) - (b - c)^2 / n) / n."""
-    if n <= 0:
-        return float("nan")
-    b, c = int(only_a), int(only_b)
-    return 100.0 * max(b + c - (b - c) ** 2 / n, 0.0) ** 0.5 / n
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value for ``b`` vs ``c`` discordant pairs.
-
-    Under the null both kinds of discordant pair are equally likely, so ``min(b, c)`` is
-    Binomial(b + c, 1/2); the p-value doubles its lower tail (capped at 1). Exact rather than
-    chi-squared because a CorLoc difference often rests on a few dozen discordant images.
-    """
-    if b < 0 or c < 0:
-        raise ValueError(f"discordant counts must be >= 0, got {b}, {c}")
-    n = b + c
-    if n == 0:
-        return 1.0
-    k = min(b, c)
-    # log-space so that thousands of images do not overflow the binomial coefficients
-    logs = [
-        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
-        for i in range(k + 1)
-    ]
-    top = max(logs)
-    tail = math.exp(top) * sum(math.exp(v - top) for v in logs)
-    return min(1.0, 2.0 * tail)

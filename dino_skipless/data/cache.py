@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from ..fileio import current_umask
@@ -39,23 +40,42 @@ def synthetic_root(
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    return cached_generation(
+        cache_key(fmt, n, size, seed, vary),
+        lambda root: manifest_matches(root, fmt, n, size, seed, vary),
+        lambda root: generate(root, fmt, n, size, seed, vary=vary, keep_truth=False),
+        cache_dir,
+    )
+
+
+def cached_generation(
+    name: str,
+    matches: Callable[[Path], bool],
+    make: Callable[[Path], object],
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """``cache_dir/name``, made by ``make(tmp)`` unless ``matches`` says a complete copy is there.
+
+    Written into a temporary sibling and renamed into place, so a killed run never leaves a
+    partial dataset and concurrent callers agree on one copy; a copy that does not match (another
+    generator version) is replaced."""
     parent = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = parent / cache_key(fmt, n, size, seed, vary)
-    if manifest_matches(final, fmt, n, size, seed, vary):
+    final = parent / name
+    if matches(final):
         return final
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the cache from colleagues
     try:
-        generate(tmp, fmt, n, size, seed, vary=vary, keep_truth=False)
-        if final.exists() and not manifest_matches(final, fmt, n, size, seed, vary):
+        make(tmp)
+        if final.exists() and not matches(final):
             stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale-", dir=parent))
             os.replace(final, stale / "old")
             shutil.rmtree(stale, ignore_errors=True)
         try:
             os.rename(tmp, final)
         except OSError:
-            if not manifest_matches(final, fmt, n, size, seed, vary):
+            if not matches(final):
                 raise
     finally:
         if tmp.exists():

@@ -64,6 +64,12 @@ class ImageFolderDataset(_ReaderBase):
         self.ids = [str(p.relative_to(self.root)) for p, _ in self.samples]
         self.transform = transform
 
+    def restrict(self, indices) -> None:
+        """Keep only the images at ``indices`` (in that order); the classes stay as scanned."""
+        self.samples = [self.samples[i] for i in indices]
+        self.targets = [t for _, t in self.samples]
+        self.ids = [str(p.relative_to(self.root)) for p, _ in self.samples]
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)

@@ -79,6 +79,14 @@ RESUME_MAY_CHANGE = frozenset(
         "run.collapse_window",
         "run.collapse_min_info",
         "run.on_collapse",
+        # how the online k-NN monitor scores (and, in _same, monitor.knn_every between non-zero
+        # values), not which images it holds out of pretraining (knn_every 0 <-> N, knn_holdout,
+        # knn_holdout_fraction, knn_queries, knn_root)
+        "monitor.knn_k",
+        "monitor.knn_temperature",
+        "monitor.knn_bank",
+        "monitor.knn_resolution",
+        "monitor.knn_batch_size",
     }
 )
 
@@ -100,6 +108,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def _same(key: str, a, b) -> bool:
     if key == "data.path" and a and b:  # one folder, named relatively once and absolutely once
         return a == b or Path(a).resolve() == Path(b).resolve()
+    if key == "monitor.knn_every":  # off <-> on changes the images held out of pretraining
+        return (a == 0) == (b == 0)
     return a == b
 
 
@@ -260,6 +270,7 @@ def save_checkpoint(r: RunState, path: Path) -> None:
         "teacher": r.teacher.state_dict(),
         "optimizer": r.optimizer.state_dict(),
         "dino_loss": r.loss_fn.state_dict(),
+        "teacher_temp_scale": r.loss_fn.teacher_temp_scale,
         "scaler": r.scaler.state_dict() if r.scaler.is_enabled() else None,
         "step": r.step,
         "epoch": r.step // r.niter_per_ep,
@@ -288,6 +299,10 @@ def resume(r: RunState) -> None:
     r.teacher.load_state_dict(ckpt["teacher"])
     r.optimizer.load_state_dict(ckpt["optimizer"])
     r.loss_fn.load_state_dict(ckpt["dino_loss"])
+    scale = float(ckpt.get("teacher_temp_scale", 1.0))
+    if scale != 1.0:  # the calibrated temperature of the run's start (dino/calibrate.py)
+        r.loss_fn.teacher_temp_schedule = r.loss_fn.teacher_temp_schedule * scale
+        r.loss_fn.teacher_temp_scale = scale
     if r.scaler.is_enabled() and ckpt.get("scaler"):
         r.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
@@ -300,6 +315,9 @@ def resume(r: RunState) -> None:
     r.saved_step = r.step
     if r.env.is_main:
         dropped = truncate_jsonl(r.out_dir / "log.jsonl", r.step)
+        # evaluations made at the saved step (epoch ends) belong to the run that continues
+        truncate_jsonl(r.out_dir / "knn.jsonl", r.step + 1)
+        truncate_jsonl(r.out_dir / "jacobian.jsonl", r.step + 1)
         extra = f"; dropped {dropped} log records written after it" if dropped else ""
         r.log.info(
             f"resumed from {path} at step {r.step} (epoch {r.step // r.niter_per_ep}, "

@@ -22,10 +22,12 @@ from typing import Any
 
 import yaml
 
+from ..data.worlds import WORLDS
 from ..models import ARCHS, VARIANTS
 from ..optim import OPTIMIZERS, AdamWConfig, SOAPConfig
 from ..ranges import (
     FiniteFloat,
+    FractionBelow1,
     NonNegFloat,
     NonNegInt,
     PositiveFloat,
@@ -35,6 +37,7 @@ from ..ranges import (
 )
 from .augment import AugConfig
 from .decode import ON_ERROR
+from .loss import CENTERINGS
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 ON_NONFINITE = ("stop", "skip")
@@ -77,6 +80,22 @@ class DINOConfig:
     warmup_teacher_temp_epochs: NonNegInt = 30  # README boosted ViT-S/16: 30
     student_temp: PositiveFloat = 0.1  # DINOLoss student_temp=0.1
     center_momentum: Probability = 0.9  # DINOLoss center_momentum=0.9
+    # How the teacher's target is made. "centering" (DINO, the published recipe): EMA centre +
+    # sharpened softmax. "sinkhorn_knopp" (DINOv2 / SwAV, not in DINO): the batch is spread
+    # evenly over the prototypes by sk_iterations rounds of Sinkhorn-Knopp: the remedy when the
+    # random teacher starts with almost no information about low-variety images (README, "A
+    # remedy for low-information images"); the collapse alarm names it.
+    centering: str = "centering"
+    sk_iterations: PositiveInt = 3  # DINOv2 SinkhornKnoppTeacher n_iterations=3
+    # Teacher temperature chosen from the measured information at the start (not in DINO):
+    # before step 0 both temperatures are scaled down by the largest factor <= 1 at which the
+    # initial teacher target carries at least this many nats about the image (README, "A
+    # remedy for low-information images"). None: the temperatures as given (the published
+    # recipe). Never raises a temperature, so a run already above the target is unchanged.
+    teacher_temp_min_info: NonNegFloat | None = None
+    # DINOv2's KoLeo term on the student's CLS features of each global view (DINOv2
+    # dino.koleo_loss_weight 0.1; not in DINO, so 0 = off by default): spreads the images apart.
+    koleo_weight: NonNegFloat = 0.0
 
 
 @dataclass
@@ -100,7 +119,11 @@ class OptimConfig:
 class DataConfig:
     """Where images come from and how they are batched."""
 
-    path: str | None = None  # ImageFolder root (ImageNet train); None: synthetic scenes
+    path: str | None = None  # ImageFolder root (ImageNet train); None: a small world below
+    # Without --data: which small world (data/worlds.py) -- "patterns" (synthetic surface
+    # patterns), "photos" (crops of the photographs scikit-image ships, class = photograph) or
+    # "digits" (scikit-learn's 8x8 digits upscaled); synthetic_n / _size / _seed size it.
+    world: str = "patterns"
     batch_size_per_gpu: PositiveInt = 64  # main_dino.py --batch_size_per_gpu 64 (x16 GPUs = 1024)
     num_workers: NonNegInt = 10  # main_dino.py --num_workers 10
     pin_memory: bool = True  # main_dino.py DataLoader(pin_memory=True); CUDA only here
@@ -118,6 +141,28 @@ class DataConfig:
     # (dino/augment_device.py; float arithmetic, documented deviations of ~1/255).
     augment_on: str = "cpu"
     decode_draft: NonNegInt = 0  # device path: JPEG draft decode keeping sides >= N px (0 = off)
+
+
+@dataclass
+class MonitorConfig:
+    """Online k-NN monitor (``dino/monitor.py``; solo-learn / lightly style, not in the official
+    code): the teacher's CLS features of held-out images scored by DINO's weighted k-NN at step 0,
+    every ``knn_every`` epochs and at the end, and the last paired with the first (McNemar). It
+    reads the model and never touches the training RNG, so a run's losses are the same with it
+    on or off. Bookkeeping: it does not change the method."""
+
+    knn_every: NonNegInt = 10  # epochs between evaluations (0 = off; init and end are always done)
+    knn_k: PositiveInt = 20  # DINO eval_knn.py --nb_knn 20 (the reported k)
+    knn_temperature: PositiveFloat = 0.07  # DINO eval_knn.py --temperature 0.07
+    knn_bank: PositiveInt = 5000  # labelled bank images, at most (a seeded per-class subset)
+    knn_queries: PositiveInt = 1000  # held-out query images, at most
+    knn_resolution: PositiveInt | None = None  # resize + centre crop side; None: aug.global_size
+    knn_batch_size: PositiveInt = 256
+    # --data without a val/ sibling: hold knn_queries images (per class, seeded) out of
+    # pretraining so that no query is trained on; false: no monitor for such folders.
+    knn_holdout: bool = True
+    knn_holdout_fraction: FractionBelow1 = 0.1  # of each class's images, at most
+    knn_root: str | None = None  # another ImageFolder (train/ + val/, or class folders) to use
 
 
 @dataclass
@@ -165,6 +210,7 @@ class PretrainConfig:
     dino: DINOConfig = field(default_factory=DINOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     run: RunConfig = field(default_factory=RunConfig)
     name: str = "pretrain"  # run name (the YAML file's stem); default out dir runs/<name>
 
@@ -185,6 +231,8 @@ class PretrainConfig:
         _choice("run.on_collapse", r.on_collapse, ("warn", "stop"))
         _choice("data.on_error", self.data.on_error, ON_ERROR)
         _choice("data.augment_on", self.data.augment_on, AUGMENT_ON)
+        _choice("data.world", self.data.world, WORLDS)
+        _choice("dino.centering", self.dino.centering, CENTERINGS)
         if self.data.decode_draft and self.data.augment_on != "device":
             raise ConfigError(
                 f"data.decode_draft={self.data.decode_draft} needs data.augment_on=device "

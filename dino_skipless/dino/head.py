@@ -117,8 +117,12 @@ class MultiCropWrapper(nn.Module):
         self.head = head
 
     def forward(
-        self, x: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...],
+        return_backbone: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Head outputs ``(sum_crops B, K)``; with ``return_backbone`` also the backbone's CLS
+        features ``(sum_crops B, D)`` (the KoLeo term reads the student's)."""
         crops = [x] if isinstance(x, torch.Tensor) else list(x)
         if not crops:
             raise ValueError("MultiCropWrapper: got an empty list of crops")
@@ -136,4 +140,6 @@ class MultiCropWrapper(nn.Module):
             outputs.append(out)
             start = end
         feats = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        if return_backbone:
+            return self.head(feats), feats
         return self.head(feats)

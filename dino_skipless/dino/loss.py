@@ -8,11 +8,18 @@ the number of pairs (2 * 10 - 2 = 18 for the default 2 + 8 crops).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+# "centering": DINO's EMA centre + sharpened softmax (the published recipe, the default);
+# "sinkhorn_knopp": DINOv2 / SwAV's equipartition of the batch over the prototypes, the remedy
+# when the random teacher starts with almost no information about the images.
+CENTERINGS = ("centering", "sinkhorn_knopp")
 
 
 def _check_shapes(
@@ -48,18 +55,30 @@ def dino_loss(
     n_crops: int = 10,
     n_global: int = 2,
 ) -> torch.Tensor:
-    """DINO cross-entropy; rows are view-major (view 0's batch, then view 1's, ...) as upstream.
+    """DINO cross-entropy with the published centring; rows are view-major (view 0's batch,
+    then view 1's, ...) as upstream. The teacher targets are detached."""
+    _check_shapes(student_out, teacher_out, n_crops, n_global)
+    with torch.no_grad():
+        q = centered_targets(teacher_out, center, teacher_temp)
+    return cross_entropy_over_views(student_out, q, student_temp, n_crops, n_global)
 
-    The teacher targets are detached. Computed without materialising every pair: for teacher
-    view i, sum_{v != i} log p_v = (sum_v log p_v) - log p_i, which is identical to the
-    upstream double loop but touches each (B, K) block once.
-    """
-    batch = _check_shapes(student_out, teacher_out, n_crops, n_global)
+
+def cross_entropy_over_views(
+    student_out: torch.Tensor,
+    targets: torch.Tensor,
+    student_temp: float = 0.1,
+    n_crops: int = 10,
+    n_global: int = 2,
+) -> torch.Tensor:
+    """mean over (teacher view i, student view v != i) pairs of mean_b(-sum_k q log p).
+
+    Computed without materialising every pair: for teacher view i, sum_{v != i} log p_v =
+    (sum_v log p_v) - log p_i, which is identical to the upstream double loop but touches each
+    (B, K) block once."""
+    batch = _check_shapes(student_out, targets, n_crops, n_global)
     k = student_out.shape[1]
     logp = F.log_softmax(student_out.float() / student_temp, dim=-1).view(n_crops, batch, k)
-    with torch.no_grad():
-        q = F.softmax((teacher_out.float() - center.float()) / teacher_temp, dim=-1)
-        q = q.view(n_global, batch, k)
+    q = targets.float().view(n_global, batch, k)
     others = logp.sum(dim=0).unsqueeze(0) - logp[:n_global]  # (n_global, B, K)
     n_pairs = n_global * n_crops - n_global
     if n_pairs == 0:
@@ -68,21 +87,85 @@ def dino_loss(
 
 
 @torch.no_grad()
-def teacher_entropies(
+def centered_targets(
     teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float
-) -> tuple[float, float]:
-    """Collapse monitor (DINO paper Sec. 5.3, Fig. 7): ``(mean_b H(q_b), H(mean_b q_b))`` in nats.
+) -> torch.Tensor:
+    """DINO's teacher target: softmax((t - center) / T) per row."""
+    return F.softmax((teacher_out.float() - center.float()) / teacher_temp, dim=-1)
 
-    q_b is the centred, sharpened teacher distribution of row b. Both near ln K: uniform
-    collapse (every image gets the same flat target); both near 0: one-dimension collapse;
-    a healthy run keeps the first well below ln K and the second near ln K (the targets are
-    sharp and different images use different dimensions).
+
+def _global_logsumexp_rows(logq: torch.Tensor, distributed: bool) -> torch.Tensor:
+    """``(K, 1)`` log of each row's sum over the columns of every process."""
+    top = logq.max(dim=1, keepdim=True).values
+    if distributed:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.exp(logq - top).sum(dim=1, keepdim=True)
+    if distributed:
+        dist.all_reduce(total)
+    return top + total.log()
+
+
+@torch.no_grad()
+def sinkhorn_knopp_targets(
+    teacher_out: torch.Tensor, teacher_temp: float, n_iterations: int = 3
+) -> torch.Tensor:
+    """DINOv2's teacher target (``SinkhornKnoppTeacher``, as SwAV): the ``(B, K)`` logits / T,
+    exponentiated and alternately normalised so that every prototype gets 1/K of the batch's
+    mass and every image 1/B (``n_iterations`` rounds, DINOv2: 3); rows then sum to 1.
+
+    Unlike centring, this *forces* the batch to spread over the prototypes, so the target keeps
+    information about the image even when the random teacher barely tells images apart
+    (low-variety data). Under DDP the sums over images run over all processes, as upstream.
+    The same arithmetic as upstream, in log space: upstream's ``exp(x / T)`` overflows float32
+    once x / T > 88 and a prototype that every image scores far below the others underflows
+    to a row of zeros (0 / 0); normalising log-sums avoids both."""
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    logq = (teacher_out.float() / teacher_temp).t()  # (K, B), as upstream
+    n_protos, n_images = logq.shape[0], logq.shape[1] * world
+    # upstream first divides by the total; the row normalisation below makes that a no-op
+    for _ in range(n_iterations):
+        logq = logq - _global_logsumexp_rows(logq, distributed) - math.log(n_protos)
+        # per image (local: an image lives on one process)
+        logq = logq - torch.logsumexp(logq, dim=0, keepdim=True) - math.log(n_images)
+    return torch.exp(logq + math.log(n_images)).t()  # columns sum to 1: one per image
+
+
+@torch.no_grad()
+def target_entropies(q: torch.Tensor) -> tuple[float, float]:
+    """Collapse monitor (DINO paper Sec. 5.3, Fig. 7): ``(mean_b H(q_b), H(mean_b q_b))`` in
+    nats, of the ``(B, K)`` teacher targets actually used.
+
+    Both near ln K: uniform collapse (every image gets the same flat target); both near 0:
+    one-dimension collapse; a healthy run keeps the first well below ln K and the second near
+    ln K (the targets are sharp and different images use different dimensions).
     """
-    q = F.softmax((teacher_out.float() - center.float()) / teacher_temp, dim=-1)
+    q = q.float()
     per_row = -(q * q.clamp_min(1e-30).log()).sum(dim=-1).mean()
     mean_q = q.mean(dim=0)
     of_mean = -(mean_q * mean_q.clamp_min(1e-30).log()).sum()
     return float(per_row), float(of_mean)
+
+
+@torch.no_grad()
+def teacher_entropies(
+    teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float
+) -> tuple[float, float]:
+    """``target_entropies`` of the centred, sharpened teacher distribution."""
+    return target_entropies(centered_targets(teacher_out, center, teacher_temp))
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """DINOv2's KoLeo regulariser (Sablayrolles et al. 2019, ``KoLeoLoss``): ``-mean_i log
+    d(x_i, x_nn(i))`` over the L2-normalised rows, nn(i) the row closest to row i. Minimising it
+    spreads the images' features apart: on low-variety data it creates the differences between
+    images that the teacher's targets need. In fp32 (upstream disables autocast)."""
+    x = F.normalize(features.float(), eps=eps, p=2, dim=-1)
+    dots = x @ x.t()
+    dots.fill_diagonal_(-1)  # a row is not its own neighbour
+    nearest = dots.argmax(dim=1)
+    return -torch.log(F.pairwise_distance(x, x[nearest], p=2, eps=eps) + eps).mean()
 
 
 def teacher_temp_schedule(
@@ -124,8 +207,15 @@ class DINOLoss(nn.Module):
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
         n_global: int = 2,
+        centering: str = "centering",
+        sk_iterations: int = 3,
     ) -> None:
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+        self.centering = centering
+        self.sk_iterations = sk_iterations
+        self.teacher_temp_scale = 1.0  # dino.teacher_temp_min_info's factor (calibrate.py)
         self.out_dim = out_dim
         self.n_crops = n_crops
         self.n_global = n_global
@@ -146,22 +236,26 @@ class DINOLoss(nn.Module):
             self.teacher_temp_schedule[min(int(epoch), len(self.teacher_temp_schedule) - 1)]
         )
 
+    @torch.no_grad()
+    def teacher_targets(self, teacher_out: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The ``(n_global * B, K)`` targets: centred softmax (DINO) or Sinkhorn-Knopp."""
+        temp = self.teacher_temp_at(epoch)
+        if self.centering == "sinkhorn_knopp":
+            # over both global views' rows at once, as DINOv2's ssl_meta_arch
+            return sinkhorn_knopp_targets(teacher_out, temp, self.sk_iterations)
+        return centered_targets(teacher_out, self.center, temp)
+
     def forward(
         self, student_out: torch.Tensor, teacher_out: torch.Tensor, epoch: int
     ) -> torch.Tensor:
-        loss = dino_loss(
-            student_out.float(),
-            teacher_out.float(),
-            self.center,
-            self.teacher_temp_at(epoch),
-            self.student_temp,
-            self.n_crops,
-            self.n_global,
+        _check_shapes(student_out, teacher_out, self.n_crops, self.n_global)
+        q = self.teacher_targets(teacher_out, epoch)
+        loss = cross_entropy_over_views(
+            student_out.float(), q, self.student_temp, self.n_crops, self.n_global
         )
-        self.last_entropies = teacher_entropies(
-            teacher_out, self.center, self.teacher_temp_at(epoch)
-        )
-        self.update_center(teacher_out)
+        self.last_entropies = target_entropies(q)
+        if self.centering == "centering":  # DINOv2 keeps no centre with Sinkhorn-Knopp
+            self.update_center(teacher_out)
         return loss
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ from .config import PretrainConfig
 from .distributed import DistEnv
 from .head import MultiCropWrapper
 from .loss import DINOLoss
+from .monitor import KNNMonitor
 from .runlog import RunLogger
 from .sampling import EpochSampler
 
@@ -59,6 +60,8 @@ class RunState:
     elapsed_before: float = 0.0  # training seconds of earlier processes of this run
     t_start: float = 0.0  # _clock() when this process started training
     saved_step: int | None = None  # step of DIR/checkpoint.pt; None: none written yet
+    monitor: KNNMonitor | None = None  # the online k-NN monitor (main process only)
+    knn_last: float | None = None  # its last top-1, for the progress bar
 
     def start_clock(self) -> None:
         self.t_start = _clock()

@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from ..data import DatasetError, ImageFolderDataset, synthetic_root
+from ..data import DatasetError, ImageFolderDataset
+from ..data.worlds import pretrain_root
 from ..fileio import atomic_write_text, portable_path, write_json
 from ..jacobian_lib import layer_condition_numbers
 from ..models import build_model
@@ -42,6 +43,7 @@ from ..optim import build_optimizer, get_param_groups
 from ..outdir import claim_out_dir
 from . import DINOHead, DINOLoss, MultiCropAugmentation, MultiCropWrapper, ema_update_
 from .augment_device import SeededDecode, collate_decoded, device_multicrop
+from .calibrate import N_BATCHES, apply_scale, information_curve, pick_scale
 from .checkpoint import (
     CHECKPOINT,
     FORMAT_VERSION,
@@ -49,13 +51,24 @@ from .checkpoint import (
     export_backbone,
     remove_stale_temp_files,
     resume,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
 )
 from .collapse import ADVICE, CollapseError, CollapseMonitor
 from .config import ConfigError, PretrainConfig
 from .decode import REPLACED, UNUSABLE, too_many_message, unusable_message
 from .distributed import DistEnv, all_reduce_mean, barrier, init_distributed
-from .runlog import RunLogger, memory_gb, progress_bar, rotate_logs
+from .loss import koleo_loss
+from .monitor import (
+    KNN_LOG,
+    KNNMonitor,
+    holdout_split,
+    learned_verdict,
+    monitor_sets,
+    verdict_line,
+)
+from .runlog import RunLogger, memory_gb, progress_bar, read_jsonl, rotate_logs
 from .sampling import EpochSampler, SeededMultiCrop
 from .schedules import (
     apply_schedules_,
@@ -95,8 +108,8 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_dataset(cfg: PretrainConfig, env: DistEnv, log: RunLogger) -> Dataset:
-    """ImageFolder at ``data.path``, or the cached synthetic scenes (announced loudly)."""
+def build_base_dataset(cfg: PretrainConfig, env: DistEnv, log: RunLogger) -> ImageFolderDataset:
+    """ImageFolder at ``data.path``, or the cached small world (announced loudly)."""
     d = cfg.data
     if d.path:
         base = ImageFolderDataset(d.path)  # DatasetError if missing / no images
@@ -104,28 +117,61 @@ def build_dataset(cfg: PretrainConfig, env: DistEnv, log: RunLogger) -> Dataset:
             f"data: {len(base)} images in {len(base.classes)} folders under "
             f"{portable_path(str(d.path))}"
         )
-    else:
+        return base
 
-        def make_root():
-            return synthetic_root(
-                "imagefolder", n=d.synthetic_n, size=d.synthetic_size, seed=d.synthetic_seed
-            )
+    def make_root():
+        return pretrain_root(d.world, d.synthetic_n, d.synthetic_size, d.synthetic_seed)
 
-        if env.is_main:
-            root = make_root()  # generated once, cached; other ranks wait and reuse it
-        barrier()
-        if not env.is_main:
-            root = make_root()
-        base = ImageFolderDataset(root)
+    if env.is_main:
+        root = make_root()  # generated once, cached; other ranks wait and reuse it
+    barrier()
+    if not env.is_main:
+        root = make_root()
+    base = ImageFolderDataset(root)
+    log.info(
+        f"no --data given: training on {len(base)} images of the {d.world} world at "
+        f"{d.synthetic_size}x{d.synthetic_size} px (data.world; cached in "
+        f"{portable_path(str(root))}); pass --data /path/to/imagenet/train for real pretraining"
+    )
+    return base
+
+
+def build_dataset(cfg: PretrainConfig, base: ImageFolderDataset) -> Dataset:
+    """The pretraining dataset: seeded multi-crop views of ``base`` (or, with the crops on the
+    device, its decoded images and the views' parameters)."""
+    if cfg.data.augment_on == "device":  # workers decode + sample parameters; crops on the device
+        return SeededDecode(base, cfg.aug, cfg.run.seed, draft=cfg.data.decode_draft)
+    return SeededMultiCrop(base, MultiCropAugmentation(cfg.aug), cfg.run.seed, cfg.data.on_error)
+
+
+def build_monitor(
+    cfg: PretrainConfig, env: DistEnv, log: RunLogger, base: ImageFolderDataset
+) -> KNNMonitor | None:
+    """The online k-NN monitor (``monitor.py``); every process leaves its held-out queries out
+    of ``base``, the main process alone decodes and evaluates."""
+    if cfg.monitor.knn_every == 0:
+        return None
+    held = holdout_split(cfg, base)
+    if held is not None:
+        base.restrict(held[1])
         log.info(
-            f"no --data given: training on {len(base)} synthetic pattern images at "
-            f"{d.synthetic_size}x{d.synthetic_size} px (cached in {portable_path(str(root))}); "
-            "pass --data "
-            "/path/to/imagenet/train for real pretraining"
+            f"k-NN monitor: {len(held[0])} images held out of pretraining as queries "
+            f"(monitor.knn_holdout; {len(base)} left to train on)"
         )
-    if d.augment_on == "device":  # workers decode + sample parameters; crops on the device
-        return SeededDecode(base, cfg.aug, cfg.run.seed, draft=d.decode_draft)
-    return SeededMultiCrop(base, MultiCropAugmentation(cfg.aug), cfg.run.seed, d.on_error)
+    if not env.is_main:
+        barrier()
+        return None
+    sets = monitor_sets(cfg, base, held)
+    barrier()
+    if sets is None:
+        log.info(
+            "k-NN monitor: skipped (fewer than two class folders, or too few images to hold "
+            "out; monitor.knn_root=DIR names a labelled folder to use instead)"
+        )
+        return None
+    monitor = KNNMonitor(sets, cfg, env.device)
+    log.info(f"{monitor.describe()}; decoded in {monitor.decode_s:.1f}s")
+    return monitor
 
 
 def build_loader(dataset: Dataset, cfg: PretrainConfig, env: DistEnv):
@@ -391,6 +437,8 @@ def _log_step(
     }
     r.log.log(record)
     postfix = {"loss": f"{loss_value:.4f}", "lr": f"{sched['lr']:.2e}", "img_s": f"{img_s:.1f}"}
+    if r.knn_last is not None:
+        postfix["knn"] = f"{r.knn_last:.1f}"
     if r.collapse.collapsed:
         postfix["COLLAPSED"] = f"since {r.collapse.streak_start}"
     bar.set_postfix(postfix)
@@ -431,8 +479,16 @@ def train_one_epoch(r: RunState, epoch: int) -> bool:
             with autocast(r.precision, dev):
                 with torch.no_grad():
                     teacher_out = r.teacher_fwd(crops[:2])
-                student_out = r.student_fwd(crops)
+                koleo = cfg.dino.koleo_weight
+                if koleo:  # DINOv2: on the student's CLS features of each global view
+                    student_out, feats = r.student_fwd(crops, return_backbone=True)
+                    g = len(crops[0])
+                    koleo_term = koleo * (koleo_loss(feats[:g]) + koleo_loss(feats[g : 2 * g]))
+                else:
+                    student_out = r.student_fwd(crops)
                 loss = r.loss_fn(student_out, teacher_out, epoch)
+                if koleo:
+                    loss = loss + koleo_term
             loss_value = all_reduce_mean(loss.detach()).item()  # the logged, all-rank mean
 
             if not math.isfinite(loss_value):
@@ -553,6 +609,8 @@ def build_loss(cfg: PretrainConfig) -> DINOLoss:
         n_epochs=cfg.optim.epochs,
         student_temp=d.student_temp,
         center_momentum=d.center_momentum,
+        centering=d.centering,
+        sk_iterations=d.sk_iterations,
     )
 
 
@@ -626,11 +684,85 @@ def _epoch_extras(r: RunState, done: int) -> None:
         export_backbone(r.teacher.backbone, r.out_dir, f"backbone_epoch{done:04d}")
     if run.jacobian_every_epochs and done % run.jacobian_every_epochs == 0:
         condition_numbers(r, done)
+    every = r.cfg.monitor.knn_every
+    if every and (done % every == 0 or done == r.cfg.optim.epochs):
+        knn_monitor(r, done)
+
+
+def calibrate_teacher_temp(r: RunState) -> None:
+    """``dino.teacher_temp_min_info`` (``calibrate.py``): scale the teacher temperatures so the
+    initial target carries that much information, measured on the first batches of epoch 0.
+    Every RNG is restored afterwards, so the run's data and crops are unchanged."""
+    cfg, dev = r.cfg, r.env.device
+    min_info = cfg.dino.teacher_temp_min_info
+    if min_info is None:
+        return
+    saved = rng_state()
+    batch = cfg.data.batch_size_per_gpu
+    ds = r.loader.dataset
+    order = r.sampler.indices()[: N_BATCHES * batch]
+    logits = []
+    try:
+        with torch.no_grad(), autocast(r.precision, dev):
+            for i in range(0, len(order) - batch + 1, batch):
+                items = [ds[(0, j)] for j in order[i : i + batch]]
+                if isinstance(ds, SeededDecode):
+                    crops = device_multicrop(collate_decoded(items), cfg.aug, dev)
+                else:
+                    crops = [c.to(dev) for c in default_collate([it[0] for it in items])]
+                logits.append(r.teacher_fwd(crops[:2]).float())
+    finally:
+        set_rng_state(saved)
+    temp = r.loss_fn.teacher_temp_at(0)
+    curve = torch.tensor(information_curve(logits, temp, cfg.dino.centering,
+                                           cfg.dino.sk_iterations), device=dev)  # fmt: skip
+    curve = all_reduce_mean(curve).cpu().tolist()  # every process takes the same factor
+    factor, before, after = pick_scale(curve, min_info)
+    apply_scale(r.loss_fn, factor)
+    if factor == 1.0:
+        r.log.info(
+            f"teacher temperature kept: the initial target carries {before:.2f} nats about the "
+            f"image at T={temp:g} (>= dino.teacher_temp_min_info={min_info})"
+        )
+    else:
+        r.log.info(
+            f"teacher temperature calibrated: the initial target carried {before:.2f} nats about "
+            f"the image at T={temp:g} (< dino.teacher_temp_min_info={min_info}); both "
+            f"temperatures scaled by {factor:.3f} (T={temp * factor:.4g} at step 0, "
+            f"{r.loss_fn.teacher_temp_schedule[-1]:.4g} at the end): {after:.2f} nats"
+        )
+
+
+def knn_monitor(r: RunState, epoch: int) -> None:
+    """Main process: one k-NN evaluation of the teacher backbone (``monitor.py``), to
+    ``knn.jsonl``, the log and the progress bar."""
+    if r.monitor is None:
+        return
+    rec = r.monitor.evaluate(r.teacher.backbone)
+    r.knn_last = rec["knn_top1"]
+    r.log.append(KNN_LOG, [{"epoch": epoch, "step": r.step, **rec}])
+    init = read_jsonl(r.out_dir / KNN_LOG)[0]
+    vs = "" if epoch == 0 else f" (init {init['knn_top1']:.2f})"
+    r.log.info(
+        f"k-NN monitor, epoch {epoch}: top-1 {rec['knn_top1']:.2f}{vs} on {rec['knn_n_query']} "
+        f"held-out images ({rec['knn_time_s']:.1f}s)"
+    )
+
+
+def monitor_verdict(out_dir: Path, collapse: CollapseMonitor) -> dict | None:
+    """The last k-NN evaluation of ``knn.jsonl`` paired with the first (the init); a run that
+    sits collapsed at its end did not learn."""
+    records = read_jsonl(out_dir / KNN_LOG)
+    if len(records) < 2 or records[0]["step"] != 0:
+        return None
+    since = collapse.streak_start if collapse.collapsed else None
+    return learned_verdict(records[0], records[-1], since) | {"step": records[-1]["step"]}
 
 
 def _report_end(r: RunState, finished: bool) -> None:
-    """Main process: ``summary.json``, and the collapse verdict repeated last."""
+    """Main process: ``summary.json``, the collapse verdict, and last, whether it learned."""
     out_dir = r.out_dir
+    verdict = monitor_verdict(out_dir, r.collapse) if r.monitor is not None else None
     summary = {
         "final_loss": r.losses[-1] if r.losses else None,
         "step": r.step,
@@ -640,6 +772,8 @@ def _report_end(r: RunState, finished: bool) -> None:
         "nonfinite_skipped": r.nonfinite_skipped,
         "collapse": r.collapse.summary(),
         "bad_images_skipped": r.bad_images["total"],
+        "knn_monitor": verdict,
+        "teacher_temp_scale": r.loss_fn.teacher_temp_scale,
         "backbone": str(out_dir / "backbone.pt"),
     }
     write_json(out_dir / "summary.json", summary)
@@ -653,6 +787,9 @@ def _report_end(r: RunState, finished: bool) -> None:
             f"{c.collapsed_at} ({c.collapsed_steps} steps collapsed in all) {now}; its "
             f"features are unlikely to beat a random init. Try {ADVICE}."
         )
+    if verdict is not None:
+        line = verdict_line(verdict)
+        (r.log.info if verdict["learned"] else r.log.warn)(line)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,9 +822,10 @@ def _train(cfg: PretrainConfig, resume_run: bool) -> TrainResult:
     dev = env.device
     _set_up_torch(cfg, dev)
 
-    # ============ data ============
-    dataset = build_dataset(cfg, env, log)
-    loader, sampler, niter_per_ep = build_loader(dataset, cfg, env)
+    # ============ data (and the k-NN monitor's held-out images) ============
+    base = build_base_dataset(cfg, env, log)
+    monitor = build_monitor(cfg, env, log, base)
+    loader, sampler, niter_per_ep = build_loader(build_dataset(cfg, base), cfg, env)
 
     # ============ student and teacher ============
     student, teacher = build_student_teacher(cfg)
@@ -720,15 +858,19 @@ def _train(cfg: PretrainConfig, resume_run: bool) -> TrainResult:
         meta=run_meta(cfg, teacher, niter_per_ep, env),
         out_dir=out_dir,
         collapse=CollapseMonitor(cfg.run.collapse_window, cfg.run.collapse_min_info),
+        monitor=monitor,
     )
     if resume_run:
         resume(r)
+    else:
+        calibrate_teacher_temp(r)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
         if not resume_run:
             # the run's own random init, so "does training help?" compares like with like
             export_backbone(r.teacher.backbone, out_dir / INIT_DIR)
+            knn_monitor(r, 0)
     _log_start(r)
 
     # ============ training ============
