@@ -8,6 +8,7 @@ baseline, plus ``--device``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import pickle
@@ -22,6 +23,7 @@ from .data import DatasetError
 from .data.files import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 from .dino.checkpoint import ResumeError
 from .dino.config import ConfigError
+from .errors import UserError
 
 # scripts/bench_tokencut.py still imports markdown_table from here
 from .fileio import markdown_table as markdown_table
@@ -35,6 +37,8 @@ from .models import (
     build_model,
     load_backbone,
 )
+from .outdir import claim_out_dir
+from .ranges import AT_LEAST_1, FINITE, NON_NEGATIVE, Range
 
 
 def add_backbone_args(parser: argparse.ArgumentParser, multiple: bool = False) -> None:
@@ -66,9 +70,18 @@ def add_backbone_args(parser: argparse.ArgumentParser, multiple: bool = False) -
     g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     add_ckpt_variant_arg(g)
     g.add_argument("--arch", default="vit_small", choices=sorted(ARCHS), help="with --random-init")
-    g.add_argument("--patch-size", type=int, default=16, help="with --random-init")
-    g.add_argument("--depth", type=int, default=None, help="with --random-init (default: arch's)")
-    g.add_argument("--seed", type=int, default=0, help="seed of random inits and sampling")
+    g.add_argument(
+        "--patch-size", type=flag(int, AT_LEAST_1), default=16, help="with --random-init"
+    )
+    g.add_argument(
+        "--depth",
+        type=flag(int, AT_LEAST_1),
+        default=None,
+        help="with --random-init (default: arch's)",
+    )
+    g.add_argument(
+        "--seed", type=flag(int, NON_NEGATIVE), default=0, help="seed of random inits and sampling"
+    )
     g.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
     )
@@ -115,7 +128,42 @@ def add_debug_arg(parser: argparse.ArgumentParser) -> None:
 
 
 # What ``cli_main`` reports in one message instead of a traceback.
-USER_ERRORS = (DatasetError, CheckpointError, ResumeError, pickle.UnpicklingError)
+USER_ERRORS = (
+    UserError,
+    ConfigError,
+    DatasetError,
+    CheckpointError,
+    ResumeError,
+    pickle.UnpicklingError,
+)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error form: a bad flag ends the program with one line (what
+    was expected, which flag) and exit status 1, like every other user error, instead of
+    argparse's usage block and status 2."""
+
+    def error(self, message: str):
+        raise SystemExit(f"error: {message} (see --help)")
+
+
+def flag(kind: type, valid: Range = FINITE) -> Callable[[str], int | float]:
+    """An argparse ``type``: parse ``kind`` (int or float) and check it against ``valid``
+    (``dino_skipless.ranges``), e.g. ``type=flag(int, AT_LEAST_1)``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'} {valid}, got {text!r}"
+            ) from None
+        if value not in valid:
+            raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
 
 
 _WORKER_TB = "Original Traceback (most recent call last):"
@@ -143,13 +191,32 @@ def cli_main(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(argv: Sequence[str] | None = None, *a, **kw):
         try:
-            return fn(argv, *a, **kw)
+            with contextlib.ExitStack() as stack:
+                _HELD.append(stack)
+                try:
+                    return fn(argv, *a, **kw)
+                finally:
+                    _HELD.pop()
         except USER_ERRORS as e:
             if "--debug" in (sys.argv[1:] if argv is None else argv):
                 raise
             raise SystemExit(f"error: {error_message(e)}\n(--debug shows the traceback)") from None
 
     return wrapper
+
+
+# One ExitStack per running ``cli_main`` stage: what ``hold_out_dir`` claims is released when
+# that stage's main returns or fails.
+_HELD: list[contextlib.ExitStack] = []
+
+
+def hold_out_dir(out: str | os.PathLike, stage: str, **kw) -> Path:
+    """``claim_out_dir(out, stage)`` (``dino_skipless.outdir``: created, writable, locked, not
+    another stage's) for the rest of the running stage: ``cli_main`` releases it. Call it right
+    after parsing the flags, before loading anything, so that a bad ``--out`` costs nothing."""
+    if not _HELD:
+        raise RuntimeError("hold_out_dir() needs a stage main wrapped in cli_main")
+    return _HELD[-1].enter_context(claim_out_dir(out, stage, **kw))
 
 
 def default_num_workers(wanted: int = 4) -> int:

@@ -28,6 +28,7 @@ from .dino.collapse import CollapseError
 from .dino.config import ConfigError, build_config, config_from_dict, leaf_keys
 from .dino.distributed import cleanup
 from .dino.trainer import NonFiniteLossError, PretrainOOMError, train
+from .errors import UserError
 
 ALIASES = {
     "data": "data.path",
@@ -47,8 +48,12 @@ def parse_args(argv: Sequence[str]) -> tuple[str | None, bool, bool, list[tuple[
 
 def resolve_config(argv: Sequence[str]):
     config_path, resume, show, overrides = parse_args(argv)
-    cfg = build_config(config_path, overrides)
-    if resume and config_path is None:
+    own = resume and config_path is None
+    # With the run's own config to come, the defaults + overrides only say where the run is:
+    # the overrides are validated against the run's config (optim.epochs=2 on a run with one
+    # warm-up epoch is fine, whatever the defaults' ten warm-up epochs say).
+    cfg = build_config(config_path, overrides, validate=not own)
+    if own:
         # continue with the checkpoint's own recipe (the user named only --out)
         ckpt = load_checkpoint(cfg.out_dir() / CHECKPOINT)
         base = config_from_dict(ckpt["config"])
@@ -74,6 +79,7 @@ def main(argv: Sequence[str] | None = None):
         CollapseError,
         PretrainOOMError,
         FileExistsError,
+        UserError,
     ) as e:
         if "--debug" in argv:
             raise

@@ -45,7 +45,6 @@ labelled set, cycled to that budget).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, replace
@@ -60,7 +59,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
-from .classifier.loop import Loop, LoopState, TrainStep
+from .classifier.loop import Loop, LoopState, NonFiniteLossError, TrainStep
+from .cli import ArgumentParser, add_debug_arg, cli_main, flag, hold_out_dir
 from .data import ImageFolderDataset, build_segmentation_dataset, synthetic_root
 from .data.files import set_max_image_pixels
 from .data.worlds import pretrain_root
@@ -79,11 +79,15 @@ from .dino.checkpoint import export_backbone
 from .dino.config import PretrainConfig, build_config
 from .dino.sampling import SeededTransform
 from .dino.schedules import build_schedules
+from .errors import UserError
 from .fileio import write_json
 from .models import build_model
 from .optim import build_optimizer, get_param_groups
+from .outdir import OutDirError
+from .ranges import AT_LEAST_1, NON_NEGATIVE
 
 TASKS = ("cls", "seg")
+STAGE = "dino_skipless.supervised"
 
 
 @dataclass
@@ -234,6 +238,12 @@ def train_supervised(task: str, cfg: PretrainConfig, seg: dict | None = None) ->
     cfg.validate()
     seg = seg or {}
     out_dir = cfg.out_dir()
+    for name in ("backbone.pt", "backbone.safetensors"):  # as pretraining refuses a new run there
+        if (out_dir / name).exists():
+            raise OutDirError(
+                f"{out_dir / name} exists (an earlier export): choose another --out, or delete "
+                "it to train again"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.run.cpu_threads:
         torch.set_num_threads(cfg.run.cpu_threads)
@@ -292,11 +302,14 @@ def train_supervised(task: str, cfg: PretrainConfig, seg: dict | None = None) ->
 
     t0 = time.time()
     state = LoopState()
-    Loop(
-        step_fn=TrainStep(model, optimizer, sched, device=device, clip_grad=o.clip_grad),
-        loss_fn=loss_fn, batches=batches, total_steps=total, steps_per_epoch=max(niter, 1),
-        epoch_steps=None, progress=cfg.run.progress, epochs=o.epochs,
-    ).run(state)  # fmt: skip
+    try:
+        Loop(
+            step_fn=TrainStep(model, optimizer, sched, device=device, clip_grad=o.clip_grad),
+            loss_fn=loss_fn, batches=batches, total_steps=total, steps_per_epoch=max(niter, 1),
+            epoch_steps=None, progress=cfg.run.progress, epochs=o.epochs,
+        ).run(state)  # fmt: skip
+    except NonFiniteLossError as e:  # a user's lr, not a bug: one line, no traceback
+        raise UserError(f"{e} (nothing written)") from None
     losses, step = state.losses, state.step
     # the training accuracy of the last epoch's steps (pixels for seg)
     correct, seen = state.last_stats.get("hits", 0), state.last_stats.get("seen", 0)
@@ -319,8 +332,9 @@ def train_supervised(task: str, cfg: PretrainConfig, seg: dict | None = None) ->
     return SupervisedResult(out_dir, step, losses, acc)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m dino_skipless.supervised",
         description="Supervised ceiling: the same ViT and budget as a DINO config, trained on "
         "labels, exported like a DINO backbone.",
@@ -329,13 +343,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="the DINO recipe whose budget to match")
     p.add_argument("--out", required=True)
     p.add_argument("--seg-root", default=None, help="--task seg: a VOC root (default: synthetic)")
-    p.add_argument("--seg-n", type=int, default=1336, help="synthetic VOC scenes (3/4 trainaug)")
-    p.add_argument("--seg-size", type=int, default=96)
-    p.add_argument("--seg-seed", type=int, default=1, help="not the evaluation scenes' seed")
+    p.add_argument(
+        "--seg-n", type=flag(int, AT_LEAST_1), default=1336, help="synthetic VOC scenes (3/4 "
+        "trainaug)"
+    )  # fmt: skip
+    p.add_argument("--seg-size", type=flag(int, AT_LEAST_1), default=96)
+    p.add_argument(
+        "--seg-seed",
+        type=flag(int, NON_NEGATIVE),
+        default=1,
+        help="not the evaluation scenes' seed",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    add_debug_arg(p)
     args = p.parse_args(argv)
+    bad = [kv for kv in args.overrides if "=" not in kv]
+    if bad:
+        p.error(f"expected key=value config overrides, got {' '.join(bad)}")
     overrides = [tuple(kv.split("=", 1)) for kv in args.overrides]
     cfg = build_config(args.config, [*overrides, ("run.out", args.out)])
+    hold_out_dir(args.out, STAGE, report=None)
     seg = {"root": args.seg_root, "n": args.seg_n, "size": args.seg_size, "seed": args.seg_seed}
     r = train_supervised(args.task, cfg, seg if args.task == "seg" else None)
     print(

@@ -14,17 +14,20 @@ its best learning rate, as in its own table. Runs whose validation images or mas
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from dino_skipless.cli import add_debug_arg, cli_main
+from dino_skipless.cli import ArgumentParser, add_debug_arg, cli_main, flag
 from dino_skipless.digest import require_same_data
 from dino_skipless.fileio import markdown_table, write_report
+from dino_skipless.outdir import check_out_file, report_stage
+from dino_skipless.ranges import AT_LEAST_1, NON_NEGATIVE
 
+from .linprobe_lib import STAGE
 from .metrics import paired_bootstrap_miou
 
 
@@ -39,13 +42,23 @@ def load_counts(path: str | Path, probe: str) -> tuple[np.ndarray, str, dict]:
             f"{npz} not found: compare the --out folder of a python -m eval.linprobe run "
             "(one folder per checkpoint under a --sweep-ckpts run) made with --bootstrap > 0"
         )
-    with np.load(npz) as z:
-        if probe not in z.files:
-            probes = [k for k in z.files if k != "val_digest"]
-            raise ValueError(f"{npz}: no '{probe}' probe (this run has {probes}); use --probe")
-        counts, digest = z[probe], str(z["val_digest"])
-        counts_id = str(z["run_id"]) if "run_id" in z.files else None
-    result = json.loads(res.read_text()) if res.is_file() else {}
+    try:
+        with np.load(npz) as z:
+            if probe not in z.files:
+                probes = [k for k in z.files if k not in ("val_digest", "run_id")]
+                raise ValueError(f"{npz}: no '{probe}' probe (this run has {probes}); use --probe")
+            counts, digest = z[probe], str(z["val_digest"])
+            counts_id = str(z["run_id"]) if "run_id" in z.files else None
+    except (OSError, KeyError, zipfile.BadZipFile) as e:  # not an npz, or not the probe's
+        raise ValueError(f"{npz}: not a per_image_counts.npz of eval.linprobe ({e})") from None
+    if counts.ndim != 3 or counts.shape[-1] != 3:
+        raise ValueError(f"{npz}: '{probe}' is not an (images, classes, 3) count array")
+    try:
+        result = json.loads(res.read_text("utf-8")) if res.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{res}: not a readable results.json") from None
+    if not isinstance(result, dict) or report_stage(result) not in (None, STAGE):
+        raise ValueError(f"{res} was not written by eval.linprobe")
     if result and result.get("run_id") != counts_id:
         raise ValueError(
             f"{npz} (run {counts_id}) and {res} (run {result.get('run_id')}) were written by "
@@ -115,15 +128,19 @@ def render(r: dict) -> str:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n")[0])
     p.add_argument("a", help="run A: eval.linprobe --out folder (or its results.json)")
     p.add_argument("b", help="run B (e.g. the random-init baseline)")
     p.add_argument("--probe", default="single", choices=["single", "multiscale"])
-    p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--n-boot", type=flag(int, AT_LEAST_1), default=10000, help="bootstrap resamples"
+    )
+    p.add_argument("--seed", type=flag(int, NON_NEGATIVE), default=0)
     p.add_argument("--out", default=None, help="write the comparison here (.json, .md beside it)")
     add_debug_arg(p)
     args = p.parse_args(argv)
+    if args.out:
+        check_out_file(Path(args.out).with_suffix(".json"))
     try:
         r = compare_runs(args.a, args.b, args.probe, args.n_boot, args.seed)
     except ValueError as e:

@@ -6,6 +6,7 @@ the neighbour search, the data splits and CLS features, and the ``results.json``
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,8 @@ from dino_skipless.knn import (  # noqa: F401  (the k-NN math, shared with the t
     topk_accuracy,
 )
 from tokencut.corloc import mcnemar_exact, paired_diff_se
+
+STAGE = "eval.knn"  # the stage that writes these results.json (dino_skipless.outdir)
 
 
 @dataclass
@@ -187,6 +190,22 @@ def knn_root(dataset: str, root=None, synthetic: dict | None = None) -> Path:
     return Path(root)
 
 
+def check_splits(root, train, val, classes) -> None:
+    """Refuse splits whose accuracy would mean nothing: a single class (every vote is right,
+    100 % by construction) or no validation image."""
+    if len(classes) < 2:
+        raise DatasetError(
+            f"{root}: k-NN needs at least 2 classes (class folders), found {len(classes)} "
+            f"({', '.join(classes) or 'none'}); one class scores 100 % by construction"
+        )
+    if len(val) == 0 or len(train) == 0:
+        raise DatasetError(
+            f"{root}: no {'validation' if len(val) == 0 else 'training'} images after the split "
+            f"({len(train)} train, {len(val)} val): give train/ and val/ folders or "
+            "classes of at least 2 images each"
+        )
+
+
 def resolve_backend(backend: str) -> str:
     return "faiss" if backend == "faiss" or (backend == "auto" and faiss_available()) else "torch"
 
@@ -198,6 +217,15 @@ def run_knn(
     the per-image top-1 hits of the first (reported) k."""
     t0 = time.perf_counter()
     train, val, classes, how = build_splits(Path(root), cfg, eval_transform(cfg))
+    check_splits(root, train, val, classes)
+    k_used = {str(k): min(k, len(train)) for k in cfg.k}
+    for k in cfg.k:
+        if k > len(train):
+            print(
+                f"k-NN: k={k} is more than the {len(train)} training images: every one of them "
+                f"votes (recorded as k_used={len(train)})",
+                file=sys.stderr,
+            )
     tr_f, tr_y = extract_cls(model, train, cfg, device, progress)
     va_f, va_y = extract_cls(model, val, cfg, device, progress)
     t1 = time.perf_counter()
@@ -210,6 +238,7 @@ def run_knn(
             correct = (s.argmax(1) == va_y.to(s.device)).int().cpu().tolist()
     return {
         "per_k": per_k,
+        "k_used": k_used,
         "correct": correct,
         "n_train": len(train),
         "n_val": len(val),
@@ -241,10 +270,13 @@ def knn_record(
     main_k = str(cfg.k[0])
     top1 = run["per_k"][main_k]["top1"]
     return {
+        "stage": STAGE,
         "run_id": run_id,
         **{"top1": top1, "top5": list(run["per_k"][main_k].values())[-1]},
         "top1_se": top1_se(top1, run["n_val"]),
         "k": cfg.k[0],
+        "k_used": run["k_used"][main_k],  # k, or every training image when there are fewer
+        "k_used_per_k": run["k_used"],
         "per_k": run["per_k"],
         "n_train": run["n_train"],
         "n_val": run["n_val"],
@@ -266,8 +298,14 @@ def knn_record(
 
 
 def knn_table(record: dict) -> str:
+    used = record.get("k_used_per_k", {})
+
+    def k_text(k: str) -> str:
+        return k if int(used.get(k, k)) == int(k) else f"{k} (all {used[k]} train images)"
+
     rows = [
-        [record["label"], k, record["config"]["temperature"], v["top1"], list(v.values())[-1]]
+        [record["label"], k_text(k), record["config"]["temperature"], v["top1"]]
+        + [list(v.values())[-1]]
         for k, v in record["per_k"].items()
     ]
     return markdown_table(["ckpt", "k", "T", "top-1", "top-5"], rows)

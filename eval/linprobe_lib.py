@@ -22,10 +22,12 @@ from dino_skipless.digest import segmentation_digest
 from dino_skipless.features import check_input_size, check_layers, extract
 from dino_skipless.fileio import markdown_table, new_run_id, write_json, write_report
 from dino_skipless.models import build_model, load_backbone
+from dino_skipless.outdir import check_report_owner
 
 from .feature_cache import build_cache
 from .probe_lib import LinProbeConfig, default_layers, probe_from_cache
 
+STAGE = "eval.linprobe"  # the stage that writes these results (dino_skipless.outdir)
 DATASETS = ("voc", "ade20k", "cocostuff", "cocostuff27", "synthetic")
 SUBSET_DATASETS = ("ade20k", "cocostuff", "cocostuff27")  # paper: 3,000 training images
 COUNTS = "per_image_counts.npz"
@@ -305,7 +307,52 @@ def load_backbones(
             # cache key (a stat of the path named missed a checkpoint overwritten in place)
             desc = dict(model.checkpoint_source)
             out.append((model, spec, label_for(e, spec), desc))
+    labels = distinct_labels(entries, [b[2] for b in out], [b[1].variant for b in out])
+    return [(m, spec, label, desc) for (m, spec, _, desc), label in zip(out, labels)]
+
+
+def distinct_labels(entries: list[str], labels: list[str], variants: list[str]) -> list[str]:
+    """Labels that tell every entry apart, so that ``--sweep-ckpts a/run b/run`` writes two
+    folders and two table rows: entries sharing a label are named by as many trailing path
+    parts as tell them apart (``a/run (skipless_init)``, ``b/run (skipless_init)``); what no
+    path tells apart (``random:skip`` twice) is numbered."""
+    out = list(labels)
+    for label in set(labels):
+        same = [i for i, x in enumerate(labels) if x == label]
+        if len(same) < 2:
+            continue
+        parts = [_path_parts(entries[i]) for i in same]
+        for n in range(2, max(len(p) for p in parts) + 1):
+            names = ["/".join(p[-n:]) for p in parts]
+            if len(set(names)) == len(names):
+                for i, name in zip(same, names):
+                    out[i] = f"{name} ({variants[i]})"
+                break
+    for i in range(len(out)):  # still equal (same entry twice, random:VARIANT twice)
+        k = sum(x == out[i] for x in out[:i])
+        if k:
+            out[i] = f"{out[i]} #{k + 1}"
     return out
+
+
+def _path_parts(entry: str) -> tuple[str, ...]:
+    p = Path(entry)
+    if p.name in ("backbone.pt", "backbone.safetensors", "checkpoint.pt"):
+        p = p.parent
+    return p.parts
+
+
+def sweep_folders(out_dir: Path, labels: list[str]) -> list[Path]:
+    """``OUT/<label>/`` per backbone of a sweep, one folder each: two labels that differ can
+    still make the same file name (``a b``, ``a_b``), which then get a number."""
+    names: list[str] = []
+    for label in labels:
+        name, k = safe_name(label), 1
+        while name in names:
+            k += 1
+            name = f"{safe_name(label)}_{k}"
+        names.append(name)
+    return [out_dir / n for n in names]
 
 
 def synthetic_cpu_resolution(cfg: LinProbeConfig, patch: int, scene_size: int) -> LinProbeConfig:
@@ -350,10 +397,13 @@ def run_linprobe(
     joint table."""
     out_dir = Path(out_dir)
     sweep = len(backbones) > 1
+    folders = sweep_folders(out_dir, [b[2] for b in backbones]) if sweep else [out_dir]
+    for folder in folders:  # before any work: no other stage's results get replaced
+        check_report_owner(folder / "results.json", STAGE)
     rows, summaries = [], []
     data = split_digests(train_ds, val_ds)  # once for every backbone
     warned = False
-    for model, spec, label, desc in backbones:
+    for (model, spec, label, desc), folder in zip(backbones, folders):
         # content, not paths: the weights' sha256 (a random init: its recipe) and the spec, the
         # data's digests (added per split by probe_backbone), and what selects the samples
         key = {
@@ -364,9 +414,9 @@ def run_linprobe(
             "subset_seed": cfg.subset_seed,
             "voc_split": cfg.voc_train_split,
         }
-        folder = out_dir / safe_name(label) if sweep else out_dir
         run_id = new_run_id()
         meta = {
+            "stage": STAGE,
             "dataset": dataset,
             "root": str(root),
             "num_classes": train_ds.num_classes,
@@ -417,7 +467,12 @@ def run_linprobe(
     if sweep:
         write_report(
             out_dir / "sweep",
-            {"rows": [dict(zip(TABLE_HEADERS, r)) for r in rows], "runs": summaries},
+            {
+                "stage": STAGE,
+                "rows": [dict(zip(TABLE_HEADERS, r)) for r in rows],
+                "runs": summaries,
+                "folders": {s["label"]: f.name for s, f in zip(summaries, folders)},
+            },
             table + "\n",
         )
     return table

@@ -15,17 +15,18 @@ sweep of L blocks a cautious reader multiplies the best-block p-value by L (Bonf
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dino_skipless.cli import add_debug_arg, cli_main
+from dino_skipless.cli import ArgumentParser, add_debug_arg, cli_main, flag
 from dino_skipless.digest import require_same_data
 from dino_skipless.fileio import markdown_table, write_report
+from dino_skipless.outdir import check_out_file, report_stage
 
 from .corloc import mcnemar_exact
+from .pipeline import STAGE
 
 IOU_THRESHOLD = 0.5  # CorLoc's threshold
 
@@ -152,12 +153,26 @@ def compare(a: dict, b: dict, layer_a: int | None = None, layer_b: int | None = 
 
 
 def _load(path: str) -> dict:
+    """A ``tokencut.run`` results.json (or its folder); anything else is refused by name."""
     p = Path(path)
     if p.is_dir():
         p = p / "results.json"
     if not p.is_file():
         raise SystemExit(f"no TokenCut results at {p} (expected OUT/results.json of tokencut.run)")
-    return json.loads(p.read_text())
+    try:
+        result = json.loads(p.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{p}: not a readable results.json ({e.__class__.__name__})") from None
+    stage = report_stage(result)
+    if stage != STAGE:
+        what = f"written by {stage}" if stage else "not written by tokencut.run"
+        raise SystemExit(f"{p} is {what}: compare the --out folders of two tokencut.run runs")
+    if not isinstance(result.get("per_image"), list) or "layer" not in result:
+        raise SystemExit(
+            f"{p}: a tokencut.run results.json without its 'per_image' and 'layer' entries (a "
+            "trimmed copy?); compare the file that tokencut.run wrote"
+        )
+    return result
 
 
 def _label(result: dict, path: str) -> str:
@@ -212,18 +227,20 @@ def render(report: dict, name_a: str, name_b: str) -> str:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m tokencut.compare", description=__doc__.split("\n")[0])
     p.add_argument("a", help="run A: tokencut.run --out folder or its results.json")
     p.add_argument("b", help="run B (e.g. the random-init baseline)")
-    p.add_argument("--layer-a", type=int, default=None, help="block of A (default: reported)")
-    p.add_argument("--layer-b", type=int, default=None, help="block of B (default: reported)")
+    p.add_argument("--layer-a", type=flag(int), default=None, help="block of A (default: reported)")
+    p.add_argument("--layer-b", type=flag(int), default=None, help="block of B (default: reported)")
     p.add_argument("--out", default=None, help="write the comparison here (.json, .md beside it)")
     add_debug_arg(p)
     args = p.parse_args(argv)
+    if args.out:
+        check_out_file(Path(args.out).with_suffix(".json"))
     a, b = _load(args.a), _load(args.b)
     try:
         report = compare(a, b, args.layer_a, args.layer_b)
-    except ValueError as e:
+    except (ValueError, KeyError, TypeError) as e:  # the checks in compare, or a damaged file
         raise SystemExit(f"tokencut.compare: {e}") from None
     if report["data_warning"]:
         print(f"warning: {report['data_warning']}", file=sys.stderr)

@@ -27,6 +27,7 @@ from .corloc import box_iou, corloc
 from .ncut import TokenCutConfig, tokencut_batch
 from .vis import save_tokencut_vis
 
+STAGE = "tokencut.run"  # the stage that writes these results (dino_skipless.outdir)
 DATASETS = ("voc07", "voc12", "coco20k", "synthetic")
 SKIP_REASONS = ("too_small", "no_gt", "no_hard_dropped")
 TABLE_HEADERS = ["dataset", "ckpt", "layer", "feature", "CorLoc", "n_images", "n_skipped"]
@@ -151,6 +152,7 @@ class Prediction:
     best_iou: float
     degenerate: bool
     mask: np.ndarray | None = None  # kept only for visualised images
+    fallback: bool = False  # the Lanczos solve was handed to the dense one (ncut.NCutResult)
 
 
 def run_tokencut(
@@ -186,7 +188,11 @@ def run_tokencut(
             for k, r in zip(ks, res):
                 iou = box_iou(r.box, items[k].gt)
                 preds[li][k] = Prediction(
-                    r.box, float(iou.max()), r.degenerate, r.mask if k in keep_masks else None
+                    r.box,
+                    float(iou.max()),
+                    r.degenerate,
+                    r.mask if k in keep_masks else None,
+                    r.fallback,
                 )
     return preds
 
@@ -312,6 +318,7 @@ def results_record(
         for k, e in enumerate(per_image):
             e["best_iou_per_layer"] = {str(li): preds[li][k].best_iou for li in layers}
     results = {
+        "stage": STAGE,
         "run_id": run_id,
         "dataset": dataset,
         "root": str(root),
@@ -330,6 +337,10 @@ def results_record(
         "n_degenerate": int(sum(pr.degenerate for pr in ps)),
         "n_degenerate_per_layer": {
             str(li): int(sum(pr.degenerate for pr in preds[li])) for li in layers
+        },
+        # graphs whose Lanczos solve was handed to the dense solver (same box; only slower)
+        "n_solver_fallback_per_layer": {
+            str(li): int(sum(pr.fallback for pr in preds[li])) for li in layers
         },
         "per_layer": {str(li): v for li, v in per_layer.items()},
         # a single block: per_layer has one entry and best_layer is that block

@@ -22,7 +22,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..cli import ArgumentParser, cli_main, flag
 from ..digest import file_digest
+from ..outdir import check_out_file
+from ..ranges import AT_LEAST_1, NON_NEGATIVE
 from .ade20k import ADE20KSegmentation
 from .base import DetectionDataset, SegmentationDataset
 from .coco20k import COCO20kDetection
@@ -285,8 +288,9 @@ def _print(report: dict) -> None:
     print("OK: usable" if report["ok"] else "NOT OK")
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m dino_skipless.data.check",
         description="Check a dataset copy: counts and every problem found.",
     )
@@ -297,19 +301,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hard", action="store_true", help="count boxes with hard ones dropped")
     p.add_argument("--coarse", action="store_true", help="cocostuff: report the 27 classes")
     p.add_argument("--quick", action="store_true", help="check presence only, decode nothing")
-    p.add_argument("--tolerate", type=int, default=0, help="problems allowed for exit 0")
+    p.add_argument(
+        "--tolerate", type=flag(int, NON_NEGATIVE), default=0, help="problems allowed for exit 0"
+    )
     p.add_argument(
         "--max-image-pixels",
-        type=int,
+        type=flag(int, AT_LEAST_1),
         default=None,
         metavar="N",
         help=f"decompression-bomb limit: an image above N pixels is a problem (default "
         f"{DEFAULT_MAX_IMAGE_PIXELS:,}, PIL's)",
     )
     args = p.parse_args(argv)
+    if args.json:  # before the check, which can take long on a real dataset
+        check_out_file(args.json, "--json")
     if args.max_image_pixels is not None:
-        if args.max_image_pixels < 1:
-            p.error(f"--max-image-pixels must be a positive number, got {args.max_image_pixels}")
         set_max_image_pixels(args.max_image_pixels)
     report, status = run_check(args)
     _print(report)

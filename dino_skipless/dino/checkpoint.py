@@ -28,6 +28,7 @@ from ..models.loading import (
     export_payload,
     safe_torch_load,
 )
+from .config import PretrainConfig, config_from_dict
 from .runlog import truncate_jsonl
 from .state import RunState
 
@@ -52,8 +53,101 @@ MUST_MATCH = (
 )
 
 
+# Config keys a resumed run may set to other values than the run started with: where and how
+# it runs, what it logs and saves, when it stops, what it does on a fault (a run stopped by a
+# bad image or a NaN may go on with data.on_error=skip / run.on_nonfinite=skip, the advice its
+# error gives), and optim.epochs (more epochs: the cosine schedules are recomputed for the new
+# length from the step reached, as the official code does on resume). Every other key (the
+# recipe, the data, the seed, the precision) shapes the trajectory: changing it mid-run would
+# make a run that no config describes, so --resume refuses and names it.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "name",
+        "optim.epochs",
+        "data.num_workers",
+        "data.pin_memory",
+        "data.on_error",
+        "data.max_bad_fraction",
+        "data.max_image_pixels",  # the bomb limit its error names (a fault policy, as on_error)
+        "run.out",
+        "run.device",
+        "run.compile",
+        "run.compile_step",
+        "run.compile_backend",
+        "run.dist_timeout_s",
+        "run.cpu_threads",
+        "run.saveckp_freq",
+        "run.keep_epochs",
+        "run.ckpt_every_steps",
+        "run.max_steps",
+        "run.log_every",
+        "run.on_nonfinite",
+        "run.progress",
+        "run.tensorboard",
+        "run.jacobian_every_epochs",
+        "run.jacobian_tokens",
+        "run.collapse_window",
+        "run.collapse_min_info",
+        "run.on_collapse",
+        # how the online k-NN monitor scores (and, in _same, monitor.knn_every between non-zero
+        # values), not which images it holds out of pretraining (knn_every 0 <-> N, knn_holdout,
+        # knn_holdout_fraction, knn_queries, knn_root)
+        "monitor.knn_k",
+        "monitor.knn_temperature",
+        "monitor.knn_bank",
+        "monitor.knn_resolution",
+        "monitor.knn_batch_size",
+    }
+)
+
+
 class ResumeError(RuntimeError):
     """A checkpoint that cannot be resumed by this run (the message lists what differs)."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _same(key: str, a, b) -> bool:
+    if key == "data.path" and a and b:  # one folder, named relatively once and absolutely once
+        return a == b or Path(a).resolve() == Path(b).resolve()
+    if key == "monitor.knn_every":  # off <-> on changes the images held out of pretraining
+        return (a == 0) == (b == 0)
+    return a == b
+
+
+def check_resume_config(saved: dict, cfg: PretrainConfig, step: int, niter: int, path) -> None:
+    """Refuse to resume the run of ``saved`` (the config stored in its checkpoint) with ``cfg``
+    when a key outside ``RESUME_MAY_CHANGE`` differs (all of them are named), or when
+    ``optim.epochs`` ends before the step the run has reached."""
+    have = _flat(config_from_dict(saved).to_dict())
+    want = _flat(cfg.to_dict())
+    diffs = [
+        f"{k}: checkpoint {have.get(k)!r} vs this run {want.get(k)!r}"
+        for k in sorted(set(have) | set(want))
+        if k not in RESUME_MAY_CHANGE and not _same(k, have.get(k), want.get(k))
+    ]
+    if diffs:
+        raise ResumeError(
+            f"cannot resume {path} with settings that change the training itself:\n  "
+            + "\n  ".join(diffs)
+            + "\nResume with the run's own values (--resume without --config or overrides "
+            "reuses them), or train into a new --out. A resumed run may change only: "
+            + ", ".join(sorted(RESUME_MAY_CHANGE))
+        )
+    done = step // niter
+    if cfg.optim.epochs * niter < step:
+        raise ResumeError(
+            f"cannot resume {path} with optim.epochs={cfg.optim.epochs}: the run has already "
+            f"done {done} epochs (step {step}); give optim.epochs >= {done}"
+        )
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -222,6 +316,8 @@ def resume(r: RunState) -> None:
     continues as if it had not stopped; log records written after it are dropped."""
     path = r.out_dir / CHECKPOINT
     ckpt = load_checkpoint(path)
+    if "config" in ckpt:
+        check_resume_config(ckpt["config"], r.cfg, int(ckpt["step"]), r.niter_per_ep, path)
     check_compatible(ckpt["meta"], r.meta, path)
     r.student.load_state_dict(ckpt["student"])
     r.teacher.load_state_dict(ckpt["teacher"])

@@ -31,6 +31,7 @@ import contextlib
 import copy
 import functools
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from ..fileio import atomic_write_text, portable_path, write_json
 from ..jacobian_lib import layer_condition_numbers
 from ..models import build_model
 from ..optim import build_optimizer, get_param_groups
+from ..outdir import claim_out_dir
 from . import DINOHead, DINOLoss, MultiCropAugmentation, MultiCropWrapper, ema_update_
 from .augment_device import SeededDecode, collate_decoded, device_multicrop
 from .calibrate import N_BATCHES, apply_scale, information_curve, pick_scale
@@ -85,6 +87,8 @@ from .schedules import (
     scaled_lr,
 )
 from .state import RunState
+
+STAGE = "dino_skipless.pretrain"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -672,6 +676,11 @@ def open_run_dir(cfg: PretrainConfig, env: DistEnv, out_dir: Path, resume_run: b
         raise FileExistsError(
             f"{out_dir / CHECKPOINT} exists: pass --resume to continue that run, or another --out"
         )
+    if not resume_run and (out_dir / "backbone.pt").exists():  # e.g. a supervised export
+        raise FileExistsError(
+            f"{out_dir / 'backbone.pt'} exists (an earlier export, with no checkpoint to resume): "
+            "choose another --out"
+        )
     # A killed run leaves temp files of its atomic writes, and, if killed before its first
     # checkpoint, logs that a fresh start must not append to.
     stale = remove_stale_temp_files(out_dir) if env.is_main else []
@@ -936,8 +945,17 @@ def _report_end(r: RunState, finished: bool) -> None:
 
 
 def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
-    """Pretrain with DINO as ``cfg`` says; writes into ``cfg.out_dir()`` (see module doc)."""
+    """Pretrain with DINO as ``cfg`` says; writes into ``cfg.out_dir()`` (see module doc),
+    which it holds for the whole run (``dino_skipless.outdir``: one run per folder)."""
     cfg.validate()
+    if cfg.data.path and not Path(cfg.data.path).is_dir():  # before the folder is touched
+        raise DatasetError(f"data.path {cfg.data.path}: no such folder (an ImageFolder root)")
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # only rank 0 writes (and locks)
+    with claim_out_dir(cfg.out_dir(), STAGE, report=None, enabled=rank0):
+        return _train(cfg, resume_run)
+
+
+def _train(cfg: PretrainConfig, resume_run: bool) -> TrainResult:
     env = init_distributed(cfg.run.device, cfg.run.dist_timeout_s)
     if env.distributed and cfg.run.compile_step:
         raise ConfigError(
