@@ -55,6 +55,9 @@ class Features:
     tokens: dict[int, torch.Tensor]
     grid: tuple[int, int]  # (h, w) patch grid
     num_prefix_tokens: int = 1
+    # ``(B, 1 + h*w, D)``: the tokens entering the first block (patch embedding + positional
+    # embedding), when ``extract(..., with_embedding=True)``
+    embedding: torch.Tensor | None = None
 
     def patches(self, layer: int) -> torch.Tensor:
         """``(B, h*w, D)``: patch tokens only (cls dropped)."""
@@ -91,12 +94,14 @@ def extract(
     layers: Sequence[int],
     kind: str = "tokens",
     norm: bool = False,
+    with_embedding: bool = False,
 ) -> Features:
     """Run ``model`` on ``images`` (B, 3, H, W; normalised) and collect block features.
 
     ``norm=True`` applies the final LayerNorm to ``tokens`` (as DINO's
     ``get_intermediate_layers`` does for linear evaluation); it is ignored for q/k/v, which are
-    computed from the block's own pre-attention LayerNorm.
+    computed from the block's own pre-attention LayerNorm. ``with_embedding=True`` also keeps
+    the tokens entering the first block (``Features.embedding``, never normed).
     """
     if kind not in FEATURE_KINDS:
         raise ValueError(f"unknown feature kind {kind!r}; valid kinds: {', '.join(FEATURE_KINDS)}")
@@ -110,6 +115,7 @@ def extract(
     x = model._pos_embed(x)
     x = model.patch_drop(x)
     x = model.norm_pre(x)
+    embedding = x if with_embedding else None
     out: dict[int, torch.Tensor] = {}
     for i, blk in enumerate(model.blocks):
         if i in wanted and kind != "tokens":
@@ -120,7 +126,10 @@ def extract(
         if i == last:
             break
     return Features(
-        tokens=out, grid=(h // p, w // p), num_prefix_tokens=getattr(model, "num_prefix_tokens", 1)
+        tokens=out,
+        grid=(h // p, w // p),
+        num_prefix_tokens=getattr(model, "num_prefix_tokens", 1),
+        embedding=embedding,
     )
 
 

@@ -1,4 +1,4 @@
-"""Writing a stage's outputs: atomic text/JSON files, the ``OUT.json`` + ``OUT.md`` report, a
+"""Writing a stage's outputs: atomic text/JSON/npz files, the ``OUT.json`` + ``OUT.md`` report, a
 Markdown table and the re-runnable command line every results file records.
 
 Every file is written through a temporary file in its folder and renamed into place, so a
@@ -12,9 +12,11 @@ import os
 import sys
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import torch
 
 
@@ -44,6 +46,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """``write(binary file)`` into a temporary file beside ``path``, then rename it into place
+    (a figure's ``savefig``, ``np.savez``...)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = temp_file_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_npz(path: str | os.PathLike, **arrays) -> None:
+    """``np.savez_compressed`` of ``arrays``, atomically."""
+    atomic_write_with(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def new_run_id() -> str:

@@ -11,9 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from .cli import add_debug_arg, cli_main, resolve_device
+from .cli import (
+    ArgumentParser,
+    add_ckpt_variant_arg,
+    add_debug_arg,
+    cli_main,
+    flag,
+    hold_out_dir,
+    resolve_device,
+)
 from .fileio import command_line
 from .jacobian_lib import (
     CFG,
@@ -25,10 +32,13 @@ from .jacobian_lib import (
     write_outputs,
 )
 from .models import ARCHS, TRUST_HELP, VARIANT_HELP, VARIANTS
+from .ranges import AT_LEAST_1, NON_NEGATIVE, POSITIVE
+
+STAGE = "dino_skipless.jacobian"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m dino_skipless.jacobian",
         description="Jacobian condition numbers: per-layer self-attention kappa(K K^T) (Table 6), "
         "full network kappa(J J^T) (Table 5), Prop. 1 softmax demo (Fig. 5).",
@@ -42,23 +52,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ckpt", help="analyse this checkpoint (its own arch/variant) instead")
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
-    p.add_argument("--tokens", type=int, default=CFG.n_tokens, help="n tokens ~ N(0, I)")
-    p.add_argument("--layers", type=int, nargs="+", help="default: Table 6's 0 4 7 11 (scaled)")
+    add_ckpt_variant_arg(p)
+    p.add_argument(
+        "--tokens", type=flag(int, AT_LEAST_1), default=CFG.n_tokens, help="n tokens ~ N(0, I)"
+    )
+    p.add_argument(
+        "--layers", type=flag(int), nargs="+", help="default: Table 6's 0 4 7 11 (scaled)"
+    )
     p.add_argument("--full", action="store_true", help="also kappa(J J^T) of the whole network")
-    p.add_argument("--batch", type=int, default=CFG.batch, help="m examples for --full")
+    p.add_argument(
+        "--batch", type=flag(int, AT_LEAST_1), default=CFG.batch, help="m examples for --full"
+    )
     p.add_argument("--prop1", action="store_true", help="Prop. 1 / Fig. 5 softmax demo")
     p.add_argument("--method", default="auto", choices=METHODS)
-    p.add_argument("--max-iter", type=int, default=CFG.max_iter, help="Krylov iterations")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--alpha", type=float, help="paper init alpha (skipless_init)")
-    p.add_argument("--beta", type=float, help="paper init beta (skipless_init)")
-    p.add_argument("--c", type=float, help="paper init c (skipless_init)")
-    p.add_argument("--depth", type=int)
-    p.add_argument("--embed-dim", type=int, help="override the arch's width")
     p.add_argument(
-        "--num-heads", type=int, help="override the arch's heads (head dim = embed dim / heads)"
+        "--max-iter", type=flag(int, AT_LEAST_1), default=CFG.max_iter, help="Krylov iterations"
     )
-    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--seed", type=flag(int, NON_NEGATIVE), default=0)
+    p.add_argument("--alpha", type=flag(float), help="paper init alpha (skipless_init)")
+    p.add_argument("--beta", type=flag(float), help="paper init beta (skipless_init)")
+    p.add_argument("--c", type=flag(float, POSITIVE), help="paper init c (skipless_init)")
+    p.add_argument("--depth", type=flag(int, AT_LEAST_1))
+    p.add_argument("--embed-dim", type=flag(int, AT_LEAST_1), help="override the arch's width")
+    p.add_argument(
+        "--num-heads",
+        type=flag(int, AT_LEAST_1),
+        help="override the arch's heads (head dim = embed dim / heads)",
+    )
+    p.add_argument("--patch-size", type=flag(int, AT_LEAST_1), default=16)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     p.add_argument("--out", required=True, help="output folder")
     add_debug_arg(p)
@@ -68,17 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.tokens < 1 or args.batch < 1:
-        raise SystemExit(f"--tokens and --batch must be >= 1, got {args.tokens}, {args.batch}")
     device = resolve_device(args.device)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = hold_out_dir(args.out, STAGE, report="jacobian.json")
     models = analysis_models(
         args.ckpt, args.trust_checkpoint, args.variant, args.arch, args.seed,
         patch_size=args.patch_size, depth=args.depth, embed_dim=args.embed_dim,
         num_heads=args.num_heads, alpha=args.alpha, beta=args.beta, c=args.c,
+        ckpt_variant=args.ckpt_variant,
     )  # fmt: skip
     head = {
+        "stage": STAGE,
         "command": command_line(),
         "arch": args.arch if not args.ckpt else models[0][2]["arch"],
         "ckpt": args.ckpt,

@@ -417,12 +417,14 @@ def analysis_models(
     variants: Sequence[str] | None = None,
     arch: str = "vit_small",
     seed: int = 0,
+    ckpt_variant: str | None = None,
     **build_kw,
 ) -> list[tuple[nn.Module, str, dict]]:
-    """``[(model, variant, spec dict)]``: the checkpoint ``ckpt`` (its own arch/variant), else
-    a fresh ``arch`` per variant (``"all"`` = every variant); ``build_kw`` go to ``build_model``."""
+    """``[(model, variant, spec dict)]``: the checkpoint ``ckpt`` (its own arch/variant;
+    ``ckpt_variant`` for a plain state dict), else a fresh ``arch`` per variant (``"all"`` =
+    every variant); ``build_kw`` go to ``build_model``."""
     if ckpt:
-        model, spec = load_backbone(ckpt, trust=trust)
+        model, spec = load_backbone(ckpt, trust=trust, variant=ckpt_variant)
         return [(model, spec.variant, spec.to_dict())]
     variants = variants or ["all"]
     if "all" in variants:

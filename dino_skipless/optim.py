@@ -41,23 +41,27 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from itertools import chain
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
+from .ranges import PositiveFloat, PositiveInt, Range
+
 OPTIMIZERS = ("adamw", "soap")
+Beta = Annotated[float, Range(ge=0, lt=1)]  # a moving average's decay
 
 
 @dataclass
 class SOAPConfig:
     """SOAP hyperparameters; defaults are the official ``soap.py`` defaults (Vyas et al. 2025)."""
 
-    betas: tuple[float, float] = (0.95, 0.95)  # soap.py: Adam's (b1, b2)
-    shampoo_beta: float = -1  # soap.py: < 0 means "use betas[1]" for the GG moving average
-    eps: float = 1e-8  # soap.py: added to sqrt(v)
-    precondition_frequency: int = 10  # soap.py: eigenbasis refresh period (steps)
-    max_precond_dim: int = 10000  # soap.py: larger dimensions are left unpreconditioned
+    betas: tuple[Beta, Beta] = (0.95, 0.95)  # soap.py: Adam's (b1, b2)
+    # soap.py: < 0 means "use betas[1]" for the GG moving average
+    shampoo_beta: Annotated[float, Range(lt=1)] = -1
+    eps: PositiveFloat = 1e-8  # soap.py: added to sqrt(v)
+    precondition_frequency: PositiveInt = 10  # soap.py: eigenbasis refresh period (steps)
+    max_precond_dim: PositiveInt = 10000  # soap.py: larger dimensions are left unpreconditioned
     merge_dims: bool = False  # soap.py: merge small dims before preconditioning
     precondition_1d: bool = False  # soap.py: 1-D params get plain Adam
     normalize_grads: bool = False  # soap.py: per-layer RMS normalisation of the update
@@ -69,23 +73,29 @@ class SOAPConfig:
 class AdamWConfig:
     """AdamW hyperparameters; DINO builds ``torch.optim.AdamW(params_groups)`` with torch defaults."""
 
-    betas: tuple[float, float] = (0.9, 0.999)  # torch.optim.AdamW default, used by DINO
-    eps: float = 1e-8  # torch.optim.AdamW default, used by DINO
+    betas: tuple[Beta, Beta] = (0.9, 0.999)  # torch.optim.AdamW default, used by DINO
+    eps: PositiveFloat = 1e-8  # torch.optim.AdamW default, used by DINO
     fused: bool | None = None  # None -> fused kernel when every parameter is on CUDA
 
 
-def get_param_groups(model: nn.Module) -> list[dict]:
+def get_param_groups(model: nn.Module, no_weight_decay: Iterable[str] = ()) -> list[dict]:
     """DINO's two groups: regularised params, then biases and 1-D params with ``weight_decay=0``.
 
     Same rule as the official ``utils.get_params_groups``: a parameter is not regularised iff its
     name ends with ``.bias`` or it is 1-D (norm weights). ``cls_token`` and ``pos_embed`` are 3-D,
     so, as in official DINO, they *are* weight-decayed. Frozen parameters are skipped.
+
+    ``no_weight_decay``: names whose last component also joins the second group, e.g.
+    ``("pos_embed", "cls_token")`` as timm's ``VisionTransformer.no_weight_decay()`` and the
+    supervised recipe of Xu et al. (``optim_factory.get_parameter_groups``: 1-D, ``.bias`` or in
+    the model's skip list).
     """
+    skip = set(no_weight_decay)
     regularized, not_regularized = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if name.endswith(".bias") or param.ndim == 1:
+        if name.endswith(".bias") or param.ndim == 1 or name.rsplit(".", 1)[-1] in skip:
             not_regularized.append(param)
         else:
             regularized.append(param)

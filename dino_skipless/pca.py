@@ -19,7 +19,15 @@ from dataclasses import asdict
 
 import torch
 
-from .cli import add_backbone_args, backbones_from_args, cli_main, resolve_device
+from .cli import (
+    ArgumentParser,
+    add_backbone_args,
+    backbones_from_args,
+    cli_main,
+    flag,
+    hold_out_dir,
+    resolve_device,
+)
 from .figures import GridStyle
 from .fileio import command_line, write_report
 from .pca_figure import (
@@ -31,12 +39,14 @@ from .pca_figure import (
     pca_figure,
 )
 from .pca_lib import FIT_MODES, UPSAMPLE_MODES, PCAConfig, single_thread
+from .ranges import AT_LEAST_1
 
 DATASETS = ("voc", "ade20k", "cocostuff", "coco20k", "synthetic")
+STAGE = "dino_skipless.pca"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m dino_skipless.pca",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -47,15 +57,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--dataset", choices=DATASETS, help="read the first N images of a dataset")
     p.add_argument("--root", help="dataset root (synthetic: cache dir, default ~/.cache)")
     p.add_argument("--split", default="val", help="dataset split (default val)")
-    p.add_argument("--synthetic-size", type=int, default=None, help="default: --resolution")
-    p.add_argument("--n", type=int, default=40, help="number of images/rows (paper: 40)")
     p.add_argument(
-        "--layers", type=int, nargs="+", default=None, help="blocks, 0-based (default: last)"
+        "--synthetic-size", type=flag(int, AT_LEAST_1), default=None, help="default: --resolution"
     )
-    p.add_argument("--resolution", type=int, default=224, help="short side resize + centre crop")
+    p.add_argument(
+        "--n", type=flag(int, AT_LEAST_1), default=40, help="number of images/rows (paper: 40)"
+    )
+    p.add_argument(
+        "--layers", type=flag(int), nargs="+", default=None, help="blocks, 0-based (default: last)"
+    )
+    p.add_argument(
+        "--resolution", type=flag(int, AT_LEAST_1), default=224, help="short side resize + centre "
+        "crop"
+    )  # fmt: skip
     p.add_argument("--fit", choices=FIT_MODES, default="joint")
     p.add_argument("--mask-background", action="store_true", help="DINOv2-style PC1 threshold")
-    p.add_argument("--mask-threshold", type=float, default=PCAConfig.mask_threshold)
+    p.add_argument("--mask-threshold", type=flag(float), default=PCAConfig.mask_threshold)
     p.add_argument("--background", choices=("black", "white"), default="black")
     p.add_argument("--upsample", choices=UPSAMPLE_MODES, default=PCAConfig.upsample)
     p.add_argument(
@@ -64,16 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="use raw block outputs (default: after the final LayerNorm, like DINO's "
         "get_intermediate_layers and DINOv2's x_norm_patchtokens)",
     )
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=flag(int, AT_LEAST_1), default=16)
     p.add_argument("--out", default="pca.png", help="figure path (.png, or .pdf for PDF only)")
     p.add_argument("--pdf", action="store_true", help="also write a PDF beside the PNG")
-    p.add_argument("--dpi", type=int, default=GridStyle.dpi)
+    p.add_argument("--dpi", type=flag(int, AT_LEAST_1), default=GridStyle.dpi)
     p.add_argument("--save-npz", action="store_true", help="also save the RGB maps (OUT.npz)")
     args = p.parse_args(argv)
-    if args.n < 1:
-        p.error("--n must be >= 1")
-    if args.resolution < 1:
-        p.error("--resolution must be positive")
     if args.dataset and args.dataset != "synthetic" and not args.root:
         p.error(f"--dataset {args.dataset} needs --root PATH")
     return args
@@ -98,6 +111,12 @@ def main(argv=None):
     if args.images:
         list_image_files(args.images)
     device = resolve_device(args.device)
+    paths = output_paths(args.out, args.pdf)
+    # the figure's folder, locked per figure name (two figures may share a folder)
+    hold_out_dir(
+        paths[0].parent, STAGE, report=paths[0].with_suffix(".json").name,
+        lock_name=f".{paths[0].stem}.skipless.lock",
+    )  # fmt: skip
     # Workaround (init/loading are lead-owned): the paper init's many small SVDs, which
     # load_backbone also runs before overwriting them, are 3-5x faster single-threaded on CPU.
     with single_thread():
@@ -107,12 +126,12 @@ def main(argv=None):
         args.n, args.images, args.dataset, args.root, args.split,
         args.synthetic_size or args.resolution,
     )  # fmt: skip
-    paths = output_paths(args.out, args.pdf)
     fig = pca_figure(
         backbones, layers, named, cfg, paths, resolution=args.resolution, norm=not args.no_norm,
         batch_size=args.batch_size, device=device, dpi=args.dpi, save_npz=args.save_npz,
     )  # fmt: skip
     record = {
+        "stage": STAGE,
         "command": command_line(),
         "images": fig.names,
         "source": args.images or f"{args.dataset}:{args.split}",

@@ -11,6 +11,7 @@ Settings: defaults (``dino_skipless.dino.config.PretrainConfig``, the published 
 with a dotted key (``optim.lr``) or an unambiguous leaf (``lr``); shortcuts ``--data``
 (data.path), ``--out`` (run.out), ``--batch-size`` (data.batch_size_per_gpu). ``--resume``
 continues ``OUT/checkpoint.pt``; without ``--config`` it reuses the checkpoint's config.
+``--debug`` shows the traceback of an error.
 Writes OUT/{checkpoint.pt, log.jsonl, log.txt, config.yaml, backbone.pt, backbone.json,
 summary.json}.
 """
@@ -20,12 +21,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from .cli import parse_config_args
 from .data import DatasetError
 from .dino.checkpoint import CHECKPOINT, ResumeError, load_checkpoint
 from .dino.collapse import CollapseError
 from .dino.config import ConfigError, build_config, config_from_dict, leaf_keys
 from .dino.distributed import cleanup
 from .dino.trainer import NonFiniteLossError, PretrainOOMError, train
+from .errors import UserError
 
 ALIASES = {
     "data": "data.path",
@@ -40,54 +43,17 @@ USAGE = __doc__
 
 def parse_args(argv: Sequence[str]) -> tuple[str | None, bool, bool, list[tuple[str, str]]]:
     """-> (config path, resume, print_config, [(key, value), ...]) in command-line order."""
-    config, resume, show, overrides = None, False, False, []
-    argv = list(argv)
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        i += 1
-        if tok in ("-h", "--help"):
-            print(USAGE)
-            print("config keys:\n  " + "\n  ".join(leaf_keys()))
-            raise SystemExit(0)
-        if tok == "--resume":
-            resume = True
-            continue
-        if tok == "--print-config":
-            show = True
-            continue
-        if tok.startswith("--"):
-            key, eq, value = tok[2:].partition("=")
-            if not eq:
-                nxt = argv[i] if i < len(argv) else None
-                if nxt is None or nxt.startswith("--") or ("=" in nxt and "/" not in nxt):
-                    value = "true"  # a bare flag: --compile
-                else:
-                    value = nxt
-                    i += 1
-        elif "=" in tok:
-            key, _, value = tok.partition("=")
-        else:
-            raise ConfigError(
-                f"unexpected argument {tok!r}: use key=value, --key value, --config FILE or "
-                "--resume (see --help)"
-            )
-        key = key.replace("-", "_")
-        if key == "config":
-            config = value
-            continue
-        if key in ALIASES:
-            if ALIASES[key] is None:
-                raise ConfigError("--use_fp16: use run.precision=fp16|bf16|fp32 instead")
-            key = ALIASES[key]
-        overrides.append((key, value))
-    return config, resume, show, overrides
+    return parse_config_args(argv, ALIASES, USAGE, leaf_keys)
 
 
 def resolve_config(argv: Sequence[str]):
     config_path, resume, show, overrides = parse_args(argv)
-    cfg = build_config(config_path, overrides)
-    if resume and config_path is None:
+    own = resume and config_path is None
+    # With the run's own config to come, the defaults + overrides only say where the run is:
+    # the overrides are validated against the run's config (optim.epochs=2 on a run with one
+    # warm-up epoch is fine, whatever the defaults' ten warm-up epochs say).
+    cfg = build_config(config_path, overrides, validate=not own)
+    if own:
         # continue with the checkpoint's own recipe (the user named only --out)
         ckpt = load_checkpoint(cfg.out_dir() / CHECKPOINT)
         base = config_from_dict(ckpt["config"])
@@ -113,7 +79,10 @@ def main(argv: Sequence[str] | None = None):
         CollapseError,
         PretrainOOMError,
         FileExistsError,
+        UserError,
     ) as e:
+        if "--debug" in argv:
+            raise
         raise SystemExit(f"error: {e}") from None
     finally:
         cleanup()

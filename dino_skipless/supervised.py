@@ -34,15 +34,18 @@ boxes and flips (nearest). On 2 cores this is 18 % (cls) and 14 % (seg) faster p
 The number of optimisation steps is the DINO run's: ``optim.epochs`` x (``data.synthetic_n`` or
 the folder's size) / batch, whatever the labelled set's size (the labelled set is cycled).
 Nothing here is a published method; it is a measuring stick.
+
+The training itself is the project's one supervised loop (``classifier.loop``: schedule, forward,
+non-finite guard, backward, clipping, step), the one the paper's classifier trainer
+(``python -m dino_skipless.classify``) runs, and the views are drawn through the same seeded
+data layer (``dino.sampling.SeededTransform``). What is the ceiling's own: its views and heads
+above, its budget (the DINO config's) and its data order (a seeded shuffle per pass over the
+labelled set, cycled to that budget).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import random
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -56,7 +59,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
+from .classifier.loop import Loop, LoopState, NonFiniteLossError, TrainStep
+from .cli import ArgumentParser, add_debug_arg, cli_main, flag, hold_out_dir
 from .data import ImageFolderDataset, build_segmentation_dataset, synthetic_root
+from .data.files import set_max_image_pixels
 from .data.worlds import pretrain_root
 from .dino.augment import GaussianBlur, MultiCropAugmentation, Solarization
 from .dino.augment_device import (
@@ -71,13 +77,17 @@ from .dino.augment_device import (
 )
 from .dino.checkpoint import export_backbone
 from .dino.config import PretrainConfig, build_config
-from .dino.sampling import sample_seeds
-from .dino.schedules import apply_schedules_, build_schedules
+from .dino.sampling import SeededTransform
+from .dino.schedules import build_schedules
+from .errors import UserError
 from .fileio import write_json
 from .models import build_model
 from .optim import build_optimizer, get_param_groups
+from .outdir import OutDirError
+from .ranges import AT_LEAST_1, NON_NEGATIVE
 
 TASKS = ("cls", "seg")
+STAGE = "dino_skipless.supervised"
 
 
 @dataclass
@@ -88,20 +98,17 @@ class SupervisedResult:
     train_accuracy: float  # of the last epoch's steps (pixels for seg)
 
 
-class _SeededViews(Dataset):
-    """Two seeded augmented views per labelled sample, reproducible from (seed, epoch, index)."""
+class _SeededViews(SeededTransform):
+    """Two seeded augmented views per labelled sample, reproducible from (seed, epoch, index):
+    ``SeededTransform`` indexed like a plain dataset at ``self.epoch`` (the ceilings shuffle with
+    a DataLoader)."""
 
     def __init__(self, base: Dataset, views, seed: int):
-        self.base, self.views, self.seed, self.epoch = base, views, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.base)
+        super().__init__(base, views, seed)
+        self.epoch = 0
 
     def __getitem__(self, i: int):
-        torch_seed, py_seed = sample_seeds(self.seed, self.epoch, i)
-        torch.manual_seed(torch_seed)
-        random.seed(py_seed)
-        return self.views(*self.base[i])
+        return super().__getitem__((self.epoch, i))
 
 
 class _ClsViews:
@@ -210,6 +217,7 @@ def _device_views(batch, aug, device) -> tuple[torch.Tensor, torch.Tensor]:
 def labelled_data(task: str, cfg: PretrainConfig, seg: dict) -> tuple[Dataset, int, int]:
     """(dataset of (image, label), number of classes, images per DINO epoch)."""
     d = cfg.data
+    set_max_image_pixels(d.max_image_pixels)  # in the environment: loader workers see it
     if task == "cls":
         # the DINO run's own pretraining images (data.path, or its world), with their labels
         root = d.path or pretrain_root(d.world, d.synthetic_n, d.synthetic_size, d.synthetic_seed)
@@ -230,6 +238,12 @@ def train_supervised(task: str, cfg: PretrainConfig, seg: dict | None = None) ->
     cfg.validate()
     seg = seg or {}
     out_dir = cfg.out_dir()
+    for name in ("backbone.pt", "backbone.safetensors"):  # as pretraining refuses a new run there
+        if (out_dir / name).exists():
+            raise OutDirError(
+                f"{out_dir / name} exists (an earlier export): choose another --out, or delete "
+                "it to train again"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.run.cpu_threads:
         torch.set_num_threads(cfg.run.cpu_threads)
@@ -260,55 +274,45 @@ def train_supervised(task: str, cfg: PretrainConfig, seg: dict | None = None) ->
         epochs=o.epochs, niter_per_ep=niter, total_batch=bs,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(cfg.run.seed)
-    losses: list[float] = []
-    correct = seen = 0
-    step, epoch, t0 = 0, 0, time.time()
     p = backbone.spec.patch_size
-    while step < total:
+
+    def batches(epoch: int, skip: int):
+        """One pass over the labelled set in a seeded shuffle (the budget cycles it)."""
         data.epoch = epoch
-        loader = DataLoader(
+        return DataLoader(
             data, batch_size=bs, shuffle=True, drop_last=True, generator=gen,
             num_workers=cfg.data.num_workers,
             collate_fn=_collate_decoded if on_device else _collate,
         )  # fmt: skip
-        for batch in loader:
-            if step >= total:
-                break
-            x, y = _device_views(batch, data.aug, device) if on_device else batch
-            s = sched.at(step)
-            apply_schedules_(optimizer, s["lr"], s["wd"])
-            if task == "cls":
-                logits = head(backbone(x))
-                loss = F.cross_entropy(logits, y)
-                hit, n = (logits.argmax(1) == y).sum().item(), len(y)
-            else:
-                tokens = backbone.forward_features(x)[:, backbone.num_prefix_tokens :]
-                g = x.shape[-1] // p
-                logits = head(tokens).transpose(1, 2).reshape(len(x), n_classes, g, g)
-                logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear")
-                loss = F.cross_entropy(logits, y, ignore_index=255)
-                valid = y != 255
-                hit = (logits.argmax(1)[valid] == y[valid]).sum().item()
-                n = int(valid.sum())
-            if not math.isfinite(loss.item()):
-                raise RuntimeError(f"non-finite supervised loss at step {step}; lower optim.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-            optimizer.step()
-            losses.append(loss.item())
-            if step >= total - niter:
-                correct, seen = correct + hit, seen + n
-            step += 1
-            if cfg.run.progress and step % cfg.run.log_every == 0:
-                print(
-                    f"step {step}/{total} loss {loss.item():.4f} lr {s['lr']:.2e} "
-                    f"({time.time() - t0:.0f}s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        epoch += 1
+
+    def loss_fn(_forward, batch, step: int, k: int):
+        x, y = _device_views(batch, data.aug, device) if on_device else batch
+        if task == "cls":
+            logits = head(backbone(x))
+            loss = F.cross_entropy(logits, y)
+            return loss, {"hits": (logits.argmax(1) == y).sum().item(), "seen": len(y)}
+        tokens = backbone.forward_features(x)[:, backbone.num_prefix_tokens :]
+        g = x.shape[-1] // p
+        logits = head(tokens).transpose(1, 2).reshape(len(x), n_classes, g, g)
+        logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear")
+        loss = F.cross_entropy(logits, y, ignore_index=255)
+        valid = y != 255
+        hits = (logits.argmax(1)[valid] == y[valid]).sum().item()
+        return loss, {"hits": hits, "seen": int(valid.sum())}
+
+    t0 = time.time()
+    state = LoopState()
+    try:
+        Loop(
+            step_fn=TrainStep(model, optimizer, sched, device=device, clip_grad=o.clip_grad),
+            loss_fn=loss_fn, batches=batches, total_steps=total, steps_per_epoch=max(niter, 1),
+            epoch_steps=None, progress=cfg.run.progress, epochs=o.epochs,
+        ).run(state)  # fmt: skip
+    except NonFiniteLossError as e:  # a user's lr, not a bug: one line, no traceback
+        raise UserError(f"{e} (nothing written)") from None
+    losses, step = state.losses, state.step
+    # the training accuracy of the last epoch's steps (pixels for seg)
+    correct, seen = state.last_stats.get("hits", 0), state.last_stats.get("seen", 0)
     export_backbone(backbone, out_dir)
     acc = correct / max(seen, 1)
     write_json(
@@ -328,8 +332,9 @@ def train_supervised(task: str, cfg: PretrainConfig, seg: dict | None = None) ->
     return SupervisedResult(out_dir, step, losses, acc)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m dino_skipless.supervised",
         description="Supervised ceiling: the same ViT and budget as a DINO config, trained on "
         "labels, exported like a DINO backbone.",
@@ -338,13 +343,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="the DINO recipe whose budget to match")
     p.add_argument("--out", required=True)
     p.add_argument("--seg-root", default=None, help="--task seg: a VOC root (default: synthetic)")
-    p.add_argument("--seg-n", type=int, default=1336, help="synthetic VOC scenes (3/4 trainaug)")
-    p.add_argument("--seg-size", type=int, default=96)
-    p.add_argument("--seg-seed", type=int, default=1, help="not the evaluation scenes' seed")
+    p.add_argument(
+        "--seg-n", type=flag(int, AT_LEAST_1), default=1336, help="synthetic VOC scenes (3/4 "
+        "trainaug)"
+    )  # fmt: skip
+    p.add_argument("--seg-size", type=flag(int, AT_LEAST_1), default=96)
+    p.add_argument(
+        "--seg-seed",
+        type=flag(int, NON_NEGATIVE),
+        default=1,
+        help="not the evaluation scenes' seed",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    add_debug_arg(p)
     args = p.parse_args(argv)
+    bad = [kv for kv in args.overrides if "=" not in kv]
+    if bad:
+        p.error(f"expected key=value config overrides, got {' '.join(bad)}")
     overrides = [tuple(kv.split("=", 1)) for kv in args.overrides]
     cfg = build_config(args.config, [*overrides, ("run.out", args.out)])
+    hold_out_dir(args.out, STAGE, report=None)
     seg = {"root": args.seg_root, "n": args.seg_n, "size": args.seg_size, "seed": args.seg_seed}
     r = train_supervised(args.task, cfg, seg if args.task == "seg" else None)
     print(

@@ -8,20 +8,26 @@ images once for both runs: what the runs share (hard images, rare classes) cance
 spread of the *difference* is smaller than the two unpaired error bars whenever the runs err
 on the same images. Reads the ``per_image_counts.npz`` that ``python -m eval.linprobe``
 writes beside ``results.json`` (with ``--bootstrap`` > 0, the default); each run contributes
-its best learning rate, as in its own table.
+its best learning rate, as in its own table. Runs whose validation images or masks differ (the
+``data_digest`` of their files' contents) are refused.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from dino_skipless.cli import add_debug_arg, cli_main
+from dino_skipless.cli import ArgumentParser, add_debug_arg, cli_main, flag
+from dino_skipless.digest import require_same_data
 from dino_skipless.fileio import markdown_table, write_report
+from dino_skipless.outdir import check_out_file, report_stage
+from dino_skipless.ranges import AT_LEAST_1, NON_NEGATIVE
 
+from .linprobe_lib import STAGE
 from .metrics import paired_bootstrap_miou
 
 
@@ -36,13 +42,23 @@ def load_counts(path: str | Path, probe: str) -> tuple[np.ndarray, str, dict]:
             f"{npz} not found: compare the --out folder of a python -m eval.linprobe run "
             "(one folder per checkpoint under a --sweep-ckpts run) made with --bootstrap > 0"
         )
-    with np.load(npz) as z:
-        if probe not in z.files:
-            probes = [k for k in z.files if k != "val_digest"]
-            raise ValueError(f"{npz}: no '{probe}' probe (this run has {probes}); use --probe")
-        counts, digest = z[probe], str(z["val_digest"])
-        counts_id = str(z["run_id"]) if "run_id" in z.files else None
-    result = json.loads(res.read_text()) if res.is_file() else {}
+    try:
+        with np.load(npz) as z:
+            if probe not in z.files:
+                probes = [k for k in z.files if k not in ("val_digest", "run_id")]
+                raise ValueError(f"{npz}: no '{probe}' probe (this run has {probes}); use --probe")
+            counts, digest = z[probe], str(z["val_digest"])
+            counts_id = str(z["run_id"]) if "run_id" in z.files else None
+    except (OSError, KeyError, zipfile.BadZipFile) as e:  # not an npz, or not the probe's
+        raise ValueError(f"{npz}: not a per_image_counts.npz of eval.linprobe ({e})") from None
+    if counts.ndim != 3 or counts.shape[-1] != 3:
+        raise ValueError(f"{npz}: '{probe}' is not an (images, classes, 3) count array")
+    try:
+        result = json.loads(res.read_text("utf-8")) if res.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{res}: not a readable results.json") from None
+    if not isinstance(result, dict) or report_stage(result) not in (None, STAGE):
+        raise ValueError(f"{res} was not written by eval.linprobe")
     if result and result.get("run_id") != counts_id:
         raise ValueError(
             f"{npz} (run {counts_id}) and {res} (run {result.get('run_id')}) were written by "
@@ -60,6 +76,12 @@ def compare_runs(a: str, b: str, probe: str = "single", n_boot: int = 10000, see
             "the two runs were not scored on the same validation images (target digests differ): "
             "use the same --dataset/--root/--resolution/--synthetic-* options for both"
         )
+    # and the content of the validation image and mask files (runs before it: masks only)
+    warning = require_same_data(
+        (ra.get("data_digest") or {}).get("val"),
+        (rb.get("data_digest") or {}).get("val"),
+        "use the same --dataset/--root/--synthetic-* options for both",
+    )
     out = paired_bootstrap_miou(ca, cb, n_boot, seed)
 
     def probe_result(r: dict) -> dict:
@@ -79,6 +101,7 @@ def compare_runs(a: str, b: str, probe: str = "single", n_boot: int = 10000, see
         "best_lr_b": pb.get("best_lr"),
         "unpaired_se_a": pa.get("miou_se"),
         "unpaired_se_b": pb.get("miou_se"),
+        "data_warning": warning,
     }
 
 
@@ -105,19 +128,25 @@ def render(r: dict) -> str:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n")[0])
     p.add_argument("a", help="run A: eval.linprobe --out folder (or its results.json)")
     p.add_argument("b", help="run B (e.g. the random-init baseline)")
     p.add_argument("--probe", default="single", choices=["single", "multiscale"])
-    p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--n-boot", type=flag(int, AT_LEAST_1), default=10000, help="bootstrap resamples"
+    )
+    p.add_argument("--seed", type=flag(int, NON_NEGATIVE), default=0)
     p.add_argument("--out", default=None, help="write the comparison here (.json, .md beside it)")
     add_debug_arg(p)
     args = p.parse_args(argv)
+    if args.out:
+        check_out_file(Path(args.out).with_suffix(".json"))
     try:
         r = compare_runs(args.a, args.b, args.probe, args.n_boot, args.seed)
     except ValueError as e:
         raise SystemExit(f"eval.compare: {e}") from None
+    if r["data_warning"]:
+        print(f"warning: {r['data_warning']}", file=sys.stderr)
     text = render(r)
     print(text, end="")
     if args.out:

@@ -10,9 +10,15 @@ multiscale probes then read their blocks from the same cache. Images are resized
 * val: the mask at its original size (label resolution), where logits are upsampled for the
   confusion matrix.
 
-In memory by default; with ``cache_dir`` the arrays are ``.npy`` memmaps keyed by backbone,
-dataset, split, resolution and blocks, and are reused by later runs (e.g. another learning-rate
-sweep over the same checkpoint).
+In memory by default; with ``cache_dir`` the arrays are ``.npy`` memmaps keyed by the caller's
+``key_parts`` (``eval.linprobe_lib``: the sha256 of the weights file loaded, the backbone spec,
+the content digest of the split's image and mask files), resolution and blocks, and are reused
+by later runs (e.g. another learning-rate sweep over the same checkpoint). The key is content:
+a checkpoint overwritten with ``cp`` or masks replaced in place make a new cache.
+
+While loading, mask pixels outside the dataset's label set (``sample_counted``) are counted per
+file (``meta["unknown_labels"]``, kept with a disk cache): they read as ignore, so the caller
+warns about them and refuses a split where they are more than a small fraction.
 """
 
 from __future__ import annotations
@@ -30,18 +36,23 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dino_skipless.features import IMAGENET_MEAN, IMAGENET_STD, extract
+from dino_skipless.fileio import atomic_write_text
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed on content (1 was a stat of the checkpoint path)
+UNKNOWN_FILES_KEPT = 20  # files named in meta["unknown_labels"] (the most affected first)
 
 
 class ResizedSegmentation(Dataset):
     """``(image (3, R, R) normalised float, mask)``; mask resized to R x R (nearest) when
     ``resize_mask`` (training), else kept at label resolution (validation)."""
 
-    def __init__(self, base, resolution: int, resize_mask: bool):
+    def __init__(self, base, resolution: int, resize_mask: bool, counted: bool = False):
         self.base = base
         self.resolution = int(resolution)
         self.resize_mask = resize_mask
+        # counted: a third item, the mask's pixels outside the label set (0 if the base cannot
+        # tell)
+        self.counted = counted
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
@@ -49,18 +60,37 @@ class ResizedSegmentation(Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int):
-        img, mask = self.base[i]
+        if self.counted and hasattr(self.base, "sample_counted"):
+            img, mask, unknown = self.base.sample_counted(i)
+        else:
+            (img, mask), unknown = self.base[i], 0
         r = self.resolution
         img = img.convert("RGB").resize((r, r), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
         x = (x - self.mean) / self.std
         if self.resize_mask:
             mask = np.asarray(Image.fromarray(np.asarray(mask, np.uint8)).resize((r, r), 0))
-        return x, torch.from_numpy(np.array(mask, dtype=np.uint8, copy=True))
+        m = torch.from_numpy(np.array(mask, dtype=np.uint8, copy=True))
+        return (x, m, (unknown, int(np.asarray(mask).size))) if self.counted else (x, m)
 
 
 def _collate(batch):
-    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+    out = torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+    return (*out, [b[2] for b in batch]) if len(batch[0]) == 3 else out
+
+
+def unknown_label_stats(counts: Sequence[tuple[int, int]], names: Sequence[str]) -> dict:
+    """``{"pixels", "total", "n_files", "files": [[name, pixels], ...]}`` of the per-image
+    ``(unknown pixels, mask pixels)``, the most affected files first."""
+    bad = sorted(
+        ((names[i], u) for i, (u, _) in enumerate(counts) if u), key=lambda t: (-t[1], t[0])
+    )
+    return {
+        "pixels": int(sum(u for u, _ in counts)),
+        "total": int(sum(t for _, t in counts)),
+        "n_files": len(bad),
+        "files": [[n, int(u)] for n, u in bad[:UNKNOWN_FILES_KEPT]],
+    }
 
 
 @dataclass
@@ -158,14 +188,15 @@ def build_cache(
     layers = sorted(set(int(x) for x in layers))
     device = torch.device(device)
     folder = None
+    key_parts = {**(key_parts or {}), "layers": layers, "res": resolution, "train": train}
+    key = cache_key(key_parts)
     if cache_dir is not None:
-        key_parts = {**(key_parts or {}), "layers": layers, "res": resolution, "train": train}
-        folder = Path(cache_dir) / cache_key(key_parts)
+        folder = Path(cache_dir) / key
         hit = _open_disk(folder, json.loads(json.dumps(key_parts, default=str)))
         if hit is not None:
             return hit
         folder.mkdir(parents=True, exist_ok=True)
-    ds = ResizedSegmentation(dataset, resolution, resize_mask=train)
+    ds = ResizedSegmentation(dataset, resolution, resize_mask=train, counted=True)
     n = len(ds)
     if n == 0:
         raise ValueError(f"{desc}: the dataset is empty")
@@ -180,8 +211,10 @@ def build_cache(
     grid = None
     passes = 0
     start = 0
+    unknown: list[tuple[int, int]] = []
     amp = device.type == "cuda"
-    for x, m in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
+    for x, m, u in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
+        unknown += u
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             f = extractor(model, x.to(device, non_blocking=True), layers, kind="tokens", norm=True)
         passes += x.shape[0]
@@ -208,7 +241,17 @@ def build_cache(
             masks_val.extend(m)
         start += b
     masks = masks_train if train else masks_val
-    meta = {"layers": layers, "resolution": resolution, "grid": list(grid), "train": train}
+    names = [
+        str(dataset.mask_path(i)) if hasattr(dataset, "mask_path") else str(i) for i in range(n)
+    ]
+    meta = {
+        "layers": layers,
+        "resolution": resolution,
+        "grid": list(grid),
+        "train": train,
+        "cache_key": key,
+        "unknown_labels": unknown_label_stats(unknown, names),
+    }
     if folder is not None:
         for arr in mmaps:
             arr.flush()
@@ -223,5 +266,5 @@ def build_cache(
             )
         meta["key"] = json.loads(json.dumps(key_parts, default=str))
         # meta.json last: its presence marks a complete cache.
-        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+        atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
     return FeatureCache(feats, masks, resolution, grid, passes, meta)

@@ -13,9 +13,9 @@ A root without ``train/`` and ``val/`` is split per class, deterministically (``
 
 ``--pixels S`` replaces the backbone by the raw-pixel baseline: the same resized, cropped,
 normalised image, area-downsampled to S x S and flattened (3 S^2 dimensions), then the same
-cosine k-NN. ``results.json`` keeps each validation image's top-1 hit (``val_correct``) and a
-digest of the validation labels, so two runs can be paired image by image
-(``paired_knn``: exact McNemar test).
+cosine k-NN. ``results.json`` keeps each validation image's top-1 hit (``val_correct``) and
+digests of the validation labels and image files, so two runs can be paired image by image
+(``paired_knn``: exact McNemar test), and runs on other images are refused.
 """
 
 from __future__ import annotations
@@ -25,12 +25,22 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from dino_skipless.cli import add_backbone_args, backbone_from_args, cli_main, resolve_device
+from dino_skipless.cli import (
+    ArgumentParser,
+    add_backbone_args,
+    backbone_from_args,
+    cli_main,
+    flag,
+    hold_out_dir,
+    resolve_device,
+)
 from dino_skipless.features import check_input_size
 from dino_skipless.fileio import command_line, new_run_id, write_report
+from dino_skipless.ranges import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
 
 # The library's public names stay importable from here (scripts and tests use eval.knn).
 from .knn_lib import (  # noqa: F401
+    STAGE,
     KNNConfig,
     PixelBaseline,
     build_splits,
@@ -57,7 +67,7 @@ from .knn_lib import (  # noqa: F401
 
 def build_parser() -> argparse.ArgumentParser:
     d = KNNConfig()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m eval.knn",
         description="DINO weighted k-NN classification on frozen CLS features.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -69,19 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
         "dino_skipless/data/worlds.py (sized by --synthetic-n/-size/-seed)",
     )  # fmt: skip
     add_backbone_args(p)
-    p.add_argument("--k", type=int, nargs="+", default=list(d.k))
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--resize", type=int, default=d.resize)
-    p.add_argument("--crop", type=int, default=d.crop)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--num-workers", type=int, default=d.num_workers)
-    p.add_argument("--backend", choices=("auto", "faiss", "torch"), default="auto")
-    p.add_argument("--synthetic-n", type=int, default=120)
-    p.add_argument("--synthetic-size", type=int, default=64)
-    p.add_argument("--synthetic-seed", type=int, default=0, help="--dataset synthetic: seed")
     p.add_argument(
-        "--pixels", type=int, default=None, metavar="S",
+        "--k", type=flag(int, AT_LEAST_1), nargs="+", default=list(d.k),
+        help="neighbours (more than the training images: all of them, recorded as k_used)",
+    )  # fmt: skip
+    p.add_argument("--temperature", type=flag(float, POSITIVE), default=d.temperature)
+    p.add_argument("--resize", type=flag(int, AT_LEAST_1), default=d.resize)
+    p.add_argument("--crop", type=flag(int, AT_LEAST_1), default=d.crop)
+    p.add_argument("--batch-size", type=flag(int, AT_LEAST_1), default=d.batch_size)
+    p.add_argument("--val-fraction", type=flag(float, Range(gt=0, lt=1)), default=d.val_fraction)
+    p.add_argument("--num-workers", type=flag(int, NON_NEGATIVE), default=d.num_workers)
+    p.add_argument("--backend", choices=("auto", "faiss", "torch"), default="auto")
+    p.add_argument("--synthetic-n", type=flag(int, AT_LEAST_1), default=120)
+    p.add_argument("--synthetic-size", type=flag(int, AT_LEAST_1), default=64)
+    p.add_argument(
+        "--synthetic-seed", type=flag(int, NON_NEGATIVE), default=0, help="--dataset synthetic"
+    )
+    p.add_argument(
+        "--pixels", type=flag(int, AT_LEAST_1), default=None, metavar="S",
         help="raw-pixel baseline instead of a backbone: images downsampled to S x S",
     )  # fmt: skip
     p.add_argument("--out", default="runs/knn")
@@ -121,6 +136,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     device = resolve_device(args.device)
+    hold_out_dir(args.out, STAGE)
     model, spec, label = feature_model(args)
     synthetic = dict(n=args.synthetic_n, size=args.synthetic_size, seed=args.synthetic_seed)
     root = knn_root(args.dataset, args.root, synthetic)

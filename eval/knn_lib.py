@@ -6,6 +6,7 @@ the neighbour search, the data splits and CLS features, and the ``results.json``
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from dino_skipless.cli import default_num_workers
 from dino_skipless.data import DatasetError, ImageFolderDataset, synthetic_root
 from dino_skipless.data.worlds import world_root
+from dino_skipless.digest import digest_of, files_digest, require_same_data
 from dino_skipless.features import IMAGENET_MEAN, IMAGENET_STD
 from dino_skipless.fileio import markdown_table
 from dino_skipless.knn import (  # noqa: F401  (the k-NN math, shared with the trainer's monitor)
@@ -33,6 +35,8 @@ from dino_skipless.knn import (  # noqa: F401  (the k-NN math, shared with the t
     topk_accuracy,
 )
 from tokencut.corloc import mcnemar_exact, paired_diff_se
+
+STAGE = "eval.knn"  # the stage that writes these results.json (dino_skipless.outdir)
 
 
 @dataclass
@@ -57,11 +61,29 @@ def labels_digest(labels: Sequence[int]) -> str:
     return hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
+SAME_DATA_HINT = "use the same --root (or --dataset synthetic --synthetic-*) and --val-fraction"
+
+
+def val_data_digest(val, classes: Sequence[str]) -> dict[str, str]:
+    """``{"images", "labels"}``: content digests of the validation image files and of their
+    class names, in order (``paired_knn`` pairs only runs whose digests agree)."""
+    if isinstance(val, Subset):
+        paths = [val.dataset.image_path(i) for i in val.indices]
+        labels = [classes[val.dataset.targets[i]] for i in val.indices]
+    else:
+        paths = [val.image_path(i) for i in range(len(val))]
+        labels = [classes[t] for t in val.targets]
+    return {"images": files_digest(paths), "labels": digest_of(labels)}
+
+
 def paired_knn(a: dict, b: dict) -> dict:
-    """Exact McNemar test of two k-NN ``results.json`` on the same validation images."""
+    """Exact McNemar test of two k-NN ``results.json`` on the same validation images; runs
+    whose ``data_digest`` differ are refused (``DataMismatch``), runs without one (older) are
+    paired on their label digest, with ``data_warning`` saying so."""
     for r, name in ((a, "A"), (b, "B")):
         if "val_correct" not in r:
             raise ValueError(f"k-NN result {name} has no per-image 'val_correct' (older run?)")
+    warning = require_same_data(a.get("data_digest"), b.get("data_digest"), SAME_DATA_HINT)
     if a.get("val_digest") != b.get("val_digest") or len(a["val_correct"]) != len(b["val_correct"]):
         raise ValueError("the two k-NN runs were scored on different validation images")
     ca, cb = np.asarray(a["val_correct"], bool), np.asarray(b["val_correct"], bool)
@@ -75,6 +97,7 @@ def paired_knn(a: dict, b: dict) -> dict:
         "only_b": only_b,
         "p_value": mcnemar_exact(only_a, only_b),
         "n": len(ca),
+        "data_warning": warning,
     }  # fmt: skip
 
 
@@ -167,6 +190,22 @@ def knn_root(dataset: str, root=None, synthetic: dict | None = None) -> Path:
     return Path(root)
 
 
+def check_splits(root, train, val, classes) -> None:
+    """Refuse splits whose accuracy would mean nothing: a single class (every vote is right,
+    100 % by construction) or no validation image."""
+    if len(classes) < 2:
+        raise DatasetError(
+            f"{root}: k-NN needs at least 2 classes (class folders), found {len(classes)} "
+            f"({', '.join(classes) or 'none'}); one class scores 100 % by construction"
+        )
+    if len(val) == 0 or len(train) == 0:
+        raise DatasetError(
+            f"{root}: no {'validation' if len(val) == 0 else 'training'} images after the split "
+            f"({len(train)} train, {len(val)} val): give train/ and val/ folders or "
+            "classes of at least 2 images each"
+        )
+
+
 def resolve_backend(backend: str) -> str:
     return "faiss" if backend == "faiss" or (backend == "auto" and faiss_available()) else "torch"
 
@@ -178,6 +217,15 @@ def run_knn(
     the per-image top-1 hits of the first (reported) k."""
     t0 = time.perf_counter()
     train, val, classes, how = build_splits(Path(root), cfg, eval_transform(cfg))
+    check_splits(root, train, val, classes)
+    k_used = {str(k): min(k, len(train)) for k in cfg.k}
+    for k in cfg.k:
+        if k > len(train):
+            print(
+                f"k-NN: k={k} is more than the {len(train)} training images: every one of them "
+                f"votes (recorded as k_used={len(train)})",
+                file=sys.stderr,
+            )
     tr_f, tr_y = extract_cls(model, train, cfg, device, progress)
     va_f, va_y = extract_cls(model, val, cfg, device, progress)
     t1 = time.perf_counter()
@@ -190,6 +238,7 @@ def run_knn(
             correct = (s.argmax(1) == va_y.to(s.device)).int().cpu().tolist()
     return {
         "per_k": per_k,
+        "k_used": k_used,
         "correct": correct,
         "n_train": len(train),
         "n_val": len(val),
@@ -199,6 +248,7 @@ def run_knn(
         "t0": t0,
         "features_s": t1 - t0,
         "val_digest": labels_digest(va_y.cpu().tolist()),
+        "data_digest": val_data_digest(val, classes),
     }
 
 
@@ -215,14 +265,18 @@ def knn_record(
     command: str,
 ) -> dict:
     """``results.json``: accuracies of the reported k (``cfg.k[0]``) and of every k, the split,
-    the backbone and config, and the per-image hits and label digest for ``paired_knn``."""
+    the backbone and config, and the per-image hits and the label and data digests for
+    ``paired_knn``."""
     main_k = str(cfg.k[0])
     top1 = run["per_k"][main_k]["top1"]
     return {
+        "stage": STAGE,
         "run_id": run_id,
         **{"top1": top1, "top5": list(run["per_k"][main_k].values())[-1]},
         "top1_se": top1_se(top1, run["n_val"]),
         "k": cfg.k[0],
+        "k_used": run["k_used"][main_k],  # k, or every training image when there are fewer
+        "k_used_per_k": run["k_used"],
         "per_k": run["per_k"],
         "n_train": run["n_train"],
         "n_val": run["n_val"],
@@ -239,12 +293,19 @@ def knn_record(
         "timings": {"features_s": run["features_s"], "total_s": time.perf_counter() - run["t0"]},
         "val_correct": run["correct"],
         "val_digest": run["val_digest"],
+        "data_digest": run["data_digest"],
     }
 
 
 def knn_table(record: dict) -> str:
+    used = record.get("k_used_per_k", {})
+
+    def k_text(k: str) -> str:
+        return k if int(used.get(k, k)) == int(k) else f"{k} (all {used[k]} train images)"
+
     rows = [
-        [record["label"], k, record["config"]["temperature"], v["top1"], list(v.values())[-1]]
+        [record["label"], k_text(k), record["config"]["temperature"], v["top1"]]
+        + [list(v.values())[-1]]
         for k, v in record["per_k"].items()
     ]
     return markdown_table(["ckpt", "k", "T", "top-1", "top-5"], rows)

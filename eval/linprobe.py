@@ -28,11 +28,20 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from dino_skipless.cli import add_backbone_args, cli_main, resolve_device
+from dino_skipless.cli import (
+    ArgumentParser,
+    add_backbone_args,
+    cli_main,
+    flag,
+    hold_out_dir,
+    resolve_device,
+)
 from dino_skipless.fileio import command_line
+from dino_skipless.ranges import AT_LEAST_1, NON_NEGATIVE, POSITIVE
 
 from .linprobe_lib import (
     DATASETS,
+    STAGE,
     backbone_entries,
     build_datasets,
     load_backbones,
@@ -47,7 +56,7 @@ from .probe_lib import LinProbeConfig
 
 def build_parser() -> argparse.ArgumentParser:
     d = LinProbeConfig()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m eval.linprobe",
         description="Dense linear probing of frozen ViT patch features (paper Sec. 6.2.1).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -64,11 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(--arch/--patch-size/--depth)",
     )
     p.add_argument(
-        "--layers", type=int, nargs="+", default=None, help="single probe (default: last)"
+        "--layers", type=flag(int), nargs="+", default=None, help="single probe (default: last)"
     )
     p.add_argument("--multiscale", action="store_true", help="probe --ms-layers concatenated")
     p.add_argument(
-        "--ms-layers", type=int, nargs="+", default=None, help="multiscale blocks (default: last 4)"
+        "--ms-layers",
+        type=flag(int),
+        nargs="+",
+        default=None,
+        help="multiscale blocks (default: last 4)",
     )
     p.add_argument(
         "--mode",
@@ -78,41 +91,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--resolution",
-        type=int,
+        type=flag(int, AT_LEAST_1),
         default=None,
         help=f"input side (default {d.resolution}; --dataset synthetic on CPU: the scenes' side "
         "rounded up to the patch size)",
     )
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lrs", type=float, nargs="+", default=list(d.lrs))
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--epochs", type=flag(int, AT_LEAST_1), default=d.epochs)
+    p.add_argument("--lrs", type=flag(float, POSITIVE), nargs="+", default=list(d.lrs))
+    p.add_argument("--batch-size", type=flag(int, AT_LEAST_1), default=d.batch_size)
     p.add_argument(
         "--train-subset",
-        type=int,
+        type=flag(int, NON_NEGATIVE),
         default=d.train_subset,
         help="ADE20K/COCO-Stuff training images (seeded subset; 0 = all; VOC uses all)",
     )
-    p.add_argument("--subset-seed", type=int, default=d.subset_seed)
+    p.add_argument("--subset-seed", type=flag(int, NON_NEGATIVE), default=d.subset_seed)
     p.add_argument(
         "--bootstrap",
-        type=int,
+        type=flag(int, NON_NEGATIVE),
         default=d.bootstrap,
         help="resamples of the validation images for the mIoU standard error (0 = none)",
+    )
+    p.add_argument(
+        "--max-unknown-label-fraction",
+        type=float,
+        default=d.max_unknown_label_fraction,
+        help="refuse a split whose mask pixels outside the label set exceed this fraction",
     )
     p.add_argument("--voc-train-split", default=d.voc_train_split, choices=("train", "trainaug"))
     p.add_argument(
         "--voc-train-subset",
-        type=int,
+        type=flag(int, AT_LEAST_1),
         default=None,
         help="VOC: a seeded subset of this many training images (default: the whole split)",
     )
     p.add_argument("--no-standardize", action="store_true", help="skip per-channel standardisation")
-    p.add_argument("--extract-batch-size", type=int, default=d.extract_batch_size)
-    p.add_argument("--num-workers", type=int, default=d.num_workers)
+    p.add_argument("--extract-batch-size", type=flag(int, AT_LEAST_1), default=d.extract_batch_size)
+    p.add_argument("--num-workers", type=flag(int, NON_NEGATIVE), default=d.num_workers)
     p.add_argument("--cache-dir", default=None, help="keep feature caches on disk (memmap) here")
-    p.add_argument("--synthetic-n", type=int, default=40, help="--dataset synthetic: scenes")
-    p.add_argument("--synthetic-size", type=int, default=128, help="--dataset synthetic: side")
-    p.add_argument("--synthetic-seed", type=int, default=0, help="--dataset synthetic: seed")
+    p.add_argument(
+        "--synthetic-n", type=flag(int, AT_LEAST_1), default=40, help="--dataset synthetic: scenes"
+    )
+    p.add_argument(
+        "--synthetic-size",
+        type=flag(int, AT_LEAST_1),
+        default=128,
+        help="--dataset synthetic: side",
+    )
+    p.add_argument(
+        "--synthetic-seed",
+        type=flag(int, NON_NEGATIVE),
+        default=0,
+        help="--dataset synthetic: seed",
+    )
     p.add_argument("--out", default="runs/linprobe", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -133,6 +164,7 @@ def config_from_args(args) -> tuple[LinProbeConfig, tuple[str, ...]]:
         train_subset=args.train_subset if args.train_subset and args.train_subset > 0 else None,
         subset_seed=args.subset_seed,
         bootstrap=max(0, args.bootstrap),
+        max_unknown_label_fraction=args.max_unknown_label_fraction,
         voc_train_split=args.voc_train_split,
         voc_train_subset=args.voc_train_subset if args.voc_train_subset else None,
         standardize=not args.no_standardize,
@@ -149,9 +181,11 @@ def main(argv=None) -> int:
     cfg, modes = config_from_args(args)
     device = resolve_device(args.device)
     entries = backbone_entries(args.ckpt, args.random_init, args.sweep_ckpts)
+    hold_out_dir(args.out, STAGE, report="sweep.json" if len(entries) > 1 else "results.json")
     backbones = load_backbones(
-        entries, args.arch, args.seed, args.patch_size, args.depth, args.trust_checkpoint
-    )
+        entries, args.arch, args.seed, args.patch_size, args.depth, args.trust_checkpoint,
+        args.ckpt_variant,
+    )  # fmt: skip
     if args.resolution is None and args.dataset == "synthetic" and device.type == "cpu":
         cfg = synthetic_cpu_resolution(cfg, backbones[0][1].patch_size, args.synthetic_size)
     validate_all(backbones, cfg, modes)

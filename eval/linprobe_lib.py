@@ -17,14 +17,17 @@ import numpy as np
 import torch
 
 from dino_skipless.cli import label_for
-from dino_skipless.data import build_segmentation_dataset, synthetic_root
+from dino_skipless.data import DatasetError, build_segmentation_dataset, synthetic_root
+from dino_skipless.digest import segmentation_digest
 from dino_skipless.features import check_input_size, check_layers, extract
 from dino_skipless.fileio import markdown_table, new_run_id, write_json, write_report
 from dino_skipless.models import build_model, load_backbone
+from dino_skipless.outdir import check_report_owner
 
 from .feature_cache import build_cache
 from .probe_lib import LinProbeConfig, default_layers, probe_from_cache
 
+STAGE = "eval.linprobe"  # the stage that writes these results (dino_skipless.outdir)
 DATASETS = ("voc", "ade20k", "cocostuff", "cocostuff27", "synthetic")
 SUBSET_DATASETS = ("ade20k", "cocostuff", "cocostuff27")  # paper: 3,000 training images
 COUNTS = "per_image_counts.npz"
@@ -85,15 +88,21 @@ def probe_backbone(
     extractor=extract,
     progress: bool = True,
     on_probe=None,
+    data_digest: dict | None = None,
 ) -> dict:
     """Extract once (union of the probes' blocks), then run each probe from the same cache.
 
     ``on_probe(partial)``: called after each probe but the last with the run so far (same
-    layout as the return value), so a long ``--mode both`` run keeps its finished probe."""
+    layout as the return value), so a long ``--mode both`` run keeps its finished probe.
+    ``data_digest``: ``{"train", "val"}`` of ``split_digests`` (computed when None): part of the
+    cache key, and what paired comparisons check. Mask pixels outside the label set are
+    counted (``unknown_labels``); above ``cfg.max_unknown_label_fraction`` of a split's pixels
+    the run is refused (DatasetError naming the files)."""
     layers = validate(model, cfg, modes)
     union = sorted({la for ls in layers.values() for la in ls})
     device = torch.device(device)
     t0 = time.perf_counter()
+    data = data_digest or split_digests(train_ds, val_ds)
     kp = dict(key_parts or {})
     common = dict(
         batch_size=cfg.extract_batch_size,
@@ -109,7 +118,7 @@ def probe_backbone(
         union,
         cfg.resolution,
         train=True,
-        key_parts={**kp, "split": "train"},
+        key_parts={**kp, "split": "train", "data": data["train"]},
         desc="train features",
         **common,
     )
@@ -119,10 +128,12 @@ def probe_backbone(
         union,
         cfg.resolution,
         train=False,
-        key_parts={**kp, "split": "val"},
+        key_parts={**kp, "split": "val", "data": data["val"]},
         desc="val features",
         **common,
     )
+    unknown = {"train": tr.meta["unknown_labels"], "val": va.meta["unknown_labels"]}
+    check_unknown_labels(unknown, cfg.max_unknown_label_fraction, train_ds.name)
     t1 = time.perf_counter()
     stats: dict = {}
     results = {}
@@ -142,6 +153,9 @@ def probe_backbone(
             "cached_layers": union,
             "grid": list(tr.grid),
             "val_digest": masks_digest(va.masks),
+            "data_digest": data,
+            "cache_key": {"train": tr.meta["cache_key"], "val": va.meta["cache_key"]},
+            "unknown_labels": unknown,
         }
 
     for i, (mode, ls) in enumerate(layers.items()):
@@ -153,6 +167,42 @@ def probe_backbone(
         if on_probe is not None and i < len(layers) - 1:
             on_probe(run_so_far())
     return run_so_far()
+
+
+def split_digests(train_ds, val_ds) -> dict:
+    """Content digests of both splits' image and mask files (``dino_skipless.digest``)."""
+    return {"train": segmentation_digest(train_ds), "val": segmentation_digest(val_ds)}
+
+
+def _unknown_summary(split: str, u: dict, dataset: str) -> str:
+    files = ", ".join(f"{name} ({n} px)" for name, n in u["files"][:5])
+    more = f" and {u['n_files'] - 5} more" if u["n_files"] > 5 else ""
+    return (
+        f"{u['n_files']} {split} mask(s) of {dataset} hold {u['pixels']:,} pixels "
+        f"({100 * u['pixels'] / max(u['total'], 1):.3g} %) of values outside its label set or "
+        f"colours outside its palette, read as ignore: {files}{more}"
+    )
+
+
+def check_unknown_labels(unknown: dict, max_fraction: float, dataset: str) -> None:
+    """Refuse a split whose masks hold more than ``max_fraction`` of their pixels outside the
+    label set: a probe trained or scored on them measures nothing (an all-77 training mask
+    moved a VOC mIoU by 5 points without a word)."""
+    for split, u in unknown.items():
+        if u["pixels"] > max_fraction * u["total"]:
+            raise DatasetError(
+                _unknown_summary(split, u, dataset)
+                + f"; more than max_unknown_label_fraction={max_fraction:g}: fix the masks "
+                "(python -m dino_skipless.data.check lists them) or raise "
+                "--max-unknown-label-fraction"
+            )
+
+
+def unknown_labels_warning(unknown: dict, dataset: str) -> str | None:
+    """The run's one warning about mask pixels outside the label set (None when there are
+    none)."""
+    parts = [_unknown_summary(s, u, dataset) for s, u in unknown.items() if u["pixels"]]
+    return "warning: " + "; ".join(parts) if parts else None
 
 
 def masks_digest(masks) -> str:
@@ -239,9 +289,11 @@ def load_backbones(
     patch_size: int = 16,
     depth: int | None = None,
     trust: bool = False,
+    ckpt_variant: str | None = None,
 ) -> list[tuple]:
     """[(model, spec, label, checkpoint description)]; ``random:VARIANT`` entries are random
-    inits of ``arch`` (``seed``, ``patch_size``, ``depth``)."""
+    inits of ``arch`` (``seed``, ``patch_size``, ``depth``); ``ckpt_variant``: the variant of
+    plain state dicts (``--ckpt-variant``)."""
     out = []
     for e in entries:
         if e.startswith("random:"):
@@ -250,11 +302,57 @@ def load_backbones(
             desc = {"random_init": variant, "arch": arch, "seed": seed}
             out.append((model, model.spec, f"random-{variant}", desc))
         else:
-            model, spec = load_backbone(e, trust=trust)
-            st = os.stat(e)
-            desc = {"path": str(Path(e).resolve()), "size": st.st_size, "mtime": st.st_mtime}
+            model, spec = load_backbone(e, trust=trust, variant=ckpt_variant)
+            # the file actually read (a folder's backbone.pt) and the sha256 of its bytes: the
+            # cache key (a stat of the path named missed a checkpoint overwritten in place)
+            desc = dict(model.checkpoint_source)
             out.append((model, spec, label_for(e, spec), desc))
+    labels = distinct_labels(entries, [b[2] for b in out], [b[1].variant for b in out])
+    return [(m, spec, label, desc) for (m, spec, _, desc), label in zip(out, labels)]
+
+
+def distinct_labels(entries: list[str], labels: list[str], variants: list[str]) -> list[str]:
+    """Labels that tell every entry apart, so that ``--sweep-ckpts a/run b/run`` writes two
+    folders and two table rows: entries sharing a label are named by as many trailing path
+    parts as tell them apart (``a/run (skipless_init)``, ``b/run (skipless_init)``); what no
+    path tells apart (``random:skip`` twice) is numbered."""
+    out = list(labels)
+    for label in set(labels):
+        same = [i for i, x in enumerate(labels) if x == label]
+        if len(same) < 2:
+            continue
+        parts = [_path_parts(entries[i]) for i in same]
+        for n in range(2, max(len(p) for p in parts) + 1):
+            names = ["/".join(p[-n:]) for p in parts]
+            if len(set(names)) == len(names):
+                for i, name in zip(same, names):
+                    out[i] = f"{name} ({variants[i]})"
+                break
+    for i in range(len(out)):  # still equal (same entry twice, random:VARIANT twice)
+        k = sum(x == out[i] for x in out[:i])
+        if k:
+            out[i] = f"{out[i]} #{k + 1}"
     return out
+
+
+def _path_parts(entry: str) -> tuple[str, ...]:
+    p = Path(entry)
+    if p.name in ("backbone.pt", "backbone.safetensors", "checkpoint.pt"):
+        p = p.parent
+    return p.parts
+
+
+def sweep_folders(out_dir: Path, labels: list[str]) -> list[Path]:
+    """``OUT/<label>/`` per backbone of a sweep, one folder each: two labels that differ can
+    still make the same file name (``a b``, ``a_b``), which then get a number."""
+    names: list[str] = []
+    for label in labels:
+        name, k = safe_name(label), 1
+        while name in names:
+            k += 1
+            name = f"{safe_name(label)}_{k}"
+        names.append(name)
+    return [out_dir / n for n in names]
 
 
 def synthetic_cpu_resolution(cfg: LinProbeConfig, patch: int, scene_size: int) -> LinProbeConfig:
@@ -299,20 +397,26 @@ def run_linprobe(
     joint table."""
     out_dir = Path(out_dir)
     sweep = len(backbones) > 1
+    folders = sweep_folders(out_dir, [b[2] for b in backbones]) if sweep else [out_dir]
+    for folder in folders:  # before any work: no other stage's results get replaced
+        check_report_owner(folder / "results.json", STAGE)
     rows, summaries = [], []
-    for model, spec, label, desc in backbones:
+    data = split_digests(train_ds, val_ds)  # once for every backbone
+    warned = False
+    for (model, spec, label, desc), folder in zip(backbones, folders):
+        # content, not paths: the weights' sha256 (a random init: its recipe) and the spec, the
+        # data's digests (added per split by probe_backbone), and what selects the samples
         key = {
-            "ckpt": desc,
+            "ckpt": {k: v for k, v in desc.items() if k != "path"},
             "spec": spec.to_dict(),
             "dataset": dataset,
-            "root": str(root),
             "subset": subset,
             "subset_seed": cfg.subset_seed,
             "voc_split": cfg.voc_train_split,
         }
-        folder = out_dir / safe_name(label) if sweep else out_dir
         run_id = new_run_id()
         meta = {
+            "stage": STAGE,
             "dataset": dataset,
             "root": str(root),
             "num_classes": train_ds.num_classes,
@@ -347,7 +451,12 @@ def run_linprobe(
             key,
             progress=progress,
             on_probe=write_partial,
+            data_digest=data,
         )
+        warning = unknown_labels_warning(run["unknown_labels"], train_ds.name)
+        if warning and not warned:  # the same data for every backbone: said once
+            print(warning, file=sys.stderr)
+            warned = True
         save_counts(folder, run, run_id)
         result = assemble(run, modes, {"run_id": run_id, **meta})
         r = table_rows(dataset, label, run)
@@ -358,7 +467,12 @@ def run_linprobe(
     if sweep:
         write_report(
             out_dir / "sweep",
-            {"rows": [dict(zip(TABLE_HEADERS, r)) for r in rows], "runs": summaries},
+            {
+                "stage": STAGE,
+                "rows": [dict(zip(TABLE_HEADERS, r)) for r in rows],
+                "runs": summaries,
+                "folders": {s["label"]: f.name for s, f in zip(summaries, folders)},
+            },
             table + "\n",
         )
     return table

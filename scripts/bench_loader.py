@@ -1,4 +1,5 @@
-"""Benchmark the loader: CPU cost per image of the official multi-crop path vs the device path.
+"""Benchmark the loader: CPU cost per image of the official multi-crop path vs the device path,
+and what the device path costs per batch.
 
 At the paper's crops (2x224 + 8x96, ``AugConfig()``), on real-size JPEGs (500x375 synthetic
 scenes written to a temporary folder unless ``--images DIR`` is given), one process, one torch
@@ -6,23 +7,36 @@ thread, CPU time (``time.process_time``, so other load on the machine does not c
 
 * official: PIL decode + ``MultiCropAugmentation`` (what a loader worker does with
   ``data.augment_on: cpu``) + the default collate's stacking;
-* device, CPU part: decode + parameter sampling (``SeededDecode``) + ``collate_decoded``
-  (what a worker does with ``data.augment_on: device``);
-* device part: ``device_multicrop`` on ``--device`` per batch (wall time, synchronised).
+* device, CPU part: decode + parameter sampling (``SeededDecode``) + ``collate_decoded`` (the
+  plan, the canvas): what a worker does with ``data.augment_on: device``; with
+  ``data.decode_on: device`` the worker only reads the file and its header;
+* device part: ``device_multicrop`` on ``--device`` per batch (CPU time on a CPU, synchronised
+  wall time on CUDA).
 
 "cores per GPU" = CPU ms per image x 3,000 images/s (one H100-class GPU at 40 % MFU on a DINO
 ViT-S/16 step); "device share" = the fraction of each device second that the augmentation itself
 takes at 3,000 images/s.
 
+Outliers (``--big``, on by default): the device part's peak memory and time at batch ``--batch``
+with and without one 1500 x 1125 image among the 500 x 375 ones, with and without
+``data.decode_max_side``. Peak memory on a CPU is the forked child's peak resident set minus its
+size before the call; on CUDA ``torch.cuda.max_memory_allocated``.
+
+Launches (``--ops``, on by default): the aten ops one batch of augmentation dispatches
+(top-level, as the profiler lists them; independent of device and sizes) next to the ViT-S/16
+student forward on the same crops.
+
     python scripts/bench_loader.py                       # CPU as the device
     python scripts/bench_loader.py --device cuda --json bench_loader.json
-    python scripts/bench_loader.py --size 1000x750 --draft 256   # effect of JPEG draft decode
+    python scripts/bench_loader.py --size 1000x750 --draft 256 --max-side 512
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import tempfile
 import time
@@ -43,18 +57,23 @@ from dino_skipless.dino.augment_device import (  # noqa: E402
     collate_decoded,
     device_multicrop,
 )
+from dino_skipless.dino.opcount import count_aten_ops  # noqa: E402
 from dino_skipless.dino.sampling import SeededMultiCrop  # noqa: E402
 from dino_skipless.fileio import markdown_table  # noqa: E402
 
 TARGET_IMG_S = 3000.0
+BIG = (1500, 1125)
 
 
-def write_jpegs(root: Path, n: int, width: int, height: int) -> Path:
+def write_jpegs(root: Path, n: int, width: int, height: int, big: int = 0) -> Path:
+    """``n`` scenes of ``width x height`` (every 4th one portrait, as ImageNet's mix), the first
+    ``big`` of them 1500 x 1125 instead."""
     folder = root / "scenes"
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(n):
-        img = render_scene(rng, height, width).image
+        w, h = BIG if i < big else ((height, width) if i % 4 == 3 else (width, height))
+        img = render_scene(rng, h, w).image
         Image.fromarray(img).save(folder / f"{i:04d}.jpg", quality=90)
     return root
 
@@ -77,18 +96,57 @@ def cpu_ms(fn, batches: list[list[int]]) -> float:
     return (time.process_time() - t0) * 1e3 / sum(len(b) for b in batches)
 
 
-def device_ms(batch: dict, cfg: AugConfig, device: torch.device, repeats: int) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
+
+def device_ms(batch: dict, cfg: AugConfig, device: torch.device, repeats: int) -> float:
+    """ms per batch of the device part: CPU time on a CPU (load-independent), wall on CUDA."""
     device_multicrop(batch, cfg, device)  # warm-up (allocator, kernels)
-    sync()
-    t0 = time.perf_counter()
+    _sync(device)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    t0 = clock()
     for _ in range(repeats):
         device_multicrop(batch, cfg, device)
-    sync()
-    return (time.perf_counter() - t0) * 1e3 / repeats
+    _sync(device)
+    return (clock() - t0) * 1e3 / repeats
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def peak_gib_and_ms(batch: dict, cfg: AugConfig, device: torch.device) -> tuple[float, float]:
+    """(peak GiB above the start, ms) of one ``device_multicrop`` call after a warm-up."""
+    if device.type == "cuda":
+        device_multicrop(batch, cfg, device)
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        device_multicrop(batch, cfg, device)
+        _sync(device)
+        ms = (time.perf_counter() - t0) * 1e3
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**30, ms
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child's peak resident set is this call's alone
+        try:
+            start = _rss_gib()
+            t0 = time.process_time()
+            device_multicrop(batch, cfg, device)
+            ms = (time.process_time() - t0) * 1e3
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            os.write(write, json.dumps([peak - start, ms]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        out = json.loads(f.read())
+    os.waitpid(pid, 0)
+    return out[0], out[1]
 
 
 def crop_mae(a: dict, b: dict, cfg: AugConfig, device: torch.device) -> float:
@@ -96,6 +154,41 @@ def crop_mae(a: dict, b: dict, cfg: AugConfig, device: torch.device) -> float:
     std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1)
     x, y = device_multicrop(a, cfg, device), device_multicrop(b, cfg, device)
     return float(torch.stack([((u - v) * std).abs().mean() for u, v in zip(x, y)]).mean() * 255)
+
+
+def outliers(args, cfg: AugConfig, device: torch.device, tmp: Path) -> list[list]:
+    """Peak memory and time of the device part with and without one 1500 x 1125 image."""
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    plain = ImageFolderDataset(write_jpegs(tmp / "plain", args.batch, w, h))
+    big = ImageFolderDataset(write_jpegs(tmp / "big", args.batch, w, h, big=1))
+    runs = [("none", plain, 0), ("one 1500x1125", big, 0)]
+    runs += [(f"one 1500x1125, decode_max_side={args.cap}", big, args.cap)] if args.cap else []
+    rows, base = [], None
+    for name, ds, cap in runs:
+        decode = SeededDecode(ds, cfg, seed=0, max_side=cap)
+        batch = collate_decoded([decode[(0, i)] for i in range(len(ds))], cfg)
+        gib, ms = peak_gib_and_ms(batch, cfg, device)
+        canvas = "x".join(str(v) for v in batch["canvas"].shape[1:3])
+        base = base or (gib, ms)
+        rows.append([name, canvas, gib, ms, f"{gib / base[0]:.2f}x", f"{ms / base[1]:.2f}x"])
+    return rows
+
+
+def op_counts(cfg: AugConfig, items: list, device: torch.device) -> tuple[int, int]:
+    """(augmentation, ViT-S/16 student forward) top-level aten ops for one batch (counted on
+    two images: the count does not depend on the batch or image sizes)."""
+    from dino_skipless.dino.config import build_config
+    from dino_skipless.dino.trainer import build_student_teacher
+
+    batch = collate_decoded(items, cfg)
+    crops = device_multicrop(batch, cfg, device)
+    # the residual-free variants' forward: the fewest ops (no residual adds)
+    student, _ = build_student_teacher(build_config(None, {"model.variant": "skipless"}))
+    student.to(device)
+    with torch.no_grad():
+        model = count_aten_ops(lambda: student(crops))[0]
+    aug = count_aten_ops(lambda: device_multicrop(batch, cfg, device))[0]
+    return aug, model
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -107,19 +200,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=64, help="device batch size")
     ap.add_argument("--size", default="500x375", help="synthetic JPEG size WxH")
     ap.add_argument("--draft", type=int, default=0, help="also time data.decode_draft=N")
-    ap.add_argument("--repeats", type=int, default=5, help="device-part repeats")
+    ap.add_argument("--max-side", type=int, default=0, help="also time data.decode_max_side=N")
+    ap.add_argument("--cap", type=int, default=512, help="decode_max_side of the outlier rows")
+    ap.add_argument("--repeats", type=int, default=3, help="device-part repeats")
+    ap.add_argument("--no-big", dest="big", action="store_false", help="skip the outlier rows")
+    ap.add_argument("--no-ops", dest="ops", action="store_false", help="skip the op counts")
     args = ap.parse_args(argv)
     device = pick_device(args.device)
     torch.set_num_threads(1)  # figures per core
 
     cfg = AugConfig()  # the paper's crops: 2 x 224 + 8 x 96
     crops = f"2x{cfg.global_size}+{cfg.n_local}x{cfg.local_size}"
+    result: dict = {"crops": crops, "device": str(device)}
     with tempfile.TemporaryDirectory() as tmp:
         if args.images:
             root = Path(args.images)
         else:
             w, h = (int(v) for v in args.size.lower().split("x"))
-            root = write_jpegs(Path(tmp), args.n, w, h)
+            root = write_jpegs(Path(tmp) / "timed", args.n, w, h)
         base = ImageFolderDataset(root)
         n = min(args.n, len(base))
         idx = list(range(n))
@@ -131,32 +229,39 @@ def main(argv: list[str] | None = None) -> dict:
             items = [official[(0, i)] for i in b]
             return [torch.stack(v) for v in zip(*items)]  # the default collate
 
+        def worker(ds):
+            return lambda b: collate_decoded([ds[(0, i)] for i in b], cfg)
+
         decode = SeededDecode(base, cfg, seed=0)
+        encoded = SeededDecode(base, cfg, seed=0, encoded=True)
         ms_official = cpu_ms(run_official, batches)
-        ms_device_cpu = cpu_ms(lambda b: collate_decoded([decode[(0, i)] for i in b]), batches)
+        ms_device_cpu = cpu_ms(worker(decode), batches)
+        ms_encoded_cpu = cpu_ms(worker(encoded), batches)
         ms_decode = cpu_ms(lambda b: [load_rgb(base.image_path(i)) for i in b], batches)
-        first = collate_decoded([decode[(0, i)] for i in batches[0]])
+        first = collate_decoded([decode[(0, i)] for i in batches[0]], cfg)
         ms_batch = device_ms(first, cfg, device, args.repeats)
         b = len(batches[0])
-        draft_row = None
-        if args.draft:
-            drafted = SeededDecode(base, cfg, seed=0, draft=args.draft)
-            ms_draft = cpu_ms(lambda bb: collate_decoded([drafted[(0, i)] for i in bb]), batches)
-            d_first = collate_decoded([drafted[(0, i)] for i in batches[0]])
-            ms_d_batch = device_ms(d_first, cfg, device, args.repeats)
-            draft_row = (ms_draft, ms_d_batch, crop_mae(first, d_first, cfg, device))
+        extra = []
+        for name, ds in (
+            (f"decode_draft={args.draft}", SeededDecode(base, cfg, 0, draft=args.draft)),
+            (
+                f"decode_max_side={args.max_side}",
+                SeededDecode(base, cfg, 0, max_side=args.max_side),
+            ),
+        ):
+            if name.endswith("=0"):
+                continue
+            other = collate_decoded([ds[(0, i)] for i in batches[0]], cfg)
+            extra.append(
+                (name, cpu_ms(worker(ds), batches), device_ms(other, cfg, device, args.repeats))
+                + (crop_mae(first, other, cfg, device),)
+            )
+        big_rows = outliers(args, cfg, device, Path(tmp)) if args.big else []
+        ops = op_counts(cfg, [decode[(0, i)] for i in (0, 3)], device) if args.ops else None
 
     def row(name, ms, batch_ms=None, note=""):
         share = "" if batch_ms is None else f"{batch_ms / b * TARGET_IMG_S / 1e3:.2f}"
-        return [
-            name,
-            ms,
-            1e3 / ms,
-            ms * TARGET_IMG_S / 1e3,
-            "" if batch_ms is None else batch_ms,
-            share,
-            note,
-        ]
+        return [name, ms, 1e3 / ms, ms * TARGET_IMG_S / 1e3, batch_ms or "", share, note]
 
     rows = [
         row("official (PIL multi-crop)", ms_official),
@@ -166,18 +271,16 @@ def main(argv: list[str] | None = None) -> dict:
             ms_batch,
             f"{ms_official / ms_device_cpu:.1f}x less CPU",
         ),
+        row(
+            "device, decode_on=device: CPU part",
+            ms_encoded_cpu,
+            None,
+            f"{ms_official / ms_encoded_cpu:.1f}x less CPU (+ the device's decode)",
+        ),
         row("JPEG decode alone", ms_decode),
     ]
-    if draft_row:
-        ms_draft, ms_d_batch, mae = draft_row
-        rows.append(
-            row(
-                f"device, decode_draft={args.draft}",
-                ms_draft,
-                ms_d_batch,
-                f"crop MAE {mae:.2f}/255",
-            )
-        )
+    for name, ms, d_ms, mae in extra:
+        rows.append(row(f"device, {name}", ms, d_ms, f"crop MAE {mae:.2f}/255"))
     headers = [
         "path",
         "CPU ms/image",
@@ -191,15 +294,34 @@ def main(argv: list[str] | None = None) -> dict:
         f"{n} images from {root if args.images else f'synthetic {args.size} JPEGs'}, crops {crops}"
     )
     print(markdown_table(headers, rows))
-    result = {
+    result |= {
         "official": {"cpu_ms_per_image": ms_official},
         "device": {"cpu_ms_per_image": ms_device_cpu, "device_ms_per_batch": ms_batch},
-        "crops": crops,
+        "device_decode_on_device": {"cpu_ms_per_image": ms_encoded_cpu},
+        "jpeg_decode_ms_per_image": ms_decode,
         "cores_per_gpu_at_3000": {
             "official": ms_official * TARGET_IMG_S / 1e3,
             "device": ms_device_cpu * TARGET_IMG_S / 1e3,
+            "device_decode_on_device": ms_encoded_cpu * TARGET_IMG_S / 1e3,
         },
+        "extra": [dict(zip(("name", "cpu_ms", "device_ms", "crop_mae"), e)) for e in extra],
     }
+    if big_rows:
+        print(f"\nDevice part, batch {args.batch} of {args.size} JPEGs, one replaced by 1500x1125:")
+        print(
+            markdown_table(
+                ["outlier", "canvas HxW", "peak GiB", f"{device.type} ms", "memory", "time"],
+                big_rows,
+            )
+        )
+        result["outliers"] = [
+            dict(zip(("outlier", "canvas", "peak_gib", "ms"), r[:4])) for r in big_rows
+        ]
+    if ops:
+        print(
+            f"\naten ops per batch (top-level): augmentation {ops[0]}, ViT-S/16 student forward {ops[1]}"
+        )
+        result["aten_ops"] = {"augmentation": ops[0], "student_forward": ops[1]}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result

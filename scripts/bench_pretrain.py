@@ -1,21 +1,30 @@
-"""Benchmark one DINO training step: img/s, model FLOPs utilisation (MFU) and peak memory.
+"""Benchmark DINO pretraining: the step alone and the whole loop, img/s, MFU, peak memory.
 
-One step = teacher forward on the 2 global crops, student forward + backward on all crops, DINO
-loss, per-parameter gradient clipping, optimizer step, EMA teacher update (what
-``dino_skipless.dino.trainer`` does per iteration, minus data loading). For each variant x
-optimizer it times our step ("ours": ``--precision`` autocast (bf16 by default, on a CPU too,
-where the trainer itself stays fp32), timm's fused SDPA attention, fused AdamW on CUDA, foreach
-clipping/EMA, optional ``torch.compile``) and, with ``--official``, the
-step the way the official DINO code runs it in the same process ("official": fp16 autocast +
-GradScaler, unfused attention (``attn.fused_attn = False``), eager, AdamW with
-``foreach=False``, per-parameter Python loops for clipping and EMA), so the speed-up is a ratio
-measured side by side on the same machine.
+Step: teacher forward on the 2 global crops, student forward + backward on all crops, DINO loss,
+per-parameter gradient clipping, optimizer step, EMA teacher update (what
+``dino_skipless.dino.trainer`` does per iteration, minus data loading), on distinct random crops
+of the config's sizes and counts (``--config``, default the paper's ViT-S/16 run: 2 x 224 +
+8 x 96). For each variant x optimizer it times our step ("ours": ``--precision`` autocast (bf16
+by default, on a CPU too, where the trainer itself stays fp32), timm's fused SDPA attention,
+fused AdamW on CUDA, foreach clipping/EMA, the head in fp32, optional ``torch.compile``) and,
+with ``--official``, the step the way the official DINO code runs it in the same process
+("official": fp16 autocast + GradScaler, the head under autocast too, unfused attention
+(``attn.fused_attn = False``), eager, AdamW with ``foreach=False``, per-parameter Python loops
+for clipping and EMA), so the speed-up is a ratio measured side by side on the same machine.
 
-MFU = model FLOPs of one step (counted once with ``torch.utils.flop_counter.FlopCounterMode``
-on our step; the same count is used for both modes) / step time / peak FLOP/s of the device
-(known GPUs in ``PEAK_TFLOPS``, else ``--peak-tflops``).
+Whole loop (``--loop``): the trainer itself (``train`` with ``run.max_steps``) on synthetic JPEGs
+of ImageNet's usual sizes (500 x 375, every 4th one portrait; ``--images DIR`` for real ones):
+the DataLoader and its workers (decode, parameter draws, plan), the batched augmentation on the
+device (``data.augment_on: device``), the step and the EMA, with logging every ``--steps`` steps.
+It runs ``--steps`` warm-up steps (workers starting, compilation) and reports the img/s of the
+next ``--steps``, as the trainer logs them. This is the number a user gets.
 
-    python scripts/bench_pretrain.py --device cuda --arch vit_small --batch 64 --official
+MFU = model FLOPs per image (counted once with ``torch.utils.flop_counter.FlopCounterMode`` on
+our step; the same count is used for every mode) x img/s / peak FLOP/s of the device (known GPUs
+in ``PEAK_TFLOPS``, else ``--peak-tflops``).
+
+    python scripts/bench_pretrain.py --device cuda --official --loop --compile
+    python scripts/bench_pretrain.py --device cuda --batch 128 --loop --peak-tflops 989
     python scripts/bench_pretrain.py --device cpu --arch vit_mini --depth 2 --batch 8 \\
         --global-size 64 --local-size 32 --n-local 2 --out-dim 1024 --steps 3 --warmup 1 --official
 """
@@ -24,20 +33,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dino_skipless.dino import DINOLoss, ema_update_  # noqa: E402
 from dino_skipless.dino.config import build_config  # noqa: E402
-from dino_skipless.dino.runlog import memory_gb  # noqa: E402
+from dino_skipless.dino.runlog import memory_gb, read_jsonl  # noqa: E402
 from dino_skipless.dino.schedules import clip_gradients  # noqa: E402
-from dino_skipless.dino.trainer import build_student_teacher  # noqa: E402
+from dino_skipless.dino.trainer import (  # noqa: E402
+    _teacher_forward,
+    build_student_teacher,
+    train,
+)
 from dino_skipless.fileio import markdown_table  # noqa: E402
 from dino_skipless.optim import AdamWConfig, build_optimizer, get_param_groups  # noqa: E402
 
@@ -92,16 +108,15 @@ def official_ema(teacher: torch.nn.Module, student: torch.nn.Module, m: float) -
 # --- one configuration ------------------------------------------------------------------------
 
 
-def make_crops(args, device: torch.device) -> list[torch.Tensor]:
+def make_crops(cfg, batch: int, device: torch.device) -> list[torch.Tensor]:
+    """Distinct random crops, one tensor per view, of the config's sizes and counts."""
     g = torch.Generator().manual_seed(0)
-    crops = [torch.randn(args.batch, 3, args.global_size, args.global_size, generator=g)] * 2
-    crops += [torch.randn(args.batch, 3, args.local_size, args.local_size, generator=g)] * (
-        args.n_local
-    )
-    return [c.to(device) for c in crops]
+    sizes = [cfg.aug.global_size] * 2 + [cfg.aug.local_size] * int(cfg.aug.n_local)
+    return [torch.randn(batch, 3, s, s, generator=g).to(device) for s in sizes]
 
 
-def build(args, variant: str, optimizer: str, official: bool, device: torch.device):
+def bench_config(args, variant: str, optimizer: str):
+    """``--config`` with the command line's model / crop / head overrides."""
     overrides = {
         "model.arch": args.arch,
         "model.variant": variant,
@@ -113,12 +128,17 @@ def build(args, variant: str, optimizer: str, official: bool, device: torch.devi
         "dino.out_dim": args.out_dim,
         "optim.optimizer": optimizer,
     }
-    cfg = build_config(None, {k: v for k, v in overrides.items() if v is not None})
+    return build_config(args.config, {k: v for k, v in overrides.items() if v is not None})
+
+
+def build(args, variant: str, optimizer: str, official: bool, device: torch.device):
+    cfg = bench_config(args, variant, optimizer)
     student, teacher = build_student_teacher(cfg)
     student.to(device)
     teacher.to(device)
     if official:
         for m in (student, teacher):
+            m.head.fp32 = False  # the official head runs under autocast
             for blk in m.backbone.blocks:
                 blk.attn.fused_attn = False  # the official ViT computes q k^T, softmax, @ v
         adamw = AdamWConfig(fused=False)
@@ -129,7 +149,7 @@ def build(args, variant: str, optimizer: str, official: bool, device: torch.devi
         opt = torch.optim.AdamW(groups, lr=1e-4, foreach=False)
     else:
         opt = build_optimizer(optimizer, groups, lr=1e-4, weight_decay=0.04, adamw=adamw)
-    loss_fn = DINOLoss(args.out_dim, 2 + args.n_local).to(device)
+    loss_fn = DINOLoss(cfg.dino.out_dim, cfg.n_crops).to(device)
     return cfg, student, teacher, opt, loss_fn
 
 
@@ -143,8 +163,10 @@ def step_fn(args, student, teacher, opt, loss_fn, official: bool, device: torch.
     # ``effective_precision`` is fp32); the official fp16 path only on CUDA
     use_autocast = dtype == torch.bfloat16 or (cuda and dtype != torch.float32)
     s_fwd, t_fwd = student, teacher
-    if args.compile and not official:
-        s_fwd, t_fwd = torch.compile(student), torch.compile(teacher)
+    if args.compile and not official:  # as the trainer: two graphs, no shared code object
+        compile = functools.partial(torch.compile, backend=args.compile_backend)
+        s_fwd = compile(student)
+        t_fwd = functools.partial(compile(_teacher_forward), teacher)
 
     def step(crops):
         ctx = torch.autocast(device.type, dtype=dtype) if use_autocast else contextlib.nullcontext()
@@ -202,9 +224,9 @@ def count_model_flops(student, teacher, loss_fn, crops, dtype, device) -> float 
 
 def bench_one(args, variant, optimizer, official, device, flops=None) -> dict:
     torch.manual_seed(0)
-    _, student, teacher, opt, loss_fn = build(args, variant, optimizer, official, device)
+    cfg, student, teacher, opt, loss_fn = build(args, variant, optimizer, official, device)
     step = step_fn(args, student, teacher, opt, loss_fn, official, device)
-    crops = make_crops(args, device)
+    crops = make_crops(cfg, args.batch, device)
     if flops is None and not official:
         dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
         flops = count_model_flops(student, teacher, loss_fn, crops, dtype, device)
@@ -232,19 +254,81 @@ def bench_one(args, variant, optimizer, official, device, flops=None) -> dict:
         "peak_mem_gb": memory_gb(device),
         "loss": float(loss.detach()),
         "_flops": flops,
+        "_cfg": cfg,
+    }
+
+
+def write_jpegs(folder: Path, n: int) -> Path:
+    """``n`` synthetic scenes of ImageNet's usual size, 500 x 375 (every 4th 375 x 500)."""
+    from PIL import Image
+
+    from dino_skipless.data.scenes import render_scene
+
+    sub = folder / "scenes"
+    sub.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = (500, 375) if i % 4 == 3 else (375, 500)
+        Image.fromarray(render_scene(rng, h, w).image).save(sub / f"{i:05d}.jpg", quality=90)
+    return folder
+
+
+def bench_loop(args, cfg, device: torch.device, flops: float | None, tmp: Path) -> dict:
+    """The trainer's own loop for 2 x ``--steps`` steps; img/s of the second window."""
+    n_steps = 2 * args.steps
+    images = Path(args.images) if args.images else write_jpegs(tmp / "jpegs", args.batch * n_steps)
+    overrides = {
+        "data.path": str(images),
+        "data.batch_size_per_gpu": args.batch,
+        "data.augment_on": "device",
+        "data.num_workers": args.workers if args.workers is not None else cfg.data.num_workers,
+        "run.device": str(device),
+        "run.precision": args.precision,
+        "run.compile": args.compile,
+        "run.compile_backend": args.compile_backend,
+        "run.max_steps": n_steps,
+        "run.log_every": args.steps,
+        "run.out": str(tmp / f"run_{len(list(tmp.glob('run_*')))}"),
+        "run.progress": False,
+        "run.tensorboard": False,
+        "run.saveckp_freq": 0,
+        "run.keep_epochs": [],
+        "optim.epochs": max(cfg.optim.epochs, 2),
+        "optim.warmup_epochs": 1,
+    }
+    loop_cfg = build_config(None, overrides, base=cfg)
+    train(loop_cfg)
+    records = read_jsonl(loop_cfg.out_dir() / "log.jsonl")
+    timed = [r for r in records if r["step"] == n_steps - 1]
+    img_s = timed[0]["img_per_s"] if timed else None
+    peak = peak_tflops(device, args.peak_tflops)
+    return {
+        "loop_img_per_s": img_s,
+        "loop_mfu": (flops * img_s / args.batch / (peak * 1e12))
+        if (flops and peak and img_s)
+        else None,
+        "loop_peak_mem_gb": timed[0]["mem_gb"] if timed else None,
+        "loop_precision": "fp32" if device.type != "cuda" else args.precision,
     }
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--arch", default="vit_small")
-    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument(
+        "--config",
+        default=str(
+            Path(__file__).resolve().parents[1] / "configs/dino_vits16_skipless_init_adamw.yaml"
+        ),
+        help="the run whose model, crops and head are benchmarked (default: the paper's)",
+    )
+    p.add_argument("--arch", default=None, help="override the config's model.arch")
+    p.add_argument("--patch-size", type=int, default=None)
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--batch", type=int, default=64, help="images per step (per GPU)")
-    p.add_argument("--global-size", type=int, default=224)
-    p.add_argument("--local-size", type=int, default=96)
-    p.add_argument("--n-local", type=int, default=8)
-    p.add_argument("--out-dim", type=int, default=65536)
+    p.add_argument("--global-size", type=int, default=None)
+    p.add_argument("--local-size", type=int, default=None)
+    p.add_argument("--n-local", type=int, default=None)
+    p.add_argument("--out-dim", type=int, default=None)
     p.add_argument("--variants", default="skip,skipless_init")
     p.add_argument("--optimizers", default="adamw,soap")
     p.add_argument("--device", default="auto")
@@ -252,8 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile our student/teacher")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend")
     p.add_argument("--official", action="store_true", help="also time the official-style step")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
+    p.add_argument("--loop", action="store_true", help="also time the trainer's whole loop")
+    p.add_argument("--images", default=None, help="--loop: an image folder (default: synthetic)")
+    p.add_argument("--workers", type=int, default=None, help="--loop: data.num_workers")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     return p
 
@@ -268,47 +356,48 @@ def main(argv=None) -> list[dict]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     rows = []
-    for variant in args.variants.split(","):
-        for optimizer in args.optimizers.split(","):
-            ours = bench_one(args, variant, optimizer, False, device)
-            rows.append(ours)
-            if args.official:
-                off = bench_one(args, variant, optimizer, True, device, flops=ours["_flops"])
-                rows.append(off)
-                ours["speedup_vs_official"] = ours["img_per_s"] / off["img_per_s"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.variants.split(","):
+            for optimizer in args.optimizers.split(","):
+                ours = bench_one(args, variant, optimizer, False, device)
+                rows.append(ours)
+                if args.loop:
+                    ours |= bench_loop(args, ours["_cfg"], device, ours["_flops"], Path(tmp))
+                if args.official:
+                    off = bench_one(args, variant, optimizer, True, device, flops=ours["_flops"])
+                    rows.append(off)
+                    ours["speedup_vs_official"] = ours["img_per_s"] / off["img_per_s"]
+    cfg = rows[0]["_cfg"]
     for r in rows:
+        r["gflop_per_img"] = r["_flops"] / args.batch / 1e9 if r.get("_flops") else None
         r.pop("_flops", None)
+        r.pop("_cfg", None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    m, a = cfg.model, cfg.aug
     print(
-        f"\nDINO step on {name}: {args.arch}/{args.patch_size}, batch {args.batch}, 2x"
-        f"{args.global_size}px + {args.n_local}x{args.local_size}px, out_dim {args.out_dim}, "
-        f"{args.steps} timed steps after {args.warmup} warm-up\n"
+        f"\nDINO on {name}: {m.arch}/{m.patch_size}, batch {args.batch}, 2x{a.global_size}px + "
+        f"{a.n_local}x{a.local_size}px, out_dim {cfg.dino.out_dim}; step: {args.steps} timed "
+        f"steps after {args.warmup} warm-up; loop: {args.steps} after {args.steps}\n"
     )
 
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
+    headers = ["variant", "optimizer", "mode", "step img/s", "loop img/s", "step ms"]
+    headers += ["GFLOP/img", "step MFU", "loop MFU", "peak GB", "speed-up"]
     table = markdown_table(
-        [
-            "variant",
-            "optimizer",
-            "mode",
-            "img/s",
-            "step ms",
-            "TFLOP/step",
-            "MFU",
-            "peak GB",
-            "speed-up",
-        ],
+        headers,
         [
             [
                 r["variant"],
                 r["optimizer"],
                 r["mode"],
                 fmt(r["img_per_s"], ".1f"),
+                fmt(r.get("loop_img_per_s"), ".1f"),
                 fmt(r["step_ms"], ".1f"),
-                fmt(r["tflops_per_step"], ".3f"),
+                fmt(r["gflop_per_img"], ".1f"),
                 fmt(r["mfu"], ".1%"),
+                fmt(r.get("loop_mfu"), ".1%"),
                 fmt(r["peak_mem_gb"], ".2f"),
                 fmt(r.get("speedup_vs_official"), ".2f"),
             ]

@@ -612,9 +612,12 @@ def paired_test(evaluation: str, a: dict, b: dict) -> dict:
         r = tokencut_compare(
             load_json(Path(a["dirs"][evaluation]) / "results.json"),
             load_json(Path(b["dirs"][evaluation]) / "results.json"),
-        )["reported"]
+        )
+        r = {**r["reported"], "data_warning": r["data_warning"]}
         diff, p = r["diff"], r["p_value"]
         se = paired_diff_se(r["only_a"], r["only_b"], r["n_images"])  # fmt: skip
+    if r.get("data_warning"):  # runs written before data digests: said, not hidden
+        print(f"warning: {evaluation}: {r['data_warning']}", file=sys.stderr)
     z = diff / se if se and math.isfinite(se) and se > 0 else None
     return {"diff": diff, "se": se, "z": z, "p": p}
 

@@ -149,3 +149,61 @@ def test_out_of_set_label_values_are_reported_not_fatal(ade, tmp_path):
     out = tmp_path / "r.json"
     assert check_main(["--dataset", "ade20k", "--root", str(ade), "--json", str(out)]) == 1
     assert json.loads(out.read_text())["images"] == 8
+
+
+def _rand_png(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+
+
+def test_check_counts_a_link_loop_once_and_says_so(tmp_path):
+    root = tmp_path / "loop"
+    for i in range(4):
+        _rand_png(root / "a" / f"{i}.png", i)
+        _rand_png(root / "b" / f"{i}.png", 10 + i)
+    (root / "a" / "up").symlink_to("..")
+    out = tmp_path / "r.json"
+    assert check_main(["--dataset", "imagefolder", "--root", str(root), "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["images"] == 8 and rep["classes_present"] == 2
+    assert any("up" in w and "already walked" in w for w in rep["warnings"])
+
+
+def test_check_warns_about_the_same_image_in_train_and_val(tmp_path, capsys):
+    """The k-NN layout (train/ + val/): a val file that is a copy of (or a link to) a training
+    file is named with both paths; as are copies inside one folder that a seeded split may
+    separate."""
+    root = tmp_path / "knn"
+    for i in range(3):
+        _rand_png(root / "train" / "c" / f"{i}.png", i)
+        _rand_png(root / "val" / "c" / f"{i}.png", 10 + i)
+    shutil.copy(root / "train" / "c" / "0.png", root / "val" / "c" / "copy.png")
+    (root / "val" / "c" / "link.png").symlink_to(root / "train" / "c" / "1.png")
+    out = tmp_path / "r.json"
+    assert check_main(["--dataset", "imagefolder", "--root", str(root), "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert set(rep["parts"]) == {"imagefolder/train", "imagefolder/val"}
+    dup = [w for w in rep["warnings"] if "train" in w and "val" in w]
+    assert len(dup) == 2, rep["warnings"]
+    assert any("copy.png" in w and "0.png" in w and "same content" in w for w in dup)
+    assert any("link.png" in w and "1.png" in w and "same file" in w for w in dup)
+    assert "warning:" in capsys.readouterr().out
+
+    one = tmp_path / "one"
+    _rand_png(one / "a" / "x.png", 0)
+    _rand_png(one / "b" / "y.png", 1)
+    shutil.copy(one / "a" / "x.png", one / "b" / "x_again.png")
+    assert check_main(["--dataset", "imagefolder", "--root", str(one), "--json", str(out)]) == 0
+    warns = json.loads(out.read_text())["warnings"]
+    assert len(warns) == 1 and "x.png" in warns[0] and "x_again.png" in warns[0]
+
+
+def test_check_warns_about_a_val_image_copied_from_train(ade):
+    base = ade / "ADEChallengeData2016"
+    val = sorted((base / "images" / "validation").glob("*.jpg"))[0]
+    shutil.copy(base / "images" / "training" / "ADE_train_00000001.jpg", val)
+    rep_path = ade / "r.json"
+    assert check_main(["--dataset", "ade20k", "--root", str(ade), "--json", str(rep_path)]) == 0
+    warns = json.loads(rep_path.read_text())["warnings"]
+    assert any("ADE_train_00000001" in w and val.name in w for w in warns), warns

@@ -49,7 +49,9 @@ def test_cli_writes_a_root(tmp_path, capsys):
     for year in ("VOC2012", "VOC2007"):
         assert (tmp_path / "VOCdevkit" / year / "ImageSets/Main/trainval.txt").is_file()
     assert len(build_detection_dataset("voc07", tmp_path)) == 4
-    assert main(["--out", str(tmp_path), "--format", "voc", "--n", "0"]) == 2
+    # a bad number is refused at parse time with its range, exit 1 (issue 33), not status 2
+    with pytest.raises(SystemExit, match="argument --n: must be >= 1, got '0'"):
+        main(["--out", str(tmp_path), "--format", "voc", "--n", "0"])
 
 
 def test_vary_sizes(tmp_path):

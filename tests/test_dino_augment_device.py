@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import random
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -314,12 +316,14 @@ def test_parameter_distributions_match_the_cpu_path(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_device_crops_match_the_official_crops():
+@pytest.mark.parametrize("size", [(80, 60), (60, 80)])
+def test_device_crops_match_the_official_crops(size):
     """Same seeds -> the device crops equal the official PIL crops up to uint8 rounding and
     PIL's quantised hue and box blur: mean |diff| <= 4/255 per crop (1/255 unjittered); another
-    seed's parameters are far off (the comparison can fail)."""
+    seed's parameters are far off (the comparison can fail). A portrait image (60 x 80) lies
+    transposed on the canvas and its crops are transposed back."""
     cfg = AugConfig(global_size=32, local_size=16, n_local=3)
-    img = _smooth(80, 60, seed=3)
+    img = _smooth(*size, seed=3)
     aug = MultiCropAugmentation(cfg)
     for seed in range(8):
         _seeded(seed)
@@ -331,8 +335,139 @@ def test_device_crops_match_the_official_crops():
             diff = ((r - o[0]) * STD).abs().mean() * 255
             assert diff <= (4.0 if p[k, JITTER] else 1.0), (seed, k, float(diff))
     _seeded(99)
-    other = device_multicrop(_one_batch(img, sample_params(cfg, 60, 80)), cfg, "cpu")
+    other = device_multicrop(_one_batch(img, sample_params(cfg, img.height, img.width)), cfg, "cpu")
     assert ((ref[0] - other[0][0]) * STD).abs().mean() * 255 > 10
+
+
+def _reference_photometric(x: torch.Tensor, row: torch.Tensor, cfg: AugConfig) -> torch.Tensor:
+    """One crop through torchvision's functional ops in the view's sampled order (the official
+    Compose), with a true Gaussian for the blur."""
+    if row[JITTER] > 0.5:
+        ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+        for k in row[ORDER].tolist():
+            f = float(row[FACTORS][int(k)])
+            if not math.isnan(f):
+                x = ops[int(k)](x, f)
+    if row[GRAY] > 0.5:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if row[dev_aug.BLUR] > 0.5:
+        x = dev_aug.gaussian_blur(x[None], row[SIGMA : SIGMA + 1].float(), cfg.blur_sigma[1])[0]
+    if row[dev_aug.SOLARIZE] > 0.5:
+        x = TF.solarize(x, 128 / 255)
+    return x
+
+
+def test_batched_photometric_is_each_views_sequence_of_ops():
+    """The masked batched ops (six linear jitter passes around one hue pass, masked
+    grayscale, grouped-convolution blur, masked solarise) equal each view's own sequence of
+    torchvision ops, for 200 views with sampled parameters (every op order occurs)."""
+    cfg = AugConfig(global_size=16, local_size=8, n_local=8)
+    rows = []
+    for seed in range(20):
+        _seeded(seed)
+        rows.append(sample_params(cfg, 40, 50))
+    p = torch.cat(rows)
+    p[::7, dev_aug.SOLARIZE] = 1.0  # exercise solarise beyond its 2 % rate
+    assert len({tuple(r) for r in p[p[:, JITTER] > 0.5][:, ORDER].tolist()}) >= 20
+    x = torch.rand(len(p), 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    got = dev_aug.photometric(x, p, cfg)
+    want = torch.stack([_reference_photometric(x[k], p[k], cfg) for k in range(len(p))])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    assert (got - x).abs().amax((1, 2, 3)).min() > 0 or (p[:, JITTER] < 0.5).any()
+
+
+def test_portrait_images_lie_transposed_on_a_landscape_canvas():
+    """A 4:3 and a 3:4 image share a 3 x 4 canvas (not 4 x 4); the plan's boxes are swapped."""
+    cfg = AugConfig(global_size=16, local_size=8, n_local=1)
+    _seeded(0)
+    p = sample_params(cfg, 60, 80)
+    land = (torch.zeros(60, 80, 3, dtype=torch.uint8), p, torch.ones(2, dtype=torch.float64))
+    port = (torch.zeros(80, 60, 3, dtype=torch.uint8), p, torch.ones(2, dtype=torch.float64))
+    batch = collate_decoded([land, port], cfg)
+    assert tuple(batch["canvas"].shape) == (2, 60, 80, 3)
+    plan = batch["plan"]
+    torch.testing.assert_close(plan[1, :, dev_aug.P_Y0], plan[0, :, dev_aug.P_X0])
+    torch.testing.assert_close(plan[1, :, dev_aug.P_XLEN], plan[0, :, dev_aug.P_YLEN])
+    assert plan[:, :, dev_aug.P_TRANS].tolist() == [[0.0] * 3, [1.0] * 3]
+
+
+def test_decode_max_side_caps_big_images_and_stays_close(tmp_path):
+    """data.decode_max_side=N: a 600 x 450 JPEG is decoded at 200 x 150 (libjpeg draft, then
+    PIL's antialiased resize); the parameters are the full-size draws, and the crops of the
+    capped decode stay within 0.5/255 (mean per pixel) of the full-size decode's, an order below
+    the device path's own deviation from PIL (<= 1/255): every crop is still a downscale."""
+    d = tmp_path / "big" / "a"
+    d.mkdir(parents=True)
+    _smooth(600, 450, seed=5, cell=60).save(d / "0.jpg", quality=95)
+    cfg = AugConfig(global_size=32, local_size=16, n_local=4)
+    base = ImageFolderDataset(d.parent)
+    full, capped = SeededDecode(base, cfg, 0), SeededDecode(base, cfg, 0, max_side=200)
+    (px_f, p_f, _), (px_c, p_c, s_c) = full[(0, 0)], capped[(0, 0)]
+    assert px_f.shape == (450, 600, 3) and px_c.shape == (150, 200, 3)
+    assert s_c.tolist() == [1 / 3, 1 / 3]
+    torch.testing.assert_close(p_f, p_c, rtol=0, atol=0, equal_nan=True)
+    a = device_multicrop(collate_decoded([full[(0, 0)]], cfg), cfg, "cpu")
+    b = device_multicrop(collate_decoded([capped[(0, 0)]], cfg), cfg, "cpu")
+    diffs = [float(((x - y) * STD).abs().mean() * 255) for x, y in zip(a, b)]
+    assert max(diffs) <= 0.5, diffs
+    # not vacuous: the 1/8-scale draft alone (75 x 56, crops upsampled) is far off
+    drafted = SeededDecode(base, cfg, 0, draft=56)
+    c = device_multicrop(collate_decoded([drafted[(0, 0)]], cfg), cfg, "cpu")
+    assert max(float(((x - y) * STD).abs().mean() * 255) for x, y in zip(a, c)) > 1.0
+    assert dev_aug.capped_size(600, 450, 200) == (200, 150)
+    assert dev_aug.capped_size(100, 450, 200) == (44, 200)
+    assert dev_aug.capped_size(100, 150, 200) == (100, 150)
+
+
+def test_decode_on_device_matches_the_worker_decode(tmp_path):
+    """data.decode_on=device (here torchvision's CPU decode_jpeg in the training process): the
+    same crops as PIL's decode in the worker, PNGs decoded by the worker in the same batch."""
+    d = tmp_path / "mix" / "a"
+    d.mkdir(parents=True)
+    _smooth(64, 48, seed=6).save(d / "0.jpg", quality=95)
+    _smooth(40, 56, seed=7).save(d / "1.jpg", quality=95)
+    _smooth(50, 40, seed=8).save(d / "2.png")
+    _smooth(300, 200, seed=9).save(d / "3.jpg", quality=95)
+    cfg = AugConfig(global_size=16, local_size=8, n_local=2)
+    base = ImageFolderDataset(d.parent)
+    worker = SeededDecode(base, cfg, 0, max_side=100)
+    device = SeededDecode(base, cfg, 0, max_side=100, encoded=True)
+    enc = collate_decoded([device[(0, i)] for i in range(4)], cfg)
+    assert [t.dim() for t in enc["encoded"]] == [1, 1, 3, 1]  # the PNG comes decoded
+    assert enc["hw"] == [(48, 64), (56, 40), (40, 50), (67, 100)]
+    a = device_multicrop(collate_decoded([worker[(0, i)] for i in range(4)], cfg), cfg, "cpu")
+    b = device_multicrop(enc, cfg, "cpu")
+    for x, y in zip(a, b):
+        assert ((x - y) * STD).abs().mean() * 255 < 0.5
+
+
+def test_augmentation_op_count_is_at_most_the_model_forwards():
+    """Launch-bound no more: the aten ops one batch of crops costs (top-level, as the profiler
+    lists them; independent of the batch and image sizes) are no more than the ViT-S/16
+    student's forward on those crops (382 vs 430 when written; the residual-free variant, whose
+    forward has the fewest ops)."""
+    from dino_skipless.dino.opcount import count_aten_ops
+    from dino_skipless.dino.trainer import build_student_teacher
+
+    cfg = AugConfig(global_size=32, local_size=16, n_local=8)  # the paper's 2 + 8 views
+    items = []
+    for seed in range(4):
+        _seeded(seed)
+        items.append(_one_batch(_smooth(50, 40, seed=seed), sample_params(cfg, 40, 50)))
+    batch = collate_decoded(
+        [(im["canvas"][0], im["params"][0], im["scale"][0]) for im in items], cfg
+    )
+    crops = device_multicrop(batch, cfg, "cpu")
+    # ViT-S/16's graph (12 blocks, patch 16, the 3-layer head) at a width that builds in a blink
+    shape = {"model.arch": "vit_mini", "model.depth": 12, "model.patch_size": 16}
+    small = {"dino.out_dim": 256, "dino.head_hidden_dim": 64, "dino.head_bottleneck_dim": 32}
+    sizes = {"aug.global_size": 32, "aug.local_size": 16, "model.variant": "skipless"}
+    student, _ = build_student_teacher(build_config(None, {**shape, **small, **sizes}))
+    with torch.no_grad():
+        model = count_aten_ops(lambda: student(crops))[0]
+    aug = count_aten_ops(lambda: device_multicrop(batch, cfg, "cpu"))[0]
+    print(f"augmentation {aug} aten ops per batch, ViT-S/16 student forward {model}")
+    assert aug <= model, (aug, model)
 
 
 @pytest.fixture
@@ -398,12 +533,46 @@ def test_bad_images_are_reported_by_path(tmp_path):
             ds[(0, 0)]
 
 
-def test_config_choices():
+def test_a_decompression_bomb_is_a_bad_image_on_every_decode_path(tmp_path):
+    """PIL, the draft/capped decode and decode_on=device's header read all go through
+    data.files.read_image: a bomb is a DatasetError naming it (read_jpeg's own Image.open let
+    PIL's DecompressionBombError through)."""
+    d = tmp_path / "bomb" / "a"
+    d.mkdir(parents=True)
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # 4e8 px, no pixel data
 
-    assert build_config(None, {}).data.augment_on == "cpu"  # the official path by default
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+    (d / "bomb.png").write_bytes(png)
+    cfg = AugConfig(global_size=16, local_size=8, n_local=0)
+    for kw in ({}, {"draft": 64}, {"max_side": 100}, {"encoded": True}):
+        ds = SeededDecode(ImageFolderDataset(d.parent), cfg, 0, **kw)
+        with pytest.raises(DatasetError, match="bomb.png.*decompression-bomb limit"):
+            ds[(0, 0)]
+
+
+def test_config_choices():
+    from dino_skipless.dino.config import augment_on_for
+
+    cfg = build_config(None, {})
+    assert cfg.data.augment_on == "auto"  # the device path on CUDA, the official one on a CPU
+    assert augment_on_for(cfg.data, "cpu") == "cpu"
+    assert augment_on_for(cfg.data, torch.device("cuda", 0)) == "device"
+    cpu = build_config(None, {"data.augment_on": "cpu"}).data
+    assert augment_on_for(cpu, "cuda") == "cpu"  # the bit-exact official path, when asked
     with pytest.raises(ConfigError, match="data.augment_on='gpu' is not valid"):
         build_config(None, {"data.augment_on": "gpu"})
-    with pytest.raises(ConfigError, match="needs data.augment_on=device"):
-        build_config(None, {"data.decode_draft": 256})
+    for bad in (
+        {"data.decode_draft": 256},
+        {"data.decode_max_side": 512},
+        {"data.decode_on": "device"},
+    ):
+        with pytest.raises(ConfigError, match="needs data.augment_on=device or auto"):
+            build_config(None, {"data.augment_on": "cpu", **bad})
+    with pytest.raises(ConfigError, match="decode_draft is a libjpeg option"):
+        build_config(None, {"data.decode_on": "device", "data.decode_draft": 256})
     cfg = build_config(None, {"data.augment_on": "device", "data.decode_draft": 256})
     assert cfg.data.decode_draft == 256

@@ -132,3 +132,21 @@ def test_cli_pixels_and_a_paired_comparison(tmp_path):
     rnd = json.loads((tmp_path / "rnd" / "results.json").read_text())
     r = paired_knn(px, rnd)
     assert r["diff"] == pytest.approx(px["top1"] - rnd["top1"]) and r["n"] == px["n_val"]
+
+
+def test_k_above_the_training_set_is_recorded_as_used(tmp_path, capsys):
+    """Issue 33, point 13: k = 50 on 24 training images silently votes with all 24; the run
+    now says so and records the k it used."""
+    out = tmp_path / "px"
+    argv = [
+        "--dataset", "synthetic", "--root", str(tmp_path / "syn"), "--synthetic-n", "30",
+        "--synthetic-size", "32", "--resize", "32", "--crop", "32", "--num-workers", "0",
+        "--quiet", "--pixels", "4", "--k", "50", "24", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["n_train"] == 24 and res["k"] == 50 and res["k_used"] == 24
+    assert res["k_used_per_k"] == {"50": 24, "24": 24}
+    assert res["per_k"]["50"] == res["per_k"]["24"]  # the same vote
+    assert "k=50 is more than the 24 training images" in capsys.readouterr().err
+    assert "50 (all 24 train images)" in (out / "results.md").read_text()

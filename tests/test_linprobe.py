@@ -29,6 +29,7 @@ from eval.probe_lib import (
     CPU_LOGIT_CAP,
     GPU_LOGIT_CAP,
     LinProbeConfig,
+    ProbeDivergedError,
     ProbeWeights,
     _step_chunks,
     evaluate_probes,
@@ -547,3 +548,34 @@ def test_flush_denormals_zeroes_subnormals_inside_only():
     assert (tiny * 1.5).item() == pytest.approx(1.5e-39, rel=1e-3)  # the default is back
     with flush_denormals("meta"):  # not a CPU: nothing changes
         assert (tiny * 1.5).item() > 0
+
+
+# ------------------------------------------------------------------- diverged lrs (issue 33)
+
+
+def test_a_diverged_lr_never_wins_the_sweep():
+    """Issue 33, point 6: lr 1e38 blew up (loss ~1e37) yet scored the best mIoU of the sweep
+    and was reported as best_lr; a diverged lr is now listed and never chosen."""
+    feats, masks = random_problem(n=8, c=3)
+    cfg = LinProbeConfig(epochs=2, batch_size=4, lrs=(0.001, 0.01, 1e38))
+    probes = train_probes(lambda i: feats[i], masks, 3, 8, cfg.lrs, cfg, progress=False)
+    assert probes.diverged == [False, False, True]
+    assert probes.losses[-1][2] > 1e30  # finite, but far above ln(3)
+    conf = evaluate_probes(probes, lambda i: feats[i], list(masks), 3, progress=False)
+    out = summarise(conf, cfg.lrs, ["a", "b", "c"], probes.diverged)
+    assert out["per_lr"]["1e+38"] > max(out["per_lr"]["0.001"], out["per_lr"]["0.01"])
+    assert out["best_lr"] == 0.01 and out["miou"] == out["per_lr"]["0.01"]
+    assert out["diverged_lrs"] == [1e38]
+
+
+def test_nan_probes_are_diverged_and_all_diverged_is_an_error():
+    w = torch.zeros(3, 2, 4)
+    w[1, 0, 0] = float("nan")
+    probes = ProbeWeights(w, torch.zeros(3, 2), [0.1, 1.0, 10.0], losses=[[0.5, 0.6, float("inf")]])
+    assert probes.diverged == [False, True, True]
+    conf = torch.zeros(3, 2, 2, dtype=torch.long)
+    conf[:, 0, 0], conf[:, 1, 1] = 5, 5  # every lr scores 100 %
+    out = summarise(conf, [0.1, 1.0, 10.0], ["a", "b"], probes.diverged)
+    assert out["best_lr"] == 0.1 and out["diverged_lrs"] == [1.0, 10.0]
+    with pytest.raises(ProbeDivergedError, match="every learning rate"):
+        summarise(conf, [0.1, 1.0, 10.0], ["a", "b"], [True, True, True])

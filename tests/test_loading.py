@@ -127,9 +127,11 @@ def test_training_checkpoint_resume_refuses_payload(tmp_path):
 
     marker = tmp_path / "pwned"
     torch.save({"student": {}, "meta": {}, "rng": _Payload(marker)}, tmp_path / "checkpoint.pt")
-    with pytest.raises(ResumeError, match="refused to load"):
+    with pytest.raises(ResumeError, match="refused to load") as e:
         load_checkpoint(tmp_path / "checkpoint.pt")
     assert not marker.exists()
+    # pretraining has no --trust-checkpoint (its own checkpoints never need it): not offered
+    assert "open" in str(e.value) and "--trust-checkpoint" not in str(e.value)
 
 
 def test_trust_checkpoint_opts_in_to_full_pickle(tmp_path):
@@ -165,3 +167,158 @@ def test_rng_state_is_plain_and_roundtrips():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
     # older checkpoints stored numpy's state as the tuple holding a uint32 array
     set_rng_state({**loaded, "numpy": np.random.get_state()})
+
+
+class _SystemPayload:
+    """Unpickling this calls ``os.system`` (module ``posix``): torch >= 2.6 reports it as a
+    GLOBAL whose module is blocked, another wording than an unknown global's."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_blocked_module_payload_names_the_global_not_truncation(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({**tiny_vit("skip").state_dict(), "x": _SystemPayload(marker)}, tmp_path / "e.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_backbone(tmp_path / "e.pt")
+    msg = str(e.value)
+    assert "truncated" not in msg and "not a .pt" not in msg
+    assert "system" in msg and "global" in msg.lower() and "--trust-checkpoint" in msg
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "torch_message, name",
+    [
+        # torch >= 2.6, a module on the blocklist
+        (
+            "Weights only load failed. In PyTorch 2.6, we changed the default ...\n\n\n"
+            "Trying to load unsupported GLOBAL posix.system whose module posix is blocked.\n",
+            "posix.system",
+        ),
+        # torch 2.4-2.6, any other global
+        (
+            "Weights only load failed. This file can still be loaded ...\n\tWeightsUnpickler "
+            "error: Unsupported global: GLOBAL __main__.Evil was not an allowed global by default.",
+            "__main__.Evil",
+        ),
+        # torch 1.13-2.3
+        (
+            "Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` "
+            "will likely succeed, but it can result in arbitrary code execution.Do it only if you "
+            "get the file from a trusted source. WeightsUnpickler error: Unsupported class "
+            "posix.system",
+            "posix.system",
+        ),
+        (
+            "Weights only load failed. ... WeightsUnpickler error: Trying to call reduce for "
+            "unrecognized function <built-in function system>",
+            "<built-in function system>",
+        ),
+    ],
+)
+def test_refused_global_reads_every_torch_wording(torch_message, name):
+    from dino_skipless.models.loading import refused_global
+
+    assert refused_global(torch_message) == name
+    assert refused_global("PytorchStreamReader failed reading zip archive") is None
+
+
+def test_export_alone_rebuilds_its_own_network(tmp_path):
+    """A skipless_init export copied without backbone.json: the architecture stored in the
+    weights file builds the skipless network (it used to load as a residual 'skip' ViT)."""
+    from dino_skipless.dino.checkpoint import export_backbone
+
+    m = tiny_vit("skipless_init", depth=3)
+    export_backbone(m, tmp_path / "run")
+    alone = tmp_path / "copied"
+    alone.mkdir()
+    (alone / "backbone.pt").write_bytes((tmp_path / "run" / "backbone.pt").read_bytes())
+    loaded, spec = load_backbone(alone / "backbone.pt")
+    assert spec == m.spec and all(not b.skip for b in loaded.blocks)
+    assert _same_output(m, loaded)
+    assert load_backbone(tmp_path / "run")[1] == m.spec  # with its backbone.json as before
+
+
+def test_old_export_without_json_is_refused_with_the_flag_to_pass(tmp_path):
+    """A plain state dict named backbone.pt (an export from before the architecture was stored
+    in the file) without its backbone.json: the residual switch cannot be read off the weights."""
+    m = tiny_vit("skipless_init")
+    torch.save(m.state_dict(), tmp_path / "backbone.pt")
+    with pytest.raises(CheckpointError, match="--ckpt-variant") as e:
+        load_backbone(tmp_path / "backbone.pt")
+    assert "backbone.json" in str(e.value)
+    loaded, spec = load_backbone(tmp_path / "backbone.pt", variant="skipless_init")
+    assert spec.variant == "skipless_init" and _same_output(m, loaded)
+    # with the json beside it, an old export loads as before
+    m.spec.to_json(tmp_path / "backbone.json")
+    assert load_backbone(tmp_path)[1] == m.spec
+    with pytest.raises(CheckpointError, match="says variant 'skipless_init'"):
+        load_backbone(tmp_path, variant="skip")
+
+
+def test_json_contradicting_the_stored_architecture_is_refused(tmp_path):
+    from dino_skipless.dino.checkpoint import export_backbone
+
+    m = tiny_vit("skipless_init")
+    export_backbone(m, tmp_path)
+    tiny_vit("skip").spec.to_json(tmp_path / "backbone.json")
+    with pytest.raises(CheckpointError, match="variant"):
+        load_backbone(tmp_path)
+
+
+def test_safetensors_metadata_holds_the_architecture(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    m = tiny_vit("skipless")
+    save_file(
+        {k: v.contiguous() for k, v in m.state_dict().items()},
+        tmp_path / "backbone.safetensors",
+        metadata={"backbone_spec": json.dumps(m.spec.to_dict())},
+    )
+    loaded, spec = load_backbone(tmp_path)
+    assert spec == m.spec and _same_output(m, loaded)
+
+
+def test_loaded_checkpoint_records_the_file_and_its_hash(tmp_path):
+    import hashlib
+
+    from dino_skipless.dino.checkpoint import export_backbone
+
+    path = export_backbone(tiny_vit("skip"), tmp_path)
+    loaded, _ = load_backbone(tmp_path)
+    assert loaded.checkpoint_source["path"] == str(path.resolve())
+    assert loaded.checkpoint_source["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_cli_names_ckpt_variant_and_honours_it(tmp_path):
+    """Every evaluation CLI takes --ckpt-variant (add_backbone_args); the refusal of an old
+    export without its json names it, in one line and no traceback."""
+    import json
+
+    from eval import knn
+
+    m = tiny_vit("skipless_init")
+    torch.save(m.state_dict(), tmp_path / "backbone.pt")
+    argv = [
+        "--dataset", "synthetic", "--root", str(tmp_path / "syn"), "--synthetic-n", "12",
+        "--synthetic-size", "32", "--ckpt", str(tmp_path / "backbone.pt"),
+        "--resize", "32", "--crop", "32", "--num-workers", "0", "--k", "3",
+        "--out", str(tmp_path / "knn"), "--quiet",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        knn.main(argv)
+    assert "--ckpt-variant" in str(e.value.code) and "Traceback" not in str(e.value.code)
+    assert knn.main([*argv, "--ckpt-variant", "skipless_init"]) == 0
+    res = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert (
+        res["label"].endswith("(skipless_init)") and res["backbone"]["variant"] == "skipless_init"
+    )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from dino_skipless.dino.checkpoint import ResumeError, check_resume_config
 from dino_skipless.dino.config import (
     ConfigError,
     PretrainConfig,
@@ -210,3 +212,34 @@ def test_quickstart_differs_from_the_published_recipe_only_where_documented():
     # the published starting temperature, the centring and the student side are untouched
     assert quick["dino"]["warmup_teacher_temp"] == 0.04 == quick["dino"]["teacher_temp"]
     assert quick["dino"]["centering"] == "centering" and quick["dino"]["student_temp"] == 0.1
+
+
+def test_monitor_and_remedy_values_are_range_checked():
+    """The #29 keys take their range from their field type like every other (issue 33)."""
+    for key, value, want in (
+        ("monitor.knn_holdout_fraction", 1.0, "monitor.knn_holdout_fraction must be in [0, 1)"),
+        ("monitor.knn_k", 0, "monitor.knn_k must be >= 1, got 0"),
+        ("monitor.knn_temperature", 0.0, "monitor.knn_temperature must be > 0"),
+        ("monitor.knn_every", -1, "monitor.knn_every must be >= 0"),
+        ("dino.koleo_weight", -0.1, "dino.koleo_weight must be >= 0"),
+        ("dino.sk_iterations", 0, "dino.sk_iterations must be >= 1"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(want)):
+            build_config(overrides={key: value})
+    build_config(overrides={"monitor.knn_holdout_fraction": 0.0, "monitor.knn_every": 0})
+
+
+def test_resume_may_change_how_the_monitor_scores_not_what_it_holds_out():
+    """The monitor's k, temperature, bank and cadence are bookkeeping; switching it on or off, or
+    changing its held-out queries, changes the images pretrained on (``holdout_split``)."""
+    saved = PretrainConfig().to_dict()
+    scoring = {"monitor.knn_k": 5, "monitor.knn_every": 3, "monitor.knn_bank": 10}
+    check_resume_config(saved, build_config(overrides=scoring), 0, 1, "ck")
+    for key, value in (
+        ("monitor.knn_every", 0),
+        ("monitor.knn_holdout", False),
+        ("monitor.knn_queries", 10),
+        ("dino.koleo_weight", 0.1),
+    ):
+        with pytest.raises(ResumeError, match=re.escape(f"{key}: checkpoint")):
+            check_resume_config(saved, build_config(overrides={key: value}), 0, 1, "ck")

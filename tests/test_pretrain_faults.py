@@ -261,7 +261,7 @@ def test_resumed_epoch_mean_and_time_match_uninterrupted(tmp_path, monkeypatch, 
 
 def test_bn_head_with_several_processes_is_refused_in_one_line(tmp_path, monkeypatch):
     two = DistEnv(0, 2, 0, torch.device("cpu"), "gloo")
-    monkeypatch.setattr(trainer_mod, "init_distributed", lambda device: two)
+    monkeypatch.setattr(trainer_mod, "init_distributed", lambda device, timeout_s=None: two)
     with pytest.raises(SystemExit) as e:
         main(["dino.use_bn_in_head=true", f"--out={tmp_path}", "model.arch=vit_mini"])
     msg = str(e.value)
@@ -273,3 +273,22 @@ def test_bn_head_with_several_processes_is_refused_in_one_line(tmp_path, monkeyp
 def test_bn_head_single_process_still_trains(tmp_path, good_dir):
     result = train(tiny_cfg(tmp_path / "bn", good_dir, **{"dino.use_bn_in_head": True}))
     assert result.step == STEPS and np.isfinite(result.final_loss)
+
+
+def test_oom_in_the_device_augmentation_gives_the_batch_size_message(
+    tmp_path, monkeypatch, good_dir
+):
+    """The batched augmentation allocates the most per batch; its OOM used to escape the step's
+    handler (the call sat before the ``try``) as a raw traceback."""
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(trainer_mod, "device_multicrop", oom)
+    argv = [f"data.path={good_dir}", f"--out={tmp_path / 'oom'}", "data.augment_on=device"]
+    argv += [f"{k}={v}" for k, v in TINY.items()]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    msg = str(e.value)
+    assert msg.startswith(f"error: out of memory with data.batch_size_per_gpu={BATCH} on cpu")
+    assert f"data.batch_size_per_gpu={BATCH // 2}" in msg and "\n" not in msg

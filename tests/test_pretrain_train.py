@@ -15,6 +15,7 @@ from conftest import TINY_PRETRAIN, tiny_pretrain_config
 from dino_skipless.data import ImageFolderDataset
 from dino_skipless.dino import AugConfig, MultiCropAugmentation
 from dino_skipless.dino import trainer as trainer_mod
+from dino_skipless.dino.checkpoint import ResumeError
 from dino_skipless.dino.runlog import read_jsonl
 from dino_skipless.dino.sampling import EpochSampler, SeededMultiCrop
 from dino_skipless.dino.trainer import NonFiniteLossError, build_student_teacher, train
@@ -252,3 +253,47 @@ def test_cli_config_written(full_run):
     out, _ = full_run
     saved = (out / "config.yaml").read_text()
     assert "vit_mini" in saved and json.loads((out / "backbone.json").read_text())["depth"] == 2
+
+
+# ------------------------------------------------------------ resume overrides (issue 33)
+
+
+def test_resume_refuses_overrides_that_change_the_trajectory(full_run, image_dir):
+    """Issue 33, point 7: ``--resume optim.lr=0.5`` rewrote the stored config for the whole run
+    although its first steps used 0.02. Recipe keys are refused and named, through the CLI and
+    through a --config-built run alike; logging keys may change."""
+    out, _ = full_run
+    before = (out / "config.yaml").read_text()
+    argv = ["--out", str(out), "--resume", "optim.lr=0.5", "dino.teacher_temp=0.05"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "run.log_every=2"])
+    msg = str(e.value)
+    assert "optim.lr: checkpoint 0.02 vs this run 0.5" in msg
+    assert "dino.teacher_temp: checkpoint 0.07 vs this run 0.05" in msg
+    assert "run.log_every:" not in msg  # allowed, so not among the differences
+    assert (out / "config.yaml").read_text() == before
+    with pytest.raises(ResumeError, match="run.seed: checkpoint 0 vs this run 1"):
+        train(tiny_cfg(out, image_dir, **{"run.seed": 1}), resume_run=True)
+
+
+def test_resume_extends_epochs_against_the_runs_own_config(full_run, tmp_path):
+    """``--resume optim.epochs=3`` was validated against the defaults (10 warm-up epochs > 3) and
+    refused; the run's own config has one warm-up epoch, so it is an extension."""
+    src, _ = full_run
+    out = tmp_path / "longer"
+    shutil.copytree(src, out)
+    result = main(["--out", str(out), "--resume", "optim.epochs=3", "run.log_every=2"])
+    assert result.step == 12 and result.epoch == 3 and not result.stopped_early
+    assert [r["step"] for r in read_jsonl(out / "log.jsonl")][-3:] == [7, 9, 11]
+    with pytest.raises(SystemExit, match="already done 3 epochs"):
+        main(["--out", str(out), "--resume", "optim.epochs=2"])
+
+
+def test_fresh_run_refuses_an_export_without_checkpoint(tmp_path, image_dir):
+    """A folder holding a supervised ceiling's export (backbone.pt, no checkpoint.pt)."""
+    out = tmp_path / "sup"
+    out.mkdir()
+    (out / "backbone.pt").write_bytes(b"an earlier export")
+    with pytest.raises(FileExistsError, match="backbone.pt exists"):
+        train(tiny_cfg(out, image_dir))
+    assert (out / "backbone.pt").read_bytes() == b"an earlier export"

@@ -4,7 +4,9 @@
 
 Is checkpoint A's CorLoc really above B's (say, pretrained vs the same architecture at random
 init), or within noise? Both runs saw the same images, so the right test is paired: only the
-images that one run localises and the other does not carry information. Each run contributes
+images that one run localises and the other does not carry information. Runs whose
+``data_digest`` (content of the image files and of the ground truth scored) differ are refused,
+whatever their image ids say. Each run contributes
 its reported block (``best_layer`` of a ``--sweep-layers`` run, else ``layer``) unless
 ``--layer-a/--layer-b`` pick one; every block the two runs share is also compared block by block.
 Note that each run's best block is chosen on the same images it is scored on, so with a
@@ -13,15 +15,18 @@ sweep of L blocks a cautious reader multiplies the best-block p-value by L (Bonf
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dino_skipless.cli import add_debug_arg, cli_main
+from dino_skipless.cli import ArgumentParser, add_debug_arg, cli_main, flag
+from dino_skipless.digest import require_same_data
 from dino_skipless.fileio import markdown_table, write_report
+from dino_skipless.outdir import check_out_file, report_stage
 
 from .corloc import mcnemar_exact
+from .pipeline import STAGE
 
 IOU_THRESHOLD = 0.5  # CorLoc's threshold
 
@@ -108,11 +113,31 @@ def reported_layer(result: dict) -> int:
     return int(result["best_layer"] if result.get("best_layer") is not None else result["layer"])
 
 
+SAME_DATA_HINT = "use the same --dataset/--root/--synthetic-*/--no-hard options for both"
+
+
+def same_ground_truth(a: dict, b: dict) -> None:
+    """The check left for runs written before ``data_digest``: every shared image's size and
+    ground-truth boxes agree (the images themselves cannot be compared)."""
+    gt_b = {r["image"]: (r.get("size"), r.get("gt_boxes")) for r in b.get("per_image") or []}
+    for r in a.get("per_image") or []:
+        other = gt_b.get(r["image"])
+        if other is not None and other != (r.get("size"), r.get("gt_boxes")):
+            raise ValueError(
+                "the two runs were not made on the same data (the ground truth or size of "
+                f"image {r['image']} differs): {SAME_DATA_HINT}"
+            )
+
+
 def compare(a: dict, b: dict, layer_a: int | None = None, layer_b: int | None = None) -> dict:
-    """The headline comparison (reported or chosen blocks) and the block-by-block ones."""
+    """The headline comparison (reported or chosen blocks) and the block-by-block ones; runs
+    made on other images or ground truth (``data_digest``) are refused."""
     la = reported_layer(a) if layer_a is None else layer_a
     lb = reported_layer(b) if layer_b is None else layer_b
     head = paired_corloc(per_image_ious(a, la, "A"), per_image_ious(b, lb, "B"), (la, lb))
+    warning = require_same_data(a.get("data_digest"), b.get("data_digest"), SAME_DATA_HINT)
+    if warning:
+        same_ground_truth(a, b)
     shared = sorted(set(layers_of(a)) & set(layers_of(b)))
     blocks = [
         paired_corloc(per_image_ious(a, li, "A"), per_image_ious(b, li, "B"), (li, li))
@@ -123,16 +148,31 @@ def compare(a: dict, b: dict, layer_a: int | None = None, layer_b: int | None = 
         "per_block": [asdict(r) | {"diff": r.diff} for r in blocks],
         "n_blocks_a": len(layers_of(a)),
         "n_blocks_b": len(layers_of(b)),
+        "data_warning": warning,
     }
 
 
 def _load(path: str) -> dict:
+    """A ``tokencut.run`` results.json (or its folder); anything else is refused by name."""
     p = Path(path)
     if p.is_dir():
         p = p / "results.json"
     if not p.is_file():
         raise SystemExit(f"no TokenCut results at {p} (expected OUT/results.json of tokencut.run)")
-    return json.loads(p.read_text())
+    try:
+        result = json.loads(p.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{p}: not a readable results.json ({e.__class__.__name__})") from None
+    stage = report_stage(result)
+    if stage != STAGE:
+        what = f"written by {stage}" if stage else "not written by tokencut.run"
+        raise SystemExit(f"{p} is {what}: compare the --out folders of two tokencut.run runs")
+    if not isinstance(result.get("per_image"), list) or "layer" not in result:
+        raise SystemExit(
+            f"{p}: a tokencut.run results.json without its 'per_image' and 'layer' entries (a "
+            "trimmed copy?); compare the file that tokencut.run wrote"
+        )
+    return result
 
 
 def _label(result: dict, path: str) -> str:
@@ -187,19 +227,23 @@ def render(report: dict, name_a: str, name_b: str) -> str:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m tokencut.compare", description=__doc__.split("\n")[0])
     p.add_argument("a", help="run A: tokencut.run --out folder or its results.json")
     p.add_argument("b", help="run B (e.g. the random-init baseline)")
-    p.add_argument("--layer-a", type=int, default=None, help="block of A (default: reported)")
-    p.add_argument("--layer-b", type=int, default=None, help="block of B (default: reported)")
+    p.add_argument("--layer-a", type=flag(int), default=None, help="block of A (default: reported)")
+    p.add_argument("--layer-b", type=flag(int), default=None, help="block of B (default: reported)")
     p.add_argument("--out", default=None, help="write the comparison here (.json, .md beside it)")
     add_debug_arg(p)
     args = p.parse_args(argv)
+    if args.out:
+        check_out_file(Path(args.out).with_suffix(".json"))
     a, b = _load(args.a), _load(args.b)
     try:
         report = compare(a, b, args.layer_a, args.layer_b)
-    except ValueError as e:
+    except (ValueError, KeyError, TypeError) as e:  # the checks in compare, or a damaged file
         raise SystemExit(f"tokencut.compare: {e}") from None
+    if report["data_warning"]:
+        print(f"warning: {report['data_warning']}", file=sys.stderr)
     text = render(report, _label(a, args.a), _label(b, args.b))
     print(text)
     if args.out:

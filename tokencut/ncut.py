@@ -27,10 +27,15 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from dino_skipless.ranges import Range
+
 from .scipy_ref import second_eigvec_scipy
 
 SOLVERS = ("torch", "dense", "lobpcg", "scipy")
+TAU_RANGE = Range(ge=-1, lt=1)  # a cosine; tau = 1 leaves no edge (every graph degenerate)
+EPS_RANGE = Range(gt=0, lt=1)  # > 0 keeps the graph connected, < 1 below an edge's weight
 SEED_RTOL = 1e-8  # |x| values this close to the max count as ties for the seed (see below)
+SPLIT_RTOL = 1e-8  # x values this close to the mean (relative to max |x|) are ties: background
 
 
 @dataclass(frozen=True)
@@ -173,11 +178,14 @@ def second_eigvec_lanczos(
     A graph is accepted when the Ritz pair's residual ``r = ||M y - theta y||`` (recomputed
     explicitly at the end, not only the Lanczos estimate) is below ``tol`` and the eigenvector's
     error bound ``r / gap`` (``gap``: distance to the next Ritz value) is below ``vec_tol``.
-    Graphs that fail (a near-degenerate eigengap, no convergence in ``max_steps``) are re-solved
-    by the dense ``second_eigvec_torch`` and flagged in ``fallback``. Graphs with fewer than
-    ``LANCZOS_MIN_N`` nodes go to the dense solver directly (not flagged). An exactly repeated
-    second eigenvalue (a symmetric graph) leaves the eigenvector undetermined for every solver,
-    scipy's included.
+    Graphs that fail (a near-degenerate eigengap, no convergence in ``max_steps``, a breakdown
+    that leaves the wanted pair ambiguous, any non-finite number) are re-solved by the dense
+    ``second_eigvec_torch`` and flagged in ``fallback``; this function never raises on a
+    finite graph. Graphs with fewer than ``LANCZOS_MIN_N`` nodes go to the dense solver directly
+    (not flagged). An exactly repeated second eigenvalue (a symmetric graph) leaves the
+    eigenvector undetermined for every solver, scipy's included; Lanczos detects it after a
+    breakdown (``_lanczos_one``) and hands such graphs to the dense solver, so that the torch
+    solver's box is always the dense solver's there.
     """
     a = a.to(dtype)
     b, n, _ = a.shape
@@ -191,11 +199,16 @@ def second_eigvec_lanczos(
     lam = torch.empty(b, dtype=dtype, device=dev)
     ok = torch.zeros(b, dtype=torch.bool, device=dev)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    # The same start for every graph: a graph's result does not depend on its batch.
-    start = torch.randn(n, generator=gen, dtype=torch.float64).to(dev, dtype)
+    # The same start (and restart) for every graph: a result does not depend on its batch.
+    starts = torch.randn(2, n, generator=gen, dtype=torch.float64).to(dev, dtype)
     with _one_cpu_thread(dev):
         for i in range(b):
-            x[i], lam[i], ok[i] = _lanczos_one(a[i], start, max_steps, check_every, tol, vec_tol)
+            try:
+                x[i], lam[i], ok[i] = _lanczos_one(
+                    a[i], starts, max_steps, check_every, tol, vec_tol
+                )
+            except torch.linalg.LinAlgError:  # a safety net: the dense solve decides
+                ok[i] = False
     fallback = ~ok
     if bool(fallback.any()):
         idx = fallback.nonzero().squeeze(-1)
@@ -203,13 +216,23 @@ def second_eigvec_lanczos(
     return x, lam, fallback
 
 
-def _lanczos_one(a, start, max_steps, check_every, tol, vec_tol):
+def _lanczos_one(a, starts, max_steps, check_every, tol, vec_tol):
     """One graph ``a (N, N)``: ``(x, lambda, accepted)`` (see ``second_eigvec_lanczos``).
 
     Graphs are solved one at a time, with 2-d ops: a CPU ``bmm`` of a batch of matrix-vector
     products is ~10x slower per graph than one ``mv`` (no BLAS gemv path: 0.7 ms vs 0.05 ms
     measured at N = 504), and the small ops' dispatch cost, not the arithmetic, is what a step
     costs at these sizes.
+
+    A *breakdown* (the new vector's norm ``beta`` below ``tol``: the Krylov space is invariant,
+    as for graphs made of a few groups of identical patches) gives exact eigenvalues but is blind
+    to their multiplicity: one start vector sees one direction of each eigenspace. So the
+    iteration goes on into a second Krylov block, from the normalised round-off when there is
+    any, else (``beta`` at round-off level, or NaN after a division by zero) from a second
+    fixed random vector with ``beta = 0`` (every vector is orthogonal to all before it, so the
+    projected matrix stays tridiagonal), and stops at the second breakdown; convergence is not
+    tested in between. A repeated top eigenvalue then shows as two equal Ritz values, a zero
+    gap, and the graph is not accepted.
     """
     n = a.shape[-1]
     m = max(2, min(max_steps, n - 1))  # Krylov dimension on the (n - 1)-dim complement
@@ -220,33 +243,46 @@ def _lanczos_one(a, start, max_steps, check_every, tol, vec_tol):
     # Basis rows: 0 is the known top eigenvector sqrt(d), 1..m the Lanczos vectors.
     q = torch.empty(m + 1, n, dtype=a.dtype, device=a.device)
     q[0] = d.sqrt() / d.sum().sqrt()
-    q[1] = _orth(_orth(start, q[:1]), q[:1])
+    q[1] = _orth(_orth(starts[0], q[:1]), q[:1])
     alphas, betas = [], []
+    breakdowns = 0
+    zero = 100 * torch.finfo(a.dtype).eps  # a new vector this short is round-off: restart
     for j in range(1, m + 1):
         basis = q[: j + 1]
         w = dis * torch.mv(a, dis * q[j])
         h = torch.mv(basis, w)  # projections on the whole basis (full reorthogonalisation)
         w = torch.addmv(w, basis.T, h, alpha=-1)
         nb = torch.linalg.vector_norm(w)
-        # Second pass ("twice is enough") on the normalised vector: after a breakdown
-        # (invariant subspace, nb ~ 0) it turns round-off into a fresh orthogonal direction,
-        # coupled by nb ~ 0, so the Rayleigh-Ritz on the whole basis stays valid.
-        if j < m:
-            q[j + 1] = _orth(w / nb.clamp_min(torch.finfo(a.dtype).tiny), basis)
+        restart = not bool(nb > zero)  # also NaN
+        if restart:
+            nb = torch.zeros_like(nb)
         alphas.append(h[j])
         betas.append(nb)
-        if j == m or (j >= 6 and j % check_every == 0):
+        if bool(nb <= tol):  # (near-)invariant subspace: see the docstring
+            breakdowns += 1
+            if breakdowns == 2:
+                break
+        if j < m:
+            # Second pass ("twice is enough") on the normalised vector; after an exact
+            # breakdown the fixed restart vector, orthogonal to the whole basis.
+            nxt = _orth(starts[1], basis) if restart else w / nb
+            q[j + 1] = _orth(nxt, basis)
+        if breakdowns == 0 and j >= 6 and j % check_every == 0:
             theta, s = _ritz(torch.stack(alphas), torch.stack(betas))
             est = (nb * s[-1, -1]).abs()  # Lanczos residual estimate of the top pair
             gap = theta[-1] - theta[-2]
             if bool((est <= 0.5 * tol) & (est <= 0.5 * vec_tol * gap)):
                 break
-    y = torch.mv(q[1 : j + 1].T, s[:, -1])
+    k = len(alphas)
+    theta, s = _ritz(torch.stack(alphas), torch.stack(betas))
+    gap = theta[-1] - theta[-2] if k > 1 else torch.ones((), dtype=a.dtype, device=a.device)
+    y = torch.mv(q[1 : k + 1].T, s[:, -1])
     y = y / torch.linalg.vector_norm(y)
     my = dis * torch.mv(a, dis * y)
     th = torch.dot(y, my)
     res = torch.linalg.vector_norm(my - th * y)  # explicit, not the estimate
-    return dis * y, 1.0 - th, (res <= tol) & (res <= vec_tol * gap)
+    accepted = (res <= tol) & (res <= vec_tol * gap) & torch.isfinite(res)
+    return dis * y, 1.0 - th, accepted
 
 
 def _orth(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -320,12 +356,16 @@ def seed_and_bipartition(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     """Official split and flip rule for ``(B, N)`` eigenvectors.
 
     ``bip = x > mean(x)``; ``seed = argmax |x|`` (first of near-ties); if the seed is not in
-    ``bip`` the eigenvector is negated and ``bip`` replaced by its complement (``logical_not``,
-    so entries equal to the mean join the foreground, exactly as in the official code).
-    Returns ``(bip, seed, x_flipped)``.
+    ``bip`` the eigenvector is negated and ``bip`` replaced by its complement. Returns
+    ``(bip, seed, x_flipped)``.
+
+    Ties with the mean (within ``SPLIT_RTOL * max|x|``) are background whatever the sign. The
+    official code's ``logical_not`` puts entries *equal* to the mean into the foreground when it
+    flips and into the background when it does not; since an eigenvector's sign is arbitrary,
+    that made the box a matter of the solver's sign and round-off on graphs where many patches
+    sit at the mean (e.g. one large group of identical patches and two symmetric outliers).
     """
     avg = x.mean(-1, keepdim=True)
-    bip = x > avg
     mag = x.abs()
     # Binarised graphs make exact ties in |x| common (patches with identical neighbourhoods have
     # identical entries); np.argmax takes the first of exact ties, but round-off decides which
@@ -334,11 +374,12 @@ def seed_and_bipartition(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     top = mag.amax(-1, keepdim=True)
     n = x.shape[-1]
     idx = torch.arange(n, device=x.device).expand_as(x)
-    seed = torch.where(mag >= top * (1 - SEED_RTOL), idx, n).amin(-1)
-    in_fg = bip.gather(-1, seed.unsqueeze(-1)).squeeze(-1)
-    bip = torch.where(in_fg.unsqueeze(-1), bip, ~bip)
-    x = torch.where(in_fg.unsqueeze(-1), x, -x)
-    return bip, seed, x
+    seed = torch.where(mag >= top * (1 - SEED_RTOL), idx, n).amin(-1, keepdim=True)
+    in_fg = x.gather(-1, seed) > avg  # else the official code flips the sign
+    x = torch.where(in_fg, x, -x)
+    bip = (x - torch.where(in_fg, avg, -avg)) > SPLIT_RTOL * top
+    bip = bip.scatter(-1, seed, True)  # the seed is foreground even if it sits at a tie
+    return bip, seed.squeeze(-1), x
 
 
 def seed_component(bipartition: np.ndarray, seed: int) -> np.ndarray:
@@ -406,7 +447,9 @@ def _tokencut_batch(feats, grid, patch, image_sizes, cfg) -> list[NCutResult]:
     b = feats.shape[0]
     dtype = torch.float64 if cfg.solver == "scipy" else cfg.eig_dtype
     a = affinity(feats, cfg.tau, cfg.eps, cfg.binary_graph, out_dtype=dtype)
-    degen = is_degenerate(a)
+    # A NaN feature (a diverged model) leaves NaN weights in the non-binary graph: no cut can be
+    # read from it either, so it is predicted like a degenerate one instead of failing.
+    degen = is_degenerate(a) | ~torch.isfinite(a).flatten(1).all(1)
     keep = (~degen).nonzero().squeeze(-1)
     out: list[NCutResult | None] = [None] * b
     if len(keep):
@@ -450,12 +493,25 @@ def _no_fallback(solve):
 
 
 def _solve_scipy(a: torch.Tensor, dtype: torch.dtype):
-    return second_eigvec_scipy(a)  # the official per-image CPU path
+    """The official per-image CPU solve. Should LAPACK refuse a graph (it has not on any fuzzed
+    map, but ``eigh`` of a pencil may fail to converge), that graph is solved densely and
+    flagged as a fallback instead of ending the run."""
+    xs, ls, fb = [], [], []
+    for ai in a:
+        try:
+            x, lam = second_eigvec_scipy(ai[None])
+            fb.append(False)
+        except (np.linalg.LinAlgError, ValueError):
+            x, lam = second_eigvec_torch(ai[None], torch.float64)
+            fb.append(True)
+        xs.append(x[0])
+        ls.append(lam[0])
+    return torch.stack(xs), torch.stack(ls), torch.tensor(fb, dtype=torch.bool, device=a.device)
 
 
 _SOLVE = {  # each returns (x (B, N), lambda (B,), fallback (B,) bool)
     "torch": second_eigvec_lanczos,
     "dense": _no_fallback(second_eigvec_torch),
     "lobpcg": _no_fallback(second_eigvec_lobpcg),
-    "scipy": _no_fallback(_solve_scipy),
+    "scipy": _solve_scipy,
 }

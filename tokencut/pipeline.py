@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms.functional import to_tensor
 from tqdm import tqdm
 
 from dino_skipless.data import build_detection_dataset, synthetic_root
+from dino_skipless.data.files import read_image
+from dino_skipless.digest import digest_of, files_digest
 from dino_skipless.features import check_layers, extract, normalize_image, patch_size
 from dino_skipless.fileio import markdown_table
 
@@ -26,6 +27,7 @@ from .corloc import box_iou, corloc
 from .ncut import TokenCutConfig, tokencut_batch
 from .vis import save_tokencut_vis
 
+STAGE = "tokencut.run"  # the stage that writes these results (dino_skipless.outdir)
 DATASETS = ("voc07", "voc12", "coco20k", "synthetic")
 SKIP_REASONS = ("too_small", "no_gt", "no_hard_dropped")
 TABLE_HEADERS = ["dataset", "ckpt", "layer", "feature", "CorLoc", "n_images", "n_skipped"]
@@ -66,8 +68,8 @@ def image_hw(ds, i: int) -> tuple[int, int]:
     rec = ds.records[i]
     if rec.size is not None:
         return int(rec.size[1]), int(rec.size[0])
-    with Image.open(ds.image_path(i)) as im:  # reads the header only
-        return im.height, im.width
+    # the header only; a missing, undecodable or oversized file is a DatasetError naming it
+    return read_image(ds.image_path(i), lambda im: (im.height, im.width))
 
 
 def plan_images(
@@ -150,6 +152,7 @@ class Prediction:
     best_iou: float
     degenerate: bool
     mask: np.ndarray | None = None  # kept only for visualised images
+    fallback: bool = False  # the Lanczos solve was handed to the dense one (ncut.NCutResult)
 
 
 def run_tokencut(
@@ -185,7 +188,11 @@ def run_tokencut(
             for k, r in zip(ks, res):
                 iou = box_iou(r.box, items[k].gt)
                 preds[li][k] = Prediction(
-                    r.box, float(iou.max()), r.degenerate, r.mask if k in keep_masks else None
+                    r.box,
+                    float(iou.max()),
+                    r.degenerate,
+                    r.mask if k in keep_masks else None,
+                    r.fallback,
                 )
     return preds
 
@@ -251,6 +258,23 @@ def discover(
     return plan, preds, time.perf_counter() - t0
 
 
+def data_digest(ds, items: list[Item]) -> dict[str, str]:
+    """``{"images", "ground_truth"}``: content digests of the evaluated images' files (the
+    decoded pixels for a reader without files) and of their ground truth as scored (id, size,
+    boxes), in order; ``tokencut.compare`` pairs only runs whose digests agree."""
+    gt = (
+        it.image_id.encode()
+        + np.asarray(it.hw, np.int64).tobytes()
+        + np.asarray(it.gt, np.float64).tobytes()
+        for it in items
+    )
+    if hasattr(ds, "image_path"):
+        images = files_digest(ds.image_path(it.index) for it in items)
+    else:
+        images = digest_of(np.asarray(ds.load(it.index)).tobytes() for it in items)
+    return {"images": images, "ground_truth": digest_of(gt)}
+
+
 def vis_count(n_items: int, vis_max: int) -> int:
     """Images visualised: the first ``vis_max`` (all when ``vis_max <= 0``)."""
     return n_items if vis_max <= 0 else min(vis_max, n_items)
@@ -269,9 +293,11 @@ def results_record(
     label: str,
     spec,
     command: str,
+    digest: dict | None = None,
 ) -> dict:
     """``results.json``: CorLoc of the shown block (the best with ``sweep``, else the only one),
-    per-block CorLoc and degenerate counts, skipped images with reasons, and per-image boxes."""
+    per-block CorLoc and degenerate counts, skipped images with reasons, per-image boxes, and
+    the ``data_digest`` of the images and ground truth (``digest``)."""
     layers = list(preds)
     per_layer, best = summarise(preds, cfg)
     shown = best if sweep else layers[0]
@@ -292,6 +318,7 @@ def results_record(
         for k, e in enumerate(per_image):
             e["best_iou_per_layer"] = {str(li): preds[li][k].best_iou for li in layers}
     results = {
+        "stage": STAGE,
         "run_id": run_id,
         "dataset": dataset,
         "root": str(root),
@@ -311,11 +338,16 @@ def results_record(
         "n_degenerate_per_layer": {
             str(li): int(sum(pr.degenerate for pr in preds[li])) for li in layers
         },
+        # graphs whose Lanczos solve was handed to the dense solver (same box; only slower)
+        "n_solver_fallback_per_layer": {
+            str(li): int(sum(pr.fallback for pr in preds[li])) for li in layers
+        },
         "per_layer": {str(li): v for li, v in per_layer.items()},
         # a single block: per_layer has one entry and best_layer is that block
         "best_layer": best if sweep else shown,
         "seconds": seconds,
         "ms_per_image": 1000 * seconds / len(plan.items),
+        "data_digest": digest,
         "per_image": per_image,
     }
     return results

@@ -17,18 +17,24 @@ from pathlib import Path
 import torch
 
 from dino_skipless.cli import (
+    ArgumentParser,
     add_backbone_args,
     backbone_from_args,
     cli_main,
     default_num_workers,
+    flag,
+    hold_out_dir,
     resolve_device,
 )
 from dino_skipless.features import FEATURE_KINDS, patch_size
 from dino_skipless.fileio import command_line, new_run_id, write_report
+from dino_skipless.ranges import AT_LEAST_1, NON_NEGATIVE
 
-from .ncut import SOLVERS, TokenCutConfig
+from .ncut import EPS_RANGE, SOLVERS, TAU_RANGE, TokenCutConfig
 from .pipeline import (
     DATASETS,
+    STAGE,
+    data_digest,
     discover,
     load_dataset,
     report_text,
@@ -46,7 +52,7 @@ from .pipeline import plan_images as plan_images
 
 def build_parser() -> argparse.ArgumentParser:
     d = TokenCutConfig()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m tokencut.run",
         description="TokenCut unsupervised object discovery, CorLoc (paper Sec. 6.2.2).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -56,34 +62,56 @@ def build_parser() -> argparse.ArgumentParser:
         "--root", default=None, help="dataset root (synthetic: cache dir of generated scenes)"
     )
     add_backbone_args(p)
-    p.add_argument("--layer", type=int, default=d.layer, help="block index (0-based; -1 = last)")
+    p.add_argument(
+        "--layer", type=flag(int), default=d.layer, help="block index (0-based; -1 = last)"
+    )
     p.add_argument("--sweep-layers", action="store_true", help="CorLoc of every block")
     p.add_argument("--feature", default=d.feature, choices=FEATURE_KINDS)
-    p.add_argument("--tau", type=float, default=d.tau, help="affinity threshold")
-    p.add_argument("--eps", type=float, default=d.eps, help="weight of non-edges")
+    p.add_argument(
+        "--tau", type=flag(float, TAU_RANGE), default=d.tau, help="affinity threshold (cosine)"
+    )
+    p.add_argument("--eps", type=flag(float, EPS_RANGE), default=d.eps, help="weight of non-edges")
     p.add_argument(
         "--no-binary-graph", action="store_true", help="ablation: keep similarities >= tau"
     )
     p.add_argument("--solver", default=d.solver, choices=SOLVERS)
     p.add_argument("--eig-dtype", default="float64", choices=("float64", "float32"))
     p.add_argument("--no-hard", action="store_true", help="drop difficult/truncated boxes")
-    p.add_argument("--max-images", type=int, default=None, help="first N images only")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    p.add_argument(
+        "--max-images", type=flag(int, AT_LEAST_1), default=None, help="first N images only"
+    )
+    p.add_argument(
+        "--batch-size", type=flag(int, AT_LEAST_1), default=16, help="images per forward pass"
+    )
     p.add_argument(
         "--num-workers",
-        type=int,
+        type=flag(int, NON_NEGATIVE),
         default=default_num_workers(),
         help="image-loading workers (4, at most the CPU count)",
     )
-    p.add_argument("--synthetic-n", type=int, default=40, help="--dataset synthetic: scenes")
-    p.add_argument("--synthetic-size", type=int, default=128, help="--dataset synthetic: side")
-    p.add_argument("--synthetic-seed", type=int, default=0, help="--dataset synthetic: seed")
+    p.add_argument(
+        "--synthetic-n", type=flag(int, AT_LEAST_1), default=40, help="--dataset synthetic: scenes"
+    )
+    p.add_argument(
+        "--synthetic-size",
+        type=flag(int, AT_LEAST_1),
+        default=128,
+        help="--dataset synthetic: side",
+    )
+    p.add_argument(
+        "--synthetic-seed",
+        type=flag(int, NON_NEGATIVE),
+        default=0,
+        help="--dataset synthetic: seed",
+    )
     p.add_argument(
         "--synthetic-vary", action="store_true", help="--dataset synthetic: sides vary +-25%%"
     )
     p.add_argument("--out", default="runs/tokencut", help="output folder")
     p.add_argument("--save-vis", default=None, metavar="DIR", help="write PNGs of predictions")
-    p.add_argument("--vis-max", type=int, default=50, help="images visualised (0 = all)")
+    p.add_argument(
+        "--vis-max", type=flag(int, NON_NEGATIVE), default=50, help="images visualised (0 = all)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -106,10 +134,11 @@ def config_from_args(args) -> TokenCutConfig:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
+    hold_out_dir(args.out, STAGE)
+    if args.save_vis and Path(args.save_vis).resolve() != Path(args.out).resolve():
+        hold_out_dir(args.save_vis, STAGE, report=None)  # a second output folder: checked now
     model, spec, label = backbone_from_args(args)
     model = model.to(device).eval()
     layers = stage_layers(model, cfg.layer, args.sweep_layers)
@@ -126,6 +155,7 @@ def main(argv=None) -> int:
     results = results_record(
         plan, preds, cfg, seconds, sweep=args.sweep_layers, run_id=new_run_id(),
         dataset=args.dataset, root=root, label=label, spec=spec, command=command_line(),
+        digest=data_digest(ds, plan.items),
     )  # fmt: skip
     text = report_text(results, args.sweep_layers, device)
     write_report(Path(args.out) / "results", results, text)

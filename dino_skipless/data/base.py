@@ -28,7 +28,7 @@ from PIL import Image
 
 from .classes import IGNORE_INDEX
 from .errors import DatasetError
-from .files import listdir_set, load_label, load_rgb
+from .files import listdir_set, load_label_counted, load_rgb
 
 ON_ERROR = ("raise", "skip")
 
@@ -113,18 +113,22 @@ class _ReaderBase:
         raise NotImplementedError
 
     def __getitem__(self, i: int) -> Any:
+        return self._fetch(i, self._get)
+
+    def _fetch(self, i: int, get: Callable[[int], Any]) -> Any:
+        """``get(i)`` under the error policy (``skip``: the next readable sample instead)."""
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for {self.name} of length {n}")
         i %= n
         if self.on_error == "raise":
-            return self._get(i)
+            return get(i)
         for k in range(n):
             j = (i + k) % n
             if j in self._errors.bad:
                 continue
             try:
-                return self._get(j)
+                return get(j)
             except DatasetError as e:
                 self._errors.bad.add(j)
                 self._errors.report(str(e))
@@ -170,6 +174,8 @@ class SegmentationDataset(_ReaderBase):
         self.palette = palette
         # Raw values that are legitimate in the PNGs: every mapped id plus the ignore markers.
         self.valid_raw = frozenset(np.flatnonzero(lut != IGNORE_INDEX).tolist()) | set(ignore_raw)
+        self._valid_table = np.zeros(256, bool)
+        self._valid_table[sorted(self.valid_raw)] = True
         keep = subset_indices(len(samples), subset, subset_seed)
         rows = [samples[k] for k in keep]
         rows = self._drop_missing(rows)
@@ -219,14 +225,23 @@ class SegmentationDataset(_ReaderBase):
 
     def read_raw(self, i: int) -> tuple[Image.Image, np.ndarray]:
         """Image and the label PNG's raw values, checked to have the same size."""
+        img, raw, _ = self._read_raw_counted(i)
+        return img, raw
+
+    def _read_raw_counted(self, i: int) -> tuple[Image.Image, np.ndarray, int]:
+        """``read_raw`` and the pixels of an RGB mask whose colour is not in the palette."""
         img = load_rgb(self._images[i])
-        raw = load_label(self._masks[i], self.palette)
+        raw, stray = load_label_counted(self._masks[i], self.palette)
         if raw.shape != (img.height, img.width):
             raise DatasetError(
                 f"mask {self._masks[i]} is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image "
                 f"{self._images[i]} is {img.width}x{img.height}"
             )
-        return img, raw
+        return img, raw, stray
+
+    def unknown_pixels(self, raw: np.ndarray) -> int:
+        """Pixels whose raw value is outside the label set (they read as ignore)."""
+        return int(raw.size - np.count_nonzero(self._valid_table[raw]))
 
     def load(self, i: int) -> tuple[Image.Image, np.ndarray]:
         """Image and class-index mask of sample i, without transform or skip policy."""
@@ -239,6 +254,22 @@ class SegmentationDataset(_ReaderBase):
             return self.transform(img, mask)
         return img, mask
 
+    def _get_counted(self, i: int) -> Any:
+        img, raw, stray = self._read_raw_counted(i)
+        # a stray colour reads as 255, a valid value: counted apart
+        unknown = self.unknown_pixels(raw) + stray
+        mask = self.lut[raw]
+        if self.transform is not None:
+            img, mask = self.transform(img, mask)
+        return img, mask, unknown
+
+    def sample_counted(self, i: int) -> tuple[Any, Any, int]:
+        """``(*ds[i], pixels of its mask outside the label set)``: values that are no class
+        and not an ignore marker, and colours of an RGB mask not in the palette. They read as
+        ignore, so a training mask of wrong values silently trains on nothing; callers count
+        them (``eval.feature_cache``)."""
+        return self._fetch(i, self._get_counted)
+
     def check_sample(self, i: int) -> tuple[list[str], set[int] | None]:
         """(problems, class indices present) of sample i; never raises for bad data.
 
@@ -246,16 +277,22 @@ class SegmentationDataset(_ReaderBase):
         a problem worth reporting but leave the sample usable (they read as ignore).
         """
         try:
-            _, raw = self.read_raw(i)
+            _, raw, stray = self._read_raw_counted(i)
         except DatasetError as e:
             return [str(e)], None
         values = set(np.unique(raw).tolist())
         unexpected = sorted(values - self.valid_raw)
         problems = []
         if unexpected:
+            n = self.unknown_pixels(raw)
             problems.append(
                 f"mask {self._masks[i]} holds values {unexpected[:10]} outside the label set "
-                f"of {self.name} (read as ignore)"
+                f"of {self.name} in {n} pixels ({100 * n / raw.size:.3g} %; read as ignore)"
+            )
+        if stray:
+            problems.append(
+                f"mask {self._masks[i]} has {stray} pixels ({100 * stray / raw.size:.3g} %) of "
+                f"colours not in the {self.name} palette (read as ignore)"
             )
         classes = {int(self.lut[v]) for v in values} - {IGNORE_INDEX}
         return problems, classes

@@ -17,6 +17,15 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms
 
+from ..ranges import (
+    NonNegFloat,
+    NonNegInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    check_fields,
+)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -25,56 +34,43 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class AugConfig:
     """Multi-crop recipe; defaults = official DINO ViT-S/16 (facebookresearch/dino main_dino.py)."""
 
-    global_size: int = 224  # DataAugmentationDINO: RandomResizedCrop(224, ...) for global views
-    local_size: int = 96  # RandomResizedCrop(96, ...) for local views
-    global_scale: tuple[float, float] = (0.4, 1.0)  # --global_crops_scale default
-    local_scale: tuple[float, float] = (0.05, 0.4)  # --local_crops_scale default
-    n_local: int = 8  # --local_crops_number default
-    flip_p: float = 0.5  # RandomHorizontalFlip(p=0.5)
+    global_size: PositiveInt = 224  # DataAugmentationDINO: RandomResizedCrop(224, ...) (global)
+    local_size: PositiveInt = 96  # RandomResizedCrop(96, ...) for local views
+    global_scale: tuple[PositiveFloat, PositiveFloat] = (0.4, 1.0)  # --global_crops_scale default
+    local_scale: tuple[PositiveFloat, PositiveFloat] = (0.05, 0.4)  # --local_crops_scale default
+    n_local: NonNegInt = 8  # --local_crops_number default
+    flip_p: Probability = 0.5  # RandomHorizontalFlip(p=0.5)
     # ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1) inside RandomApply(p=0.8)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2  # RandomGrayscale(p=0.2)
-    blur_p_global1: float = 1.0  # utils.GaussianBlur(1.0) on global view 1
-    blur_p_global2: float = 0.1  # utils.GaussianBlur(0.1) on global view 2
-    blur_p_local: float = 0.5  # utils.GaussianBlur(p=0.5) on local views
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # utils.GaussianBlur radius_min/radius_max
-    solarize_p_global2: float = 0.2  # utils.Solarization(0.2), global view 2 only
+    jitter: tuple[NonNegFloat, NonNegFloat, NonNegFloat, NonNegFloat] = (0.4, 0.4, 0.2, 0.1)
+    jitter_p: Probability = 0.8
+    grayscale_p: Probability = 0.2  # RandomGrayscale(p=0.2)
+    blur_p_global1: Probability = 1.0  # utils.GaussianBlur(1.0) on global view 1
+    blur_p_global2: Probability = 0.1  # utils.GaussianBlur(0.1) on global view 2
+    blur_p_local: Probability = 0.5  # utils.GaussianBlur(p=0.5) on local views
+    blur_sigma: tuple[PositiveFloat, PositiveFloat] = (0.1, 2.0)  # radius_min/radius_max
+    solarize_p_global2: Probability = 0.2  # utils.Solarization(0.2), global view 2 only
     # RandomResizedCrop's torchvision default aspect-ratio range (upstream does not set it)
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    ratio: tuple[PositiveFloat, PositiveFloat] = (3.0 / 4.0, 4.0 / 3.0)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # transforms.Normalize ImageNet statistics
-    std: tuple[float, float, float] = IMAGENET_STD
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        for name in ("global_size", "local_size"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(
-                    f"AugConfig.{name} must be a positive int, got {getattr(self, name)}"
-                )
-        if int(self.n_local) < 0:
-            raise ValueError(f"AugConfig.n_local must be >= 0, got {self.n_local}")
+        self.check()
+
+    def check(self) -> None:
+        """``ValueError`` naming the first bad value: ranges (the field types), then the
+        (lo, hi) pairs."""
+        check_fields(self, "aug.")
         for name in ("global_scale", "local_scale", "ratio", "blur_sigma"):
             lo, hi = getattr(self, name)
-            if not 0 < lo <= hi:
-                raise ValueError(
-                    f"AugConfig.{name} must be (lo, hi) with 0 < lo <= hi, got {(lo, hi)}"
-                )
-        for name in (
-            "flip_p",
-            "jitter_p",
-            "grayscale_p",
-            "blur_p_global1",
-            "blur_p_global2",
-            "blur_p_local",
-            "solarize_p_global2",
-        ):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"AugConfig.{name} is a probability in [0, 1], got {p}")
+            if not lo <= hi:
+                raise ValueError(f"aug.{name} must be (lo, hi) with lo <= hi, got {(lo, hi)}")
         if len(self.jitter) != 4:
             raise ValueError(
-                f"AugConfig.jitter must be (brightness, contrast, saturation, hue), got {self.jitter}"
+                f"aug.jitter must be (brightness, contrast, saturation, hue), got {self.jitter}"
             )
+        if self.jitter[3] > 0.5:  # torchvision's ColorJitter: hue in [0, 0.5]
+            raise ValueError(f"aug.jitter's hue must be in [0, 0.5], got {self.jitter[3]}")
 
 
 class GaussianBlur:

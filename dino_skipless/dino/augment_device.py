@@ -1,31 +1,39 @@
-"""DINO multi-crop augmentation on the training device (``data.augment_on: device``).
+"""DINO multi-crop augmentation on the training device (``data.augment_on: device``/``auto``).
 
 The official pipeline (``augment.MultiCropAugmentation``) costs tens of ms of CPU per image, so a
 GPU needs ~150-250 loader cores. Here the work is split in two:
 
-* **Loader worker (CPU, cheap)**: ``SeededDecode`` decodes the image to uint8 and *samples every
-  random parameter* of every view, from torch's and Python's RNGs seeded by
+* **Loader worker (CPU, cheap)**: ``SeededDecode`` decodes the image to uint8 (or, with
+  ``data.decode_on: device``, only reads the JPEG's bytes and header) and *samples every random
+  parameter* of every view, from torch's and Python's RNGs seeded by
   ``sample_seeds(seed, epoch, index)`` exactly as ``SeededMultiCrop`` does, drawing them through
   torchvision's own ``RandomResizedCrop.get_params`` / ``ColorJitter.get_params`` in the official
   call order. So a sample's parameters are *the same numbers* the CPU path draws for it: crops
   stay a pure function of (seed, epoch, index), ``--resume`` is exact and N processes equal one.
-  The device never draws random numbers (no RNG state to checkpoint, no dependence on batch
-  composition or on the device's RNG implementation).
-* **Training device (batched)**: ``device_multicrop`` pads the uint8 images into one canvas and
-  applies the parameters: RandomResizedCrop + flip as one separable resampling per view (a
-  dense ``out x in`` weight matrix per sample and axis, built with PIL's antialiased bicubic
-  filter and its window rounding, so downscaling is antialiased exactly as PIL's
-  ``Image.resize`` does; the flip is the reversed matrix), then ColorJitter in the sampled
-  per-sample order with torchvision's tensor formulas, grayscale, Gaussian blur with the
-  sampled sigma, solarisation at 128 and normalisation. Views of one size are processed as one
-  batch.
+  ``collate_decoded`` (also in the worker) turns the parameters into a float32 *plan*, one row per
+  view: the crop box on the canvas, flips, and the photometric ops as per-view coefficients.
+  The device never draws random numbers and never reads a value back to the host.
+* **Training device (batched)**: ``device_multicrop`` moves the uint8 canvas and the plan (one
+  pinned copy each) and applies the plan with a fixed sequence of batched ops per crop size:
+  RandomResizedCrop + flip as one separable resampling per view (weights built on the device
+  from the boxes, nonzero only inside each view's window, with PIL's antialiased bicubic filter
+  and window rounding, so downscaling is antialiased exactly as PIL's ``Image.resize`` does),
+  then ColorJitter in each view's sampled order as masked batched ops (see ``_jitter``),
+  grayscale, a Gaussian blur with per-view sigma as one grouped convolution, solarisation at 128
+  and normalisation. No op depends on a per-sample loop, so the op count per batch is fixed
+  (``scripts/bench_loader.py`` prints it next to the model forward's).
+
+Cost and memory scale with the canvas and the crops, not with outliers: ``data.decode_max_side``
+caps the decoded image (longer side, antialiased, before cropping), and portrait images are
+stored transposed on the canvas (their crops are transposed back), so a canvas of 4:3 and 3:4
+images is as large as one of 4:3 images.
 
 Why own torch code rather than a library: Kornia's ``augmentation`` module samples its own
 parameters on the device (so crops would no longer equal the CPU path's or be reproducible from
 (seed, epoch, index) without replaying its generator), its RandomResizedCrop does not antialias
 when downscaling, and its ``ColorJitter`` uses a fixed op order by default; DALI is GPU-only, so
-the path could not run (nor be tested) on CPU. The ops here are ~200 lines of plain torch that run
-on any device, and each is tested against torchvision's functional op (``tests/
+the path could not run (nor be tested) on CPU. The ops here are plain torch that runs on any
+device, and each is tested against torchvision's functional op (``tests/
 test_dino_augment_device.py``).
 
 Documented deviations from the official PIL pipeline (measured in the tests):
@@ -37,9 +45,15 @@ Documented deviations from the official PIL pipeline (measured in the tests):
 * contrast uses the exact grayscale mean (PIL rounds it to an integer); hue is shifted in float
   HSV (PIL quantises hue to 256 levels);
 * optional ``data.decode_draft: N`` decodes JPEGs at the largest libjpeg scale (1/2, 1/4, 1/8)
-  that keeps both sides >= N. Crop boxes are sampled on the full-size image (so parameters are
-  unchanged) and rescaled onto the smaller decode; crops are then resampled from fewer pixels.
-  Off by default; its effect is measured by ``scripts/bench_loader.py --draft``.
+  that keeps both sides >= N; optional ``data.decode_max_side: N`` shrinks an image whose longer
+  side exceeds N to N (a libjpeg draft no smaller than that, then PIL's antialiased bicubic).
+  Crop boxes are sampled on the full-size image (so parameters are unchanged) and rescaled onto
+  the smaller decode; crops are then resampled from fewer pixels. Both are off by default; their
+  effect is measured by ``scripts/bench_loader.py`` (``--draft``, ``--max-side``);
+* ``data.decode_on: device`` decodes JPEGs with ``torchvision.io.decode_jpeg`` on the device
+  (nvJPEG on CUDA) instead of PIL in the worker; other files (PNG, CMYK JPEGs) are still decoded
+  by PIL in the worker. nvJPEG's IDCT and chroma upsampling differ slightly from libjpeg's
+  (``scripts/gpu_check.py`` measures it).
 """
 
 from __future__ import annotations
@@ -56,7 +70,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from ..data.errors import DatasetError
-from ..data.files import _DECODE_ERRORS
+from ..data.files import read_image, to_rgb
 from .augment import AugConfig
 from .sampling import sample_seeds
 
@@ -154,56 +168,118 @@ def sample_params(cfg: AugConfig, height: int, width: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64)
 
 
-def load_rgb_draft(path: Path, min_side: int) -> tuple[Image.Image, tuple[int, int]]:
-    """(RGB image decoded at a JPEG scale keeping both sides >= min_side, full (w, h))."""
+def capped_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """``(w, h)`` with the longer side shrunk to ``max_side`` (aspect kept); unchanged when
+    ``max_side`` is 0 or the image already fits."""
+    long = max(width, height)
+    if not max_side or long <= max_side:
+        return width, height
+    s = max_side / long
+    return max(1, round(width * s)), max(1, round(height * s))
+
+
+def load_rgb_draft(
+    path: Path, min_side: int = 0, max_side: int = 0
+) -> tuple[Image.Image, tuple[int, int]]:
+    """(RGB image, full (w, h)): decoded at a JPEG scale keeping both sides >= ``min_side``
+    (0: full scale), then shrunk to ``capped_size(.., max_side)`` if it is larger; every
+    failure a DatasetError naming the file, as ``data.files.load_rgb``."""
+
+    def use(im):
+        full = im.size
+        target = capped_size(*full, max_side)
+        if im.format == "JPEG" and (min_side or target != full):
+            want = target if target != full else (0, 0)
+            im.draft("RGB", (max(want[0], min_side), max(want[1], min_side)))
+        im.load()
+        return to_rgb(im, path), full
+
+    img, full = read_image(path, use)
+    if capped_size(*img.size, max_side) != img.size:
+        img = img.resize(capped_size(*img.size, max_side), Image.BICUBIC)
+    return img, full
+
+
+def read_jpeg(path: Path) -> tuple[torch.Tensor | None, tuple[int, int]]:
+    """``(file bytes as a 1-D uint8 tensor, full (w, h))`` of a baseline RGB/gray JPEG that
+    ``torchvision.io.decode_jpeg`` can decode on the device; ``(None, size)`` for other files
+    (PNG, CMYK JPEG), which the worker decodes itself. The header is read by
+    ``data.files.read_image``: a missing, undecodable or oversized file is a DatasetError."""
+
+    def header(im):
+        return im.size, im.format == "JPEG" and im.mode in ("RGB", "L")
+
+    size, ok = read_image(path, header)
+    if not ok:
+        return None, size
     try:
-        with Image.open(path) as im:
-            full = im.size
-            if im.format == "JPEG":
-                im.draft("RGB", (min_side, min_side))
-            im.load()
-            return im.convert("RGB"), full
-    except FileNotFoundError as e:
-        raise DatasetError(f"image missing: {path}") from e
-    except _DECODE_ERRORS as e:
-        raise DatasetError(f"corrupt or truncated image {path}: {e}") from e
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DatasetError(f"image unreadable: {path}: {e}") from e
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), size
 
 
 class SeededDecode(Dataset):
-    """``ds[(epoch, index)] -> (uint8 HWC image, params (n_views, N_PARAMS), (sy, sx))``.
+    """``ds[(epoch, index)] -> (image, params (n_views, N_PARAMS), (sy, sx))``.
 
     The loader side of the device path: decode, sample the parameters from the (seed, epoch,
     index) RNGs as ``trainer.SeededMultiCrop`` (the caller's RNG streams are restored), and
-    return ``(sy, sx)``, the decoded / full size ratio (1 unless ``draft`` shrank the decode).
-    ``with_target=True`` appends the base sample's second element (a label or a mask) as it is,
-    for the supervised ceilings (``dino_skipless.supervised``).
+    return ``(sy, sx)``, the decoded / full size ratio (1 unless ``draft`` or ``max_side``
+    shrank the decode). The image is uint8 HWC pixels, or with ``encoded=True`` (``data.
+    decode_on: device``) a JPEG's bytes with the size to decode to: ``{"jpeg": bytes, "hw":
+    (h, w)}``. ``with_target=True`` appends the base sample's second element (a label or a mask)
+    as it is, for the supervised ceilings (``dino_skipless.supervised``).
     """
 
     def __init__(
-        self, base: Dataset, cfg: AugConfig, seed: int, draft: int = 0, with_target: bool = False
+        self,
+        base: Dataset,
+        cfg: AugConfig,
+        seed: int,
+        draft: int = 0,
+        with_target: bool = False,
+        max_side: int = 0,
+        encoded: bool = False,
     ):
         self.base, self.cfg, self.seed, self.draft = base, cfg, seed, int(draft)
-        self.with_target = with_target
-        if self.draft and not hasattr(base, "image_path"):
+        self.max_side, self.encoded, self.with_target = int(max_side), encoded, with_target
+        needs_path = [n for n, v in (("decode_draft", draft), ("decode_on=device", encoded)) if v]
+        if needs_path and not hasattr(base, "image_path"):
             raise ValueError(
-                f"data.decode_draft needs a dataset with image paths, got {type(base).__name__}"
+                f"data.{needs_path[0]} needs a dataset with image paths, got {type(base).__name__}"
             )
-        if self.draft and with_target:
-            raise ValueError("data.decode_draft decodes the image only; it has no target path")
+        if (self.draft or self.max_side or encoded) and with_target:
+            raise ValueError(
+                "data.decode_draft / decode_max_side / decode_on=device change the image only; "
+                "a target (label, mask) has no such path"
+            )
+        if encoded and self.draft:
+            raise ValueError("data.decode_draft is a libjpeg option; decode_on=device has none")
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        if self.draft:
-            img, (full_w, full_h) = load_rgb_draft(self.base.image_path(index), self.draft)
+    def _image(self, index: int):
+        """(uint8 HWC pixels or an encoded JPEG, full (w, h), decoded (w, h))."""
+        if self.encoded:
+            data, full = read_jpeg(self.base.image_path(index))
+            if data is not None:
+                w, h = capped_size(*full, self.max_side)
+                return {"jpeg": data, "hw": (h, w)}, full, (w, h)
+        if self.draft or self.max_side and hasattr(self.base, "image_path"):
+            img, full = load_rgb_draft(self.base.image_path(index), self.draft, self.max_side)
         else:
-            sample = self.base[index]
-            img = sample[0]
-            full_w, full_h = img.size
+            img = self.base[index][0]
+            full = img.size
+            if self.max_side and capped_size(*full, self.max_side) != full:
+                img = img.resize(capped_size(*full, self.max_side), Image.BICUBIC)
         if img.mode != "RGB":
             img = img.convert("RGB")
+        return torch.from_numpy(np.array(img, dtype=np.uint8)), full, img.size
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        image, (full_w, full_h), (w, h) = self._image(index)
         torch_seed, py_seed = sample_seeds(self.seed, epoch, index)
         torch_state, py_state = torch.get_rng_state(), random.getstate()
         try:
@@ -213,23 +289,157 @@ class SeededDecode(Dataset):
         finally:
             torch.set_rng_state(torch_state)
             random.setstate(py_state)
-        pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # HWC: one copy, no permute
-        scale = torch.tensor([img.height / full_h, img.width / full_w], dtype=torch.float64)
+        scale = torch.tensor([h / full_h, w / full_w], dtype=torch.float64)
         if self.with_target:
-            return pixels, params, scale, sample[1]
-        return pixels, params, scale
+            return image, params, scale, self.base[index][1]
+        return image, params, scale
 
 
-def collate_decoded(batch: list) -> dict[str, torch.Tensor]:
-    """Pad the uint8 HWC images into one ``(B, H_max, W_max, 3)`` canvas (top-left aligned;
-    the padding gets zero resampling weight)."""
-    pixels, params, scales = zip(*batch)
-    h = max(p.shape[0] for p in pixels)
-    w = max(p.shape[1] for p in pixels)
-    canvas = torch.zeros(len(pixels), h, w, 3, dtype=torch.uint8)
-    for k, p in enumerate(pixels):
-        canvas[k, : p.shape[0], : p.shape[1]] = p
-    return {"canvas": canvas, "params": torch.stack(params), "scale": torch.stack(scales)}
+# ---------------------------------------------------------------------------------------------
+# The plan (worker side): one float32 row per view, everything the device applies
+# ---------------------------------------------------------------------------------------------
+
+# The crop box on the canvas axes (rows, columns) in decoded pixels, as a (3, 2) block: starts,
+# lengths, flips (reverse the output rows / columns). A portrait image lies transposed on the
+# canvas (its rows are the image's columns) and P_TRANS transposes its crops back.
+P_Y0, P_X0, P_YLEN, P_XLEN, P_FLIPY, P_FLIPX, P_TRANS = 0, 1, 2, 3, 4, 5, 6
+# ColorJitter as N_PASSES passes y = clamp(a x + b gray(x) + c mean(gray(x))), the hue shift
+# between pass HUE_AFTER - 1 and HUE_AFTER (see _jitter_plan)
+N_PASSES, HUE_AFTER = 6, 3
+P_A, P_B, P_C = slice(7, 13), slice(13, 19), slice(19, 25)
+P_HUE_ON, P_HUE, P_GRAY, P_BLUR, P_SOLAR = 25, 26, 27, 28, 29
+P_KERNEL = 30  # the view's Gaussian taps (2 blur_half + 1 columns; a delta when not blurred)
+C_GRAY, C_MEAN, C_STD, C_HSV = slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 12)
+HSV_OFFSETS = (5.0, 3.0, 1.0)
+
+
+def blur_half(cfg: AugConfig) -> int:
+    """Half-width of the Gaussian kernel: 3 sigma of the largest sigma (kernel 13 at sigma 2)."""
+    return max(1, math.ceil(3.0 * cfg.blur_sigma[1]))
+
+
+def _jitter_plan(row: list[float]) -> tuple[list[float], list[float], list[float], float, float]:
+    """``(a, b, c, hue_on, hue)`` of one view's ColorJitter in its sampled order.
+
+    Brightness, contrast and saturation are each ``clamp(a x + b gray + c mean)`` (torchvision's
+    formulas: brightness (f, 0, 0), contrast (f, 0, 1 - f), saturation (f, 1 - f, 0)); the
+    identity is (1, 0, 0), exact. Each view applies hue at most once, so its ops before hue go
+    into passes 0-2 and those after it into passes 3-5 with hue in between: six cheap linear
+    passes and one hue pass serve every order, where applying each op in each of the 4 order
+    slots would cost four hue passes."""
+    a, b, c = [1.0] * N_PASSES, [0.0] * N_PASSES, [0.0] * N_PASSES
+    if row[JITTER] < 0.5:
+        return a, b, c, 0.0, 0.0
+    order = [int(k) for k in row[ORDER]]
+    factors = row[FACTORS]
+    hue_on = not math.isnan(factors[3])
+    cut = order.index(3) if hue_on else len(order)
+    pre = [k for k in order[:cut] if k != 3]
+    post = [k for k in order[cut + 1 :] if k != 3]
+    slots = list(range(len(pre))) + [HUE_AFTER + i for i in range(len(post))]
+    for slot, k in zip(slots, pre + post):
+        f = factors[k]
+        if math.isnan(f):
+            continue
+        a[slot] = f
+        if k == 1:
+            c[slot] = 1.0 - f
+        elif k == 2:
+            b[slot] = 1.0 - f
+    return a, b, c, float(hue_on), factors[3] if hue_on else 0.0
+
+
+def plan_rows(
+    params: torch.Tensor, scale: torch.Tensor, transposed: bool, half: int = 6
+) -> torch.Tensor:
+    """``(n_views, P_KERNEL + 2 half + 1)`` float32 plan of one sample from its ``(n_views,
+    N_PARAMS)`` parameters, its decode/full size ratio ``(sy, sx)`` and whether it lies
+    transposed on the canvas (``half``: ``blur_half(cfg)``). Computed in float64 in the worker."""
+    sy, sx = (float(v) for v in scale)
+    taps = np.arange(-half, half + 1, dtype=np.float64)
+    delta = (taps == 0).astype(np.float64)
+    rows = []
+    for row in params.tolist():
+        box = [row[TOP] * sy, row[HEIGHT] * sy, row[LEFT] * sx, row[WIDTH] * sx]
+        if transposed:  # canvas rows are the image's columns
+            box = box[2:] + box[:2]
+        flip = row[FLIP] > 0.5
+        a, b, c, hue_on, hue = _jitter_plan(row)
+        if row[BLUR] > 0.5:
+            kernel = np.exp(-0.5 * (taps / row[SIGMA]) ** 2)
+            kernel /= kernel.sum()
+        else:
+            kernel = delta
+        rows.append(
+            [box[0], box[2], box[1], box[3], flip and transposed, flip and not transposed]
+            + [transposed, *a, *b, *c, hue_on, hue, row[GRAY], row[BLUR], row[SOLARIZE]]
+            + kernel.tolist()
+        )
+    return torch.tensor(rows, dtype=torch.float64).float()
+
+
+def batch_consts(cfg: AugConfig) -> torch.Tensor:
+    """The constants the device ops need, shipped with each batch (no tensor is created on the
+    device during a step)."""
+    return torch.tensor([*GRAY_WEIGHTS, *cfg.mean, *cfg.std, *HSV_OFFSETS], dtype=torch.float32)
+
+
+def collate_decoded(batch: list, cfg: AugConfig | None = None) -> dict:
+    """A batch for ``device_multicrop``: the uint8 images on one ``(B, H, W, 3)`` canvas (top-left
+    aligned, portraits transposed, the padding gets zero resampling weight) or, for encoded
+    JPEGs, the list to decode on the device; the ``(B, n_views, N_PLAN)`` plan; with ``cfg``, the
+    constants of ``batch_consts`` (the trainer's loader passes it: otherwise ``device_multicrop``
+    copies them from pageable memory, a host sync on CUDA). ``params`` and ``scale`` stay on the
+    CPU for inspection."""
+    images, params, scales = zip(*[b[:3] for b in batch])
+    half = blur_half(cfg or AugConfig())
+    hw = [tuple(im["hw"]) if isinstance(im, dict) else tuple(im.shape[:2]) for im in images]
+    trans = [h > w for h, w in hw]
+    plan = torch.stack([plan_rows(p, s, t, half) for p, s, t in zip(params, scales, trans)])
+    height = max(min(h, w) for h, w in hw)
+    width = max(max(h, w) for h, w in hw)
+    out = {
+        "plan": plan,
+        **({"consts": batch_consts(cfg)} if cfg is not None else {}),
+        "params": torch.stack(params),
+        "scale": torch.stack(scales),
+    }
+    if any(isinstance(im, dict) for im in images):
+        out["encoded"] = [im["jpeg"] if isinstance(im, dict) else im for im in images]
+        out["hw"], out["canvas_hw"] = hw, (height, width)
+        return out
+    canvas = torch.zeros(len(images), height, width, 3, dtype=torch.uint8)
+    for k, (im, t) in enumerate(zip(images, trans)):
+        im = im.transpose(0, 1) if t else im
+        canvas[k, : im.shape[0], : im.shape[1]] = im
+    out["canvas"] = canvas
+    return out
+
+
+def _decode_canvas(batch: dict, device: torch.device) -> torch.Tensor:
+    """``data.decode_on: device``: decode the batch's JPEGs with ``torchvision.io.decode_jpeg``
+    on ``device`` (nvJPEG on CUDA, in one batched call), shrink those above
+    ``data.decode_max_side`` (antialiased bicubic), lay them on the canvas."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    items, hw = batch["encoded"], batch["hw"]
+    jpeg = [k for k, im in enumerate(items) if im.dim() == 1]
+    decoded = dict(
+        zip(jpeg, decode_jpeg([items[k] for k in jpeg], mode=ImageReadMode.RGB, device=device))
+    )
+    canvas = torch.zeros(len(items), *batch["canvas_hw"], 3, dtype=torch.uint8, device=device)
+    for k, (h, w) in enumerate(hw):
+        if k in decoded:
+            im = decoded[k]
+            if tuple(im.shape[1:]) != (h, w):
+                im = F.interpolate(im[None].float(), size=(h, w), mode="bicubic", antialias=True)
+                im = im[0].round_().clamp_(0, 255).to(torch.uint8)
+            im = im.permute(1, 2, 0)
+        else:
+            im = items[k].to(device, non_blocking=True)
+        im = im.transpose(0, 1) if h > w else im
+        canvas[k, : im.shape[0], : im.shape[1]] = im
+    return canvas
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,35 +448,54 @@ def collate_decoded(batch: list) -> dict[str, torch.Tensor]:
 
 
 def _bicubic(x: torch.Tensor) -> torch.Tensor:
-    """PIL's bicubic kernel (a = -0.5), Resample.c ``bicubic_filter``."""
-    a = -0.5
+    """PIL's bicubic kernel (a = -0.5), Resample.c ``bicubic_filter``, for |x| <= 2 (PIL's 0
+    beyond: every tap ``resample_weights`` keeps lies within the support)."""
     x = x.abs()
-    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
-    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+    near = ((1.5 * x - 2.5) * x) * x + 1.0  # ((a + 2) x - (a + 3)) x^2 + 1
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * -0.5  # ((x - 5) x + 8) x - 4) a
+    return torch.where(x < 1.0, near, far)
 
 
 def resample_weights(
-    start: torch.Tensor, length: torch.Tensor, out_size: int, in_size: int
+    start: torch.Tensor,
+    length: torch.Tensor,
+    out_size: int,
+    in_size: int,
+    flip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(N, out_size, in_size)``: row x averages the input interval ``[start, start + length)``
-    onto output pixel x as PIL's antialiased bicubic ``resize`` of that crop (Resample.c
-    ``precompute_coeffs``: support 2 x max(scale, 1), window rounded and clipped to the crop)."""
-    start, length = start.double(), length.double()
+    """``(N, out_size, in_size)`` float32: row x averages the input interval ``[start, start +
+    length)`` onto output pixel x as PIL's antialiased bicubic ``resize`` of that crop
+    (Resample.c ``precompute_coeffs``: support 2 x max(scale, 1), window rounded and clipped to
+    the crop); ``flip`` (bool (N,)) reverses the output pixels.
+
+    Only each row's taps are computed, ``(N, out, taps)`` with ``taps <= 4 in / out + 3``, and
+    scattered into the dense matrix (no ``(N, out, in)`` temporaries; float64 only for the
+    ``(N, out)`` window bounds, which must round exactly as PIL's doubles)."""
+    start, length = start.double()[:, None], length.double()[:, None]
     scale = length / out_size
     fscale = scale.clamp(min=1.0)
-    support = 2.0 * fscale
     x = torch.arange(out_size, dtype=torch.float64, device=start.device) + 0.5
-    centre = start[:, None] + x * scale[:, None]
-    lo = torch.floor(centre - support[:, None] + 0.5).maximum(start.round()[:, None])
-    hi = torch.floor(centre + support[:, None] + 0.5).minimum((start + length).round()[:, None])
-    u = torch.arange(in_size, dtype=torch.float64, device=start.device)
-    w = _bicubic((u - centre[..., None] + 0.5) / fscale[:, None, None])
-    w = w * ((u >= lo[..., None]) & (u < hi[..., None]))
-    return (w / w.sum(-1, keepdim=True)).float()
+    if flip is not None:
+        x = torch.where(flip[:, None], out_size - x, x)  # output pixel out - 1 - x
+    centre = start + x * scale
+    support = 2.0 * fscale  # PIL's order of operations: the bounds round as its doubles
+    lo = torch.floor(centre - support + 0.5).maximum(start.round())
+    hi = torch.floor(centre + support + 0.5).minimum((start + length).round())
+    taps = 4 * math.ceil(max(in_size / out_size, 1.0)) + 3
+    u = lo[..., None] + torch.arange(taps, dtype=torch.float64, device=start.device)
+    w = _bicubic(((u - (centre - 0.5)[..., None]) / fscale[..., None]).float())
+    w = w * (u < hi[..., None])
+    w = w / w.sum(-1, keepdim=True)
+    dense = torch.zeros(len(start), out_size, in_size, device=start.device)
+    # taps past the window carry weight 0: adding them at a clamped index changes nothing
+    return dense.scatter_add_(2, u.clamp(max=in_size - 1).long(), w)
 
 
-def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
+def rgb_to_grayscale(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """torchvision's ``0.2989 r + 0.587 g + 0.114 b``; ``weights``: those three as a tensor on
+    ``x``'s device (one op instead of five)."""
+    if weights is not None:
+        return (x * weights.view(1, 3, 1, 1)).sum(-3, keepdim=True)
     r, g, b = x.unbind(-3)
     wr, wg, wb = GRAY_WEIGHTS
     return (wr * r + wg * g + wb * b).unsqueeze(-3)
@@ -287,27 +516,24 @@ def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return (f * x + (1.0 - f) * rgb_to_grayscale(x)).clamp(0.0, 1.0)
 
 
-def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """torchvision's float HSV round trip with ``h = (h + f) mod 1``."""
-    r, g, b = x.unbind(-3)
-    maxc, minc = x.amax(-3), x.amin(-3)
-    eqc = maxc == minc
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    div = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    h = torch.remainder(h + f.view(-1, 1, 1), 1.0)
-    # HSV -> RGB in closed form: channel n is v - v s clamp(min(k, 4 - k), 0, 1), k = n + 6h mod 6
-    out = []
-    for n in (5.0, 3.0, 1.0):
-        k = torch.remainder(n + 6.0 * h, 6.0)
-        out.append(maxc - maxc * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
-    return torch.stack(out, -3).clamp(0.0, 1.0)
+def adjust_hue(
+    x: torch.Tensor, f: torch.Tensor, offsets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """torchvision's float HSV round trip with ``h = (h + f) mod 1``, vectorised over channels.
+
+    Hue of the max channel (first on ties: r, g, b, as torchvision's masks): ``(g - b) / cr``,
+    ``2 + (b - r) / cr`` or ``4 + (r - g) / cr`` sixths; back to RGB in closed form: channel n is
+    ``v - cr clamp(min(k, 4 - k), 0, 1)`` with ``k = n + 6h mod 6``, n = 5, 3, 1 for r, g, b
+    (``cr = v s``). ``offsets``: (5, 3, 1) as a tensor on ``x``'s device."""
+    if offsets is None:
+        offsets = torch.tensor(HSV_OFFSETS, dtype=x.dtype, device=x.device)
+    maxc, imax = x.max(-3, keepdim=True)
+    cr = maxc - x.amin(-3, keepdim=True)
+    diff = x.roll(-1, -3) - x.roll(-2, -3)  # (g - b, b - r, r - g)
+    h6 = diff.gather(-3, imax) / cr.clamp(min=1e-30) + 2.0 * imax  # equal channels: 0 / tiny
+    h = torch.remainder(h6 / 6.0 + (1.0 + f.view(-1, 1, 1, 1)), 1.0)
+    k = torch.remainder(offsets.view(1, 3, 1, 1) + 6.0 * h, 6.0)
+    return (maxc - cr * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)).clamp(0.0, 1.0)
 
 
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
@@ -315,7 +541,7 @@ JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
     """Separable Gaussian with per-sample ``sigma``, truncated at 3 x ``max_sigma`` (replicate
-    edges, as PIL's box blurs)."""
+    edges, as PIL's box blurs): one grouped convolution per axis for the whole batch."""
     n, c, hh, ww = x.shape
     half = max(1, math.ceil(3.0 * max_sigma))
     t = torch.arange(-half, half + 1, dtype=x.dtype, device=x.device)
@@ -331,77 +557,98 @@ def solarize(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= SOLARIZE_THRESHOLD, 1.0 - x, x)
 
 
-def _apply_subset(x: torch.Tensor, rows: torch.Tensor, fn, *args) -> torch.Tensor:
-    """``x[rows] = fn(x[rows], *args[rows])`` for the rows (CPU bool mask) that need it."""
-    idx = rows.nonzero().squeeze(1)  # on the CPU parameters: no device sync
-    if idx.numel() == 0:
-        return x
-    dev_idx = idx.to(x.device, non_blocking=True)
-    sub = [a[idx].to(x.device, torch.float32, non_blocking=True) for a in args]
-    return x.index_copy(0, dev_idx, fn(x.index_select(0, dev_idx), *sub))
+def _columns(plan: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every fixed plan column as an ``(N, 1, 1, 1)`` view (three ops for all of them)."""
+    n = plan.shape[0]
+    return plan[:, :P_KERNEL].t().reshape(P_KERNEL, n, 1, 1, 1).unbind(0)
+
+
+def _jitter(x: torch.Tensor, cols: tuple, gray_w: torch.Tensor, hsv: torch.Tensor) -> torch.Tensor:
+    """ColorJitter of every view in its own order: N_PASSES masked linear passes with the hue
+    pass after HUE_AFTER of them (``_jitter_plan``); identity passes leave x exact."""
+    for k in range(N_PASSES):
+        if k == HUE_AFTER:
+            x = torch.where(cols[P_HUE_ON] > 0.5, adjust_hue(x, cols[P_HUE], hsv), x)
+        a, b, c = cols[P_A][k], cols[P_B][k], cols[P_C][k]
+        gray = (x * gray_w).sum(-3, keepdim=True)
+        t = torch.addcmul(c * gray.mean((-2, -1), keepdim=True), b, gray)
+        x = torch.addcmul(t, a, x).clamp_(0.0, 1.0)
+    return x
+
+
+def _blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable blur of each crop with its own ``(N, taps)`` kernel, replicate edges: one
+    grouped convolution per axis."""
+    n, c, hh, ww = x.shape
+    half = kernel.shape[1] // 2
+    k = kernel.repeat_interleave(c, 0)  # (n * c, taps)
+    y = F.pad(x.reshape(1, n * c, hh, ww), (half, half, half, half), mode="replicate")
+    y = F.conv2d(y, k.view(n * c, 1, 1, -1), groups=n * c)
+    return F.conv2d(y, k.view(n * c, 1, -1, 1), groups=n * c).view(n, c, hh, ww)
+
+
+def photometric_plan(x: torch.Tensor, plan: torch.Tensor, consts: torch.Tensor) -> torch.Tensor:
+    """Jitter (per-view order) -> grayscale -> blur -> solarise, as the official Compose, for
+    the plan rows of the N crops in ``x``: a fixed sequence of batched ops, each view's
+    choice a mask."""
+    cols = _columns(plan)
+    gray_w = consts[C_GRAY].view(1, 3, 1, 1)
+    x = _jitter(x, cols, gray_w, consts[C_HSV])
+    gray = (x * gray_w).sum(-3, keepdim=True).expand_as(x)
+    x = torch.where(cols[P_GRAY] > 0.5, gray, x)
+    x = torch.where(cols[P_BLUR] > 0.5, _blur(x, plan[:, P_KERNEL:]), x)
+    return torch.where((cols[P_SOLAR] > 0.5) & (x >= SOLARIZE_THRESHOLD), 1.0 - x, x)
 
 
 def photometric(x: torch.Tensor, p: torch.Tensor, cfg: AugConfig) -> torch.Tensor:
-    """Jitter (per-sample order) -> grayscale -> blur -> solarise, as the official Compose;
-    ``p`` is the ``(N, N_PARAMS)`` CPU parameters of the N crops in ``x``."""
-    on = p[:, JITTER] > 0.5
-    order, factors = p[:, ORDER], p[:, FACTORS]
-    for step in range(4):
-        for op, fn in enumerate(JITTER_OPS):
-            rows = on & (order[:, step] == op) & ~factors[:, op].isnan()
-            x = _apply_subset(x, rows, fn, factors[:, op])
-    x = _apply_subset(x, p[:, GRAY] > 0.5, lambda t: rgb_to_grayscale(t).expand_as(t))
-    blur = lambda t, s: gaussian_blur(t, s, cfg.blur_sigma[1])  # noqa: E731
-    x = _apply_subset(x, p[:, BLUR] > 0.5, blur, p[:, SIGMA])
-    return _apply_subset(x, p[:, SOLARIZE] > 0.5, solarize)
+    """``photometric_plan`` for the ``(N, N_PARAMS)`` CPU parameters of the N crops in ``x``."""
+    plan = plan_rows(p, torch.ones(2), False, blur_half(cfg))
+    return photometric_plan(x, plan.to(x.device), batch_consts(cfg).to(x.device))
 
 
-def resized_crops(canvas: torch.Tensor, p: torch.Tensor, scale: torch.Tensor, size: int):
-    """``(V, B, 3, size, size)`` crops + flips of the ``(B, 3, H, W)`` float canvas, for the
-    ``(V, B, N_PARAMS)`` CPU parameters and the ``(B, 2)`` decode/full size ratios."""
-    v, b = p.shape[:2]
-    _, _, hh, ww = canvas.shape
-    flat = p.reshape(v * b, N_PARAMS)
-    sy, sx = scale[:, 0].repeat(v), scale[:, 1].repeat(v)
-    # only the boxes travel; the (N, size, H) matrices are built on the device, not the CPU
-    boxes = torch.stack(
-        [
-            flat[:, TOP] * sy,
-            flat[:, HEIGHT] * sy,
-            flat[:, LEFT] * sx,
-            flat[:, WIDTH] * sx,
-            flat[:, FLIP],
-        ]
-    ).to(canvas.device, non_blocking=True)
-    wy = resample_weights(boxes[0], boxes[1], size, hh).view(v, b, size, hh)
-    wx = resample_weights(boxes[2], boxes[3], size, ww)
-    flip = (boxes[4] > 0.5).view(-1, 1, 1)
-    wx = torch.where(flip, wx.flip(1), wx).view(v, b, size, ww)  # column x <- size - 1 - x
-    rows = torch.einsum("vboh,bchw->vbcow", wy, canvas)
-    return torch.einsum("vbcow,vbpw->vbcop", rows, wx).clamp_(0.0, 1.0)
+def resized_crops(canvas: torch.Tensor, plan: torch.Tensor, size: int) -> torch.Tensor:
+    """``(V, B, 3, size, size)`` crops + flips from the float ``(B, H, W, 3)`` canvas (values in
+    0-255) for the ``(B, V, width)`` plan: per sample one matmul with all its views' row
+    weights, then one batched matmul per view with its column weights."""
+    b, v = plan.shape[:2]
+    _, hh, ww, _ = canvas.shape
+    n = b * v
+    # sample-major (the row pass runs per image); rows then columns of every view
+    start, length, flip = (
+        plan[:, :, P_Y0 : P_FLIPX + 1].reshape(n, 3, 2).permute(1, 2, 0).reshape(3, 2 * n)
+    )
+    w = resample_weights(start, length, size, max(hh, ww), flip > 0.5)
+    wy = (w[:n, :, :hh] / 255.0).reshape(b, v * size, hh)
+    rows = torch.bmm(wy, canvas.view(b, hh, ww * 3)).view(b, v, size, ww, 3)
+    out = torch.einsum("bvswc,bvpw->vbcsp", rows, w[n:, :, :ww].reshape(b, v, size, ww))
+    trans = plan[:, :, P_TRANS].t().reshape(v, b, 1, 1, 1) > 0.5
+    return torch.where(trans, out.transpose(-1, -2), out).clamp_(0.0, 1.0)
 
 
-def device_multicrop(
-    batch: dict[str, torch.Tensor], cfg: AugConfig, device: torch.device | str
-) -> list[torch.Tensor]:
+def device_multicrop(batch: dict, cfg: AugConfig, device: torch.device | str) -> list[torch.Tensor]:
     """``[global1, global2, local_1..local_n]``, each ``(B, 3, s, s)`` float32 normalised on
     ``device``, from a ``collate_decoded`` batch (what ``MultiCropAugmentation`` + the default
-    collate give on the CPU path)."""
+    collate give on the CPU path). Host-to-device copies only, and non-blocking: the loader's
+    ``pin_memory`` pins the batch."""
     device = torch.device(device)
-    canvas = batch["canvas"].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
-    params, scale = batch["params"], batch["scale"]
-    mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1)
-    b = params.shape[0]
+    if "encoded" in batch:
+        canvas = _decode_canvas(batch, device)
+    else:
+        canvas = batch["canvas"].to(device, non_blocking=True)
+    plan = batch["plan"].to(device, non_blocking=True)
+    consts = batch["consts"] if "consts" in batch else batch_consts(cfg)
+    consts = consts.to(device, non_blocking=True)
+    canvas = canvas.float()
+    mean, std = consts[C_MEAN].view(1, 3, 1, 1), consts[C_STD].view(1, 3, 1, 1)
+    b = plan.shape[0]
     out: list[torch.Tensor] = []
     groups = [(cfg.global_size, 0, 2), (cfg.local_size, 2, 2 + int(cfg.n_local))]
     for size, first, last in groups:
         if last <= first:
             continue
-        p = params[:, first:last].transpose(0, 1).contiguous()  # (V, B, N_PARAMS)
         v = last - first
-        x = resized_crops(canvas, p, scale, size).view(v * b, 3, size, size)
-        x = photometric(x, p.view(v * b, N_PARAMS), cfg)
-        x = ((x - mean) / std).view(v, b, 3, size, size)
-        out.extend(x.unbind(0))
+        group = plan[:, first:last]
+        x = resized_crops(canvas, group, size).reshape(v * b, 3, size, size)
+        x = photometric_plan(x, group.transpose(0, 1).reshape(v * b, -1), consts)  # view-major
+        out.extend(((x - mean) / std).view(v, b, 3, size, size).unbind(0))
     return out

@@ -5,8 +5,9 @@ hardware: student, teacher, optimizer (AdamW or SOAP state), the DINO loss centr
 GradScaler, the global step, the RNG states and the config. ``meta["backbone"]`` (a
 ``BackboneSpec`` dict) and ``teacher`` (``backbone.*`` keys) are what
 ``dino_skipless.models.load_backbone`` reads, so the checkpoint itself is also a backbone.
-The exported ``backbone.pt`` (plain state dict, no prefix) + ``backbone.json`` is the small,
-stable artefact the evaluation stages load.
+The exported ``backbone.pt`` (state dict without prefix, and the spec that rebuilds it) +
+``backbone.json`` (the same spec, readable) is the small, stable artefact the evaluation stages
+load.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_write_text, temp_file_beside
-from ..models.loading import CheckpointError, safe_torch_load
+from ..models.loading import (
+    CheckpointError,
+    CheckpointRefused,
+    export_payload,
+    safe_torch_load,
+)
+from .config import PretrainConfig, config_from_dict
 from .runlog import truncate_jsonl
 from .state import RunState
 
@@ -46,8 +53,101 @@ MUST_MATCH = (
 )
 
 
+# Config keys a resumed run may set to other values than the run started with: where and how
+# it runs, what it logs and saves, when it stops, what it does on a fault (a run stopped by a
+# bad image or a NaN may go on with data.on_error=skip / run.on_nonfinite=skip, the advice its
+# error gives), and optim.epochs (more epochs: the cosine schedules are recomputed for the new
+# length from the step reached, as the official code does on resume). Every other key (the
+# recipe, the data, the seed, the precision) shapes the trajectory: changing it mid-run would
+# make a run that no config describes, so --resume refuses and names it.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "name",
+        "optim.epochs",
+        "data.num_workers",
+        "data.pin_memory",
+        "data.on_error",
+        "data.max_bad_fraction",
+        "data.max_image_pixels",  # the bomb limit its error names (a fault policy, as on_error)
+        "run.out",
+        "run.device",
+        "run.compile",
+        "run.compile_step",
+        "run.compile_backend",
+        "run.dist_timeout_s",
+        "run.cpu_threads",
+        "run.saveckp_freq",
+        "run.keep_epochs",
+        "run.ckpt_every_steps",
+        "run.max_steps",
+        "run.log_every",
+        "run.on_nonfinite",
+        "run.progress",
+        "run.tensorboard",
+        "run.jacobian_every_epochs",
+        "run.jacobian_tokens",
+        "run.collapse_window",
+        "run.collapse_min_info",
+        "run.on_collapse",
+        # how the online k-NN monitor scores (and, in _same, monitor.knn_every between non-zero
+        # values), not which images it holds out of pretraining (knn_every 0 <-> N, knn_holdout,
+        # knn_holdout_fraction, knn_queries, knn_root)
+        "monitor.knn_k",
+        "monitor.knn_temperature",
+        "monitor.knn_bank",
+        "monitor.knn_resolution",
+        "monitor.knn_batch_size",
+    }
+)
+
+
 class ResumeError(RuntimeError):
     """A checkpoint that cannot be resumed by this run (the message lists what differs)."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _same(key: str, a, b) -> bool:
+    if key == "data.path" and a and b:  # one folder, named relatively once and absolutely once
+        return a == b or Path(a).resolve() == Path(b).resolve()
+    if key == "monitor.knn_every":  # off <-> on changes the images held out of pretraining
+        return (a == 0) == (b == 0)
+    return a == b
+
+
+def check_resume_config(saved: dict, cfg: PretrainConfig, step: int, niter: int, path) -> None:
+    """Refuse to resume the run of ``saved`` (the config stored in its checkpoint) with ``cfg``
+    when a key outside ``RESUME_MAY_CHANGE`` differs (all of them are named), or when
+    ``optim.epochs`` ends before the step the run has reached."""
+    have = _flat(config_from_dict(saved).to_dict())
+    want = _flat(cfg.to_dict())
+    diffs = [
+        f"{k}: checkpoint {have.get(k)!r} vs this run {want.get(k)!r}"
+        for k in sorted(set(have) | set(want))
+        if k not in RESUME_MAY_CHANGE and not _same(k, have.get(k), want.get(k))
+    ]
+    if diffs:
+        raise ResumeError(
+            f"cannot resume {path} with settings that change the training itself:\n  "
+            + "\n  ".join(diffs)
+            + "\nResume with the run's own values (--resume without --config or overrides "
+            "reuses them), or train into a new --out. A resumed run may change only: "
+            + ", ".join(sorted(RESUME_MAY_CHANGE))
+        )
+    done = step // niter
+    if cfg.optim.epochs * niter < step:
+        raise ResumeError(
+            f"cannot resume {path} with optim.epochs={cfg.optim.epochs}: the run has already "
+            f"done {done} epochs (step {step}); give optim.epochs >= {done}"
+        )
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -71,7 +171,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 # Files of a run folder that are written through a temp file (``.NAME.XXXX.tmp``).
 _ATOMIC_PREFIXES = (f".{CHECKPOINT}.", ".checkpoint_epoch", ".backbone", ".config.yaml.")
-_ATOMIC_PREFIXES += (".summary.json.", ".log.jsonl.")
+_ATOMIC_PREFIXES += (".summary.json.", ".log.jsonl.", ".epochs.jsonl.")
 
 
 def remove_stale_temp_files(out_dir: str | Path) -> list[Path]:
@@ -117,7 +217,10 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def load_checkpoint(path: str | Path, trust: bool = False) -> dict:
+def load_checkpoint(
+    path: str | Path, trust: bool = False, required: tuple[str, ...] = ("student", "meta")
+) -> dict:
+    """A training checkpoint holding the ``required`` entries (DINO's by default)."""
     path = Path(path)
     if not path.is_file():
         raise ResumeError(
@@ -125,18 +228,29 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> dict:
         )
     try:
         ckpt = safe_torch_load(path, trust)
+    except CheckpointRefused as e:  # pretraining has no --trust-checkpoint: it never needs one
+        raise ResumeError(
+            f"refused to load {path}: it needs the global {e.name}, which is not allowed "
+            "(unpickling it could run code stored in the file); the checkpoints that "
+            "dino_skipless.pretrain writes need none, so this file is not one of them"
+        ) from None
     except CheckpointError as e:  # refused, or corrupt/truncated (not by our atomic writes)
         raise ResumeError(str(e)) from None
-    if not isinstance(ckpt, dict) or "student" not in ckpt or "meta" not in ckpt:
-        raise ResumeError(f"{path} is not a dino_skipless training checkpoint")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
+        raise ResumeError(
+            f"{path} is not a checkpoint of this trainer (it needs the entries "
+            f"{', '.join(required)})"
+        )
     return ckpt
 
 
-def check_compatible(saved: dict, current: dict, path: str | Path) -> None:
-    """Refuse to resume when any ``MUST_MATCH`` entry of the run meta differs."""
+def check_compatible(
+    saved: dict, current: dict, path: str | Path, keys: tuple[str, ...] = MUST_MATCH
+) -> None:
+    """Refuse to resume when any of ``keys`` (DINO's ``MUST_MATCH``) of the run meta differs."""
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
-        for k in MUST_MATCH
+        for k in keys
         if saved.get(k) != current.get(k)
     ]
     if diffs:
@@ -155,11 +269,11 @@ def check_compatible(saved: dict, current: dict, path: str | Path) -> None:
 
 
 def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, stem: str = "backbone"):
-    """``DIR/<stem>.pt`` (state dict, unprefixed keys) + ``DIR/<stem>.json`` (BackboneSpec)."""
+    """``DIR/<stem>.pt`` (unprefixed state dict + the BackboneSpec that rebuilds it,
+    ``models.loading.export_payload``) + ``DIR/<stem>.json`` (the same spec, for reading)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    atomic_torch_save(sd, out_dir / f"{stem}.pt")
+    atomic_torch_save(export_payload(backbone), out_dir / f"{stem}.pt")
     atomic_write_text(out_dir / f"{stem}.json", json.dumps(backbone.spec.to_dict(), indent=2))
     return out_dir / f"{stem}.pt"
 
@@ -202,6 +316,8 @@ def resume(r: RunState) -> None:
     continues as if it had not stopped; log records written after it are dropped."""
     path = r.out_dir / CHECKPOINT
     ckpt = load_checkpoint(path)
+    if "config" in ckpt:
+        check_resume_config(ckpt["config"], r.cfg, int(ckpt["step"]), r.niter_per_ep, path)
     check_compatible(ckpt["meta"], r.meta, path)
     r.student.load_state_dict(ckpt["student"])
     r.teacher.load_state_dict(ckpt["teacher"])

@@ -8,7 +8,9 @@ c 3 for DINO ViT-S).
 
 Sources of a config, later wins: the defaults below, a YAML file (nested like the dataclasses),
 then command-line overrides ``key=value`` / ``--key value`` where ``key`` is a dotted path
-(``optim.lr``) or an unambiguous leaf name (``lr``, ``teacher_temp``).
+(``optim.lr``) or an unambiguous leaf name (``lr``, ``teacher_temp``). The loading functions
+take the config class (``cls``, default ``PretrainConfig``), so the supervised trainer's
+``ClassifyConfig`` is read, overridden and checked the same way.
 """
 
 from __future__ import annotations
@@ -20,18 +22,31 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from ..data.files import DEFAULT_MAX_IMAGE_PIXELS
 from ..data.worlds import WORLDS
 from ..models import ARCHS, VARIANTS
 from ..optim import OPTIMIZERS, AdamWConfig, SOAPConfig
+from ..ranges import (
+    FiniteFloat,
+    FractionBelow1,
+    NonNegFloat,
+    NonNegInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    check_fields,
+)
 from .augment import AugConfig
 from .decode import ON_ERROR
 from .loss import CENTERINGS
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 ON_NONFINITE = ("stop", "skip")
-AUGMENT_ON = ("cpu", "device")
+AUGMENT_ON = ("auto", "cpu", "device")
+DECODE_ON = ("cpu", "device")
 
 
 class ConfigError(ValueError):
@@ -44,11 +59,13 @@ class ModelConfig:
 
     arch: str = "vit_small"  # main_dino.py --arch vit_small (paper: ViT-S/16)
     variant: str = "skipless_init"  # paper's method; "skip" = baseline, "skipless" = no init
-    patch_size: int = 16  # main_dino.py --patch_size 16
-    depth: int | None = None  # None: the arch's depth (12 for vit_small); paper studies 9-12
-    alpha: float = 1.8  # paper Sec. 5 / App.: DINO ViT-S mimetic W_Q W_K^T = alpha Z + beta I
-    beta: float = 1.0  # paper, DINO ViT-S
-    c: float = 3.0  # paper, DINO ViT-S: W_V, W_O scaled orthonormal with scale c
+    patch_size: PositiveInt = 16  # main_dino.py --patch_size 16
+    depth: PositiveInt | None = (
+        None  # None: the arch's depth (12 for vit_small); paper studies 9-12
+    )
+    alpha: FiniteFloat = 1.8  # paper Sec. 5 / App.: DINO ViT-S mimetic W_Q W_K^T = alpha Z + beta I
+    beta: FiniteFloat = 1.0  # paper, DINO ViT-S
+    c: PositiveFloat = 3.0  # paper, DINO ViT-S: W_V, W_O scaled orthonormal with scale c
     drop_path: float = 0.0  # paper: 0 for every variant (official DINO default is 0.1)
 
 
@@ -56,34 +73,34 @@ class ModelConfig:
 class DINOConfig:
     """Head, loss and teacher (official DINOHead / DINOLoss / EMA defaults, boosted ViT-S/16)."""
 
-    out_dim: int = 65536  # main_dino.py --out_dim 65536
+    out_dim: PositiveInt = 65536  # main_dino.py --out_dim 65536
     norm_last_layer: bool = False  # README boosted ViT-S/16: --norm_last_layer false
     use_bn_in_head: bool = False  # main_dino.py --use_bn_in_head False
-    head_nlayers: int = 3  # utils.DINOHead nlayers=3
-    head_hidden_dim: int = 2048  # utils.DINOHead hidden_dim=2048
-    head_bottleneck_dim: int = 256  # utils.DINOHead bottleneck_dim=256
-    momentum_teacher: float = 0.996  # main_dino.py --momentum_teacher 0.996 (cosine -> 1)
-    warmup_teacher_temp: float = 0.04  # main_dino.py --warmup_teacher_temp 0.04
-    teacher_temp: float = 0.07  # README boosted ViT-S/16: --teacher_temp 0.07
-    warmup_teacher_temp_epochs: int = 30  # README boosted ViT-S/16: 30
-    student_temp: float = 0.1  # DINOLoss student_temp=0.1
-    center_momentum: float = 0.9  # DINOLoss center_momentum=0.9
+    head_nlayers: PositiveInt = 3  # utils.DINOHead nlayers=3
+    head_hidden_dim: PositiveInt = 2048  # utils.DINOHead hidden_dim=2048
+    head_bottleneck_dim: PositiveInt = 256  # utils.DINOHead bottleneck_dim=256
+    momentum_teacher: Probability = 0.996  # main_dino.py --momentum_teacher 0.996 (cosine -> 1)
+    warmup_teacher_temp: PositiveFloat = 0.04  # main_dino.py --warmup_teacher_temp 0.04
+    teacher_temp: PositiveFloat = 0.07  # README boosted ViT-S/16: --teacher_temp 0.07
+    warmup_teacher_temp_epochs: NonNegInt = 30  # README boosted ViT-S/16: 30
+    student_temp: PositiveFloat = 0.1  # DINOLoss student_temp=0.1
+    center_momentum: Probability = 0.9  # DINOLoss center_momentum=0.9
     # How the teacher's target is made. "centering" (DINO, the published recipe): EMA centre +
     # sharpened softmax. "sinkhorn_knopp" (DINOv2 / SwAV, not in DINO): the batch is spread
     # evenly over the prototypes by sk_iterations rounds of Sinkhorn-Knopp: the remedy when the
     # random teacher starts with almost no information about low-variety images (README, "A
     # remedy for low-information images"); the collapse alarm names it.
     centering: str = "centering"
-    sk_iterations: int = 3  # DINOv2 SinkhornKnoppTeacher n_iterations=3
+    sk_iterations: PositiveInt = 3  # DINOv2 SinkhornKnoppTeacher n_iterations=3
     # Teacher temperature chosen from the measured information at the start (not in DINO):
     # before step 0 both temperatures are scaled down by the largest factor <= 1 at which the
     # initial teacher target carries at least this many nats about the image (README, "A
     # remedy for low-information images"). None: the temperatures as given (the published
     # recipe). Never raises a temperature, so a run already above the target is unchanged.
-    teacher_temp_min_info: float | None = None
+    teacher_temp_min_info: NonNegFloat | None = None
     # DINOv2's KoLeo term on the student's CLS features of each global view (DINOv2
     # dino.koleo_loss_weight 0.1; not in DINO, so 0 = off by default): spreads the images apart.
-    koleo_weight: float = 0.0
+    koleo_weight: NonNegFloat = 0.0
 
 
 @dataclass
@@ -91,14 +108,14 @@ class OptimConfig:
     """Optimiser and per-iteration schedules (main_dino.py defaults)."""
 
     optimizer: str = "adamw"  # main_dino.py --optimizer adamw; "soap" = Vyas et al. 2025
-    epochs: int = 300  # README boosted ViT-S/16 (official default 100)
-    lr: float = 0.0005  # main_dino.py --lr 0.0005, scaled by total_batch / 256
-    min_lr: float = 1e-6  # main_dino.py --min_lr 1e-6 (cosine target)
-    warmup_epochs: int = 10  # main_dino.py --warmup_epochs 10 (linear lr warm-up)
-    weight_decay: float = 0.04  # main_dino.py --weight_decay 0.04 (cosine start)
-    weight_decay_end: float = 0.4  # main_dino.py --weight_decay_end 0.4
-    clip_grad: float = 3.0  # main_dino.py --clip_grad 3.0 (per-parameter; 0 = off)
-    freeze_last_layer: int = 1  # main_dino.py --freeze_last_layer 1 (epochs)
+    epochs: PositiveInt = 300  # README boosted ViT-S/16 (official default 100)
+    lr: PositiveFloat = 0.0005  # main_dino.py --lr 0.0005, scaled by total_batch / 256
+    min_lr: NonNegFloat = 1e-6  # main_dino.py --min_lr 1e-6 (cosine target)
+    warmup_epochs: NonNegInt = 10  # main_dino.py --warmup_epochs 10 (linear lr warm-up)
+    weight_decay: NonNegFloat = 0.04  # main_dino.py --weight_decay 0.04 (cosine start)
+    weight_decay_end: NonNegFloat = 0.4  # main_dino.py --weight_decay_end 0.4
+    clip_grad: NonNegFloat = 3.0  # main_dino.py --clip_grad 3.0 (per-parameter; 0 = off)
+    freeze_last_layer: NonNegInt = 1  # main_dino.py --freeze_last_layer 1 (epochs)
     adamw: AdamWConfig = field(default_factory=AdamWConfig)  # torch AdamW defaults, as DINO
     soap: SOAPConfig = field(default_factory=SOAPConfig)  # official soap.py defaults
 
@@ -112,23 +129,40 @@ class DataConfig:
     # patterns), "photos" (crops of the photographs scikit-image ships, class = photograph) or
     # "digits" (scikit-learn's 8x8 digits upscaled); synthetic_n / _size / _seed size it.
     world: str = "patterns"
-    batch_size_per_gpu: int = 64  # main_dino.py --batch_size_per_gpu 64 (x16 GPUs = 1024)
-    num_workers: int = 10  # main_dino.py --num_workers 10
+    batch_size_per_gpu: PositiveInt = 64  # main_dino.py --batch_size_per_gpu 64 (x16 GPUs = 1024)
+    num_workers: NonNegInt = 10  # main_dino.py --num_workers 10
     pin_memory: bool = True  # main_dino.py DataLoader(pin_memory=True); CUDA only here
-    synthetic_n: int = 1000  # synthetic fallback: number of scenes (not a published value)
-    synthetic_size: int = 128  # synthetic fallback: image side in px
-    synthetic_seed: int = 0  # synthetic fallback: generator seed
+    synthetic_n: PositiveInt = 1000  # synthetic fallback: number of scenes (not a published value)
+    synthetic_size: PositiveInt = 128  # synthetic fallback: image side in px
+    synthetic_seed: NonNegInt = 0  # synthetic fallback: generator seed
     # An unreadable image: "raise" stops with its path; "skip" replaces it by a seeded draw
     # (resume stays exact), counts it, and stops when more than max_bad_fraction of an
     # epoch's samples were bad. Not in DINO (a bad file kills its run).
     on_error: str = "raise"
-    max_bad_fraction: float = 0.01
-    # Where the multi-crop recipe runs. "cpu" (default): the official PIL pipeline in the loader
-    # workers, bit-for-bit the published recipe. "device": workers only decode and sample the
-    # (identical) random parameters; the crops are computed batched on run.device
-    # (dino/augment_device.py; float arithmetic, documented deviations of ~1/255).
-    augment_on: str = "cpu"
-    decode_draft: int = 0  # device path: JPEG draft decode keeping sides >= N px (0 = off)
+    max_bad_fraction: Probability = 0.01
+    # Where the multi-crop recipe runs. "cpu": the official PIL pipeline in the loader workers,
+    # bit-for-bit the published recipe. "device": workers only decode and sample the (identical)
+    # random parameters; the crops are computed batched on run.device (dino/augment_device.py;
+    # float arithmetic, documented deviations of ~1/255). "auto" (default): "device" on CUDA,
+    # where the PIL pipeline would need ~50 CPU-ms per image, "cpu" on a CPU.
+    augment_on: str = "auto"
+    decode_draft: NonNegInt = 0  # device path: JPEG draft decode keeping sides >= N px (0 = off)
+    # Device path: shrink a decoded image whose longer side exceeds N px to N (antialiased, crop
+    # boxes rescaled), so one outsized image cannot grow the batch's canvas (0 = off).
+    decode_max_side: NonNegInt = 0
+    # Device path: "device" decodes JPEGs in the training process on run.device
+    # (torchvision.io.decode_jpeg, nvJPEG on CUDA); "cpu": PIL in the loader workers.
+    decode_on: str = "cpu"
+    # Decompression-bomb limit: an image with more pixels (read off its header) is a bad image
+    # (data.on_error). PIL's Image.MAX_IMAGE_PIXELS; not in DINO (PIL's own error killed a run).
+    max_image_pixels: PositiveInt = DEFAULT_MAX_IMAGE_PIXELS
+
+
+def augment_on_for(data: DataConfig, device: torch.device | str) -> str:
+    """ "cpu" or "device": where ``data.augment_on`` puts the crops for a run on ``device``."""
+    if data.augment_on != "auto":
+        return data.augment_on
+    return "device" if torch.device(device).type == "cuda" else "cpu"
 
 
 @dataclass
@@ -139,17 +173,17 @@ class MonitorConfig:
     reads the model and never touches the training RNG, so a run's losses are the same with it
     on or off. Bookkeeping: it does not change the method."""
 
-    knn_every: int = 10  # epochs between evaluations (0 = off; init and end are always done)
-    knn_k: int = 20  # DINO eval_knn.py --nb_knn 20 (the reported k)
-    knn_temperature: float = 0.07  # DINO eval_knn.py --temperature 0.07
-    knn_bank: int = 5000  # labelled bank images, at most (a seeded per-class subset)
-    knn_queries: int = 1000  # held-out query images, at most
-    knn_resolution: int | None = None  # resize + centre crop side; None: aug.global_size
-    knn_batch_size: int = 256
+    knn_every: NonNegInt = 10  # epochs between evaluations (0 = off; init and end are always done)
+    knn_k: PositiveInt = 20  # DINO eval_knn.py --nb_knn 20 (the reported k)
+    knn_temperature: PositiveFloat = 0.07  # DINO eval_knn.py --temperature 0.07
+    knn_bank: PositiveInt = 5000  # labelled bank images, at most (a seeded per-class subset)
+    knn_queries: PositiveInt = 1000  # held-out query images, at most
+    knn_resolution: PositiveInt | None = None  # resize + centre crop side; None: aug.global_size
+    knn_batch_size: PositiveInt = 256
     # --data without a val/ sibling: hold knn_queries images (per class, seeded) out of
     # pretraining so that no query is trained on; false: no monitor for such folders.
     knn_holdout: bool = True
-    knn_holdout_fraction: float = 0.1  # of each class's images, at most
+    knn_holdout_fraction: FractionBelow1 = 0.1  # of each class's images, at most
     knn_root: str | None = None  # another ImageFolder (train/ + val/, or class folders) to use
 
 
@@ -158,30 +192,43 @@ class RunConfig:
     """Bookkeeping: output, precision, checkpoints, logging. None of it changes the method."""
 
     out: str | None = None  # None: runs/<config file stem> or runs/pretrain
-    seed: int = 0  # main_dino.py --seed 0
+    seed: NonNegInt = 0  # main_dino.py --seed 0
     device: str = "auto"  # auto: cuda if available (LOCAL_RANK's GPU under torchrun), else cpu
     # DINO's --use_fp16 True is fp16 + GradScaler; we default to bf16 autocast (no scaler) on
     # CUDA. On CPU autocast is off (fp32) unless precision is fp32 anyway.
     precision: str = "bf16"
-    compile: bool = False  # torch.compile the student/teacher forward (GPU; slow to start)
-    cpu_threads: int | None = None  # torch.set_num_threads on CPU (None: torch's default)
+    # torch.compile the student and teacher forwards (two graphs, no recompiles); slow to start
+    compile: bool = False
+    # The teacher forward, student forward and DINO loss as one compiled graph (implies compile;
+    # one process only: the loss's centre is all-reduced across processes inside the loss)
+    compile_step: bool = False
+    # torch.compile's backend: "inductor" (generated kernels), or e.g. "aot_eager" (the same
+    # graphs run by eager kernels: scripts/gpu_check.py --tiny checks compilation in seconds)
+    compile_backend: str = "inductor"
+    # collectives wait this long for the slowest rank (NCCL's default is 600)
+    dist_timeout_s: PositiveInt = 1800
+    cpu_threads: PositiveInt | None = None  # torch.set_num_threads on CPU (None: torch's default)
     tf32: bool = True  # allow TF32 matmuls/convs on CUDA (fp32 parts of the step)
-    saveckp_freq: int = 20  # main_dino.py --saveckp_freq 20 (epochs); always at the end too
+    saveckp_freq: NonNegInt = 20  # main_dino.py --saveckp_freq 20 (epochs); always at the end too
     keep_epochs: list[int] = field(default_factory=lambda: [200, 300])  # paper evaluates these
-    ckpt_every_steps: int = 0  # also write checkpoint.pt every N iterations (0 = off)
-    max_steps: int | None = None  # stop (with a checkpoint) after this global step; for tests
-    log_every: int = 10  # one log.jsonl record every N iterations (DINO's MetricLogger: 10)
+    ckpt_every_steps: NonNegInt = 0  # also write checkpoint.pt every N iterations (0 = off)
+    max_steps: PositiveInt | None = (
+        None  # stop (with a checkpoint) after this global step; for tests
+    )
+    log_every: PositiveInt = 10  # one log.jsonl record every N iterations (DINO's MetricLogger: 10)
     on_nonfinite: str = "stop"  # "stop" as DINO (sys.exit(1)); "skip": count and go on
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = True  # write DIR/tb if tensorboard is importable
-    jacobian_every_epochs: int = 0  # paper App. A.7 condition numbers every N epochs (0 = off)
-    jacobian_tokens: int = 16  # tokens of the random input of the condition-number probe
+    jacobian_every_epochs: NonNegInt = (
+        0  # paper App. A.7 condition numbers every N epochs (0 = off)
+    )
+    jacobian_tokens: PositiveInt = 16  # tokens of the random input of the condition-number probe
     # Collapse alarm (dino/collapse.py; not in the official code): the teacher target's
     # information about the image (batch-mean entropy minus per-image entropy, nats) below
     # collapse_min_info for collapse_window consecutive steps -> loud warning, or an error
     # with on_collapse=stop. collapse_window=0 switches it off.
-    collapse_window: int = 100
-    collapse_min_info: float = 0.05
+    collapse_window: NonNegInt = 100
+    collapse_min_info: FiniteFloat = 0.05
     on_collapse: str = "warn"  # "warn" | "stop"
 
 
@@ -199,66 +246,55 @@ class PretrainConfig:
     name: str = "pretrain"  # run name (the YAML file's stem); default out dir runs/<name>
 
     def validate(self) -> PretrainConfig:
+        """Every value in its declared range (the field types, ``dino_skipless.ranges``), every
+        choice valid, and the relations between fields; ``ConfigError`` names the key."""
         m, o, r = self.model, self.optim, self.run
-        _choice("model.arch", m.arch, tuple(ARCHS))
-        _choice("model.variant", m.variant, VARIANTS)
-        _choice("optim.optimizer", o.optimizer, OPTIMIZERS)
-        _choice("run.precision", r.precision, PRECISIONS)
-        _choice("run.on_nonfinite", r.on_nonfinite, ON_NONFINITE)
-        _choice("run.on_collapse", r.on_collapse, ("warn", "stop"))
-        if r.collapse_window < 0:
-            raise ConfigError(f"run.collapse_window must be >= 0, got {r.collapse_window}")
-        _choice("data.on_error", self.data.on_error, ON_ERROR)
-        if not 0 <= self.data.max_bad_fraction <= 1:
-            raise ConfigError(
-                f"data.max_bad_fraction must be in [0, 1], got {self.data.max_bad_fraction}"
+        try:
+            check_fields(self)
+            self.aug.check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        check_choice("model.arch", m.arch, tuple(ARCHS))
+        check_choice("model.variant", m.variant, VARIANTS)
+        check_choice("optim.optimizer", o.optimizer, OPTIMIZERS)
+        check_choice("run.precision", r.precision, PRECISIONS)
+        check_choice("run.on_nonfinite", r.on_nonfinite, ON_NONFINITE)
+        check_choice("run.on_collapse", r.on_collapse, ("warn", "stop"))
+        check_choice("data.on_error", self.data.on_error, ON_ERROR)
+        d = self.data
+        check_choice("data.augment_on", d.augment_on, AUGMENT_ON)
+        check_choice("data.decode_on", d.decode_on, DECODE_ON)
+        check_choice("data.world", self.data.world, WORLDS)
+        check_choice("dino.centering", self.dino.centering, CENTERINGS)
+        device_only = [
+            f"data.{k}={v}"
+            for k, v, off in (
+                ("decode_draft", d.decode_draft, 0),
+                ("decode_max_side", d.decode_max_side, 0),
+                ("decode_on", d.decode_on, "cpu"),
             )
-        _choice("data.augment_on", self.data.augment_on, AUGMENT_ON)
-        _choice("data.world", self.data.world, WORLDS)
-        _choice("dino.centering", self.dino.centering, CENTERINGS)
-        if self.dino.koleo_weight < 0:
-            raise ConfigError(f"dino.koleo_weight must be >= 0, got {self.dino.koleo_weight}")
-        if self.dino.sk_iterations < 1:
-            raise ConfigError(f"dino.sk_iterations must be >= 1, got {self.dino.sk_iterations}")
-        mon = self.monitor
-        if mon.knn_every < 0 or mon.knn_k < 1 or mon.knn_bank < 1 or mon.knn_queries < 1:
+            if v != off
+        ]
+        if device_only and d.augment_on == "cpu":
             raise ConfigError(
-                "monitor: knn_every must be >= 0 (0 = off) and knn_k, knn_bank, knn_queries "
-                f">= 1; got {mon.knn_every}, {mon.knn_k}, {mon.knn_bank}, {mon.knn_queries}"
+                f"{', '.join(device_only)} needs data.augment_on=device or auto (the CPU path "
+                "decodes at full size with PIL, as the official code)"
             )
-        if not 0 <= mon.knn_holdout_fraction < 1:
+        if d.decode_on == "device" and d.decode_draft:
             raise ConfigError(
-                f"monitor.knn_holdout_fraction must be in [0, 1), got {mon.knn_holdout_fraction}"
+                "data.decode_draft is a libjpeg option of the worker's decode; with "
+                "data.decode_on=device use data.decode_max_side to bound the decoded size"
             )
-        if not mon.knn_temperature > 0:
-            raise ConfigError(f"monitor.knn_temperature must be > 0, got {mon.knn_temperature}")
-        if self.data.decode_draft and self.data.augment_on != "device":
-            raise ConfigError(
-                f"data.decode_draft={self.data.decode_draft} needs data.augment_on=device "
-                "(the CPU path decodes at full size, as the official code)"
-            )
-        if self.data.augment_on == "device" and self.data.on_error != "raise":
+        if d.augment_on == "device" and d.on_error != "raise":
             raise ConfigError(
                 "data.on_error=skip is not supported with data.augment_on=device yet (a bad image "
                 "stops the run with its path); use data.augment_on=cpu to skip bad images"
             )
-        if self.data.decode_draft < 0:
-            raise ConfigError(f"data.decode_draft must be >= 0, got {self.data.decode_draft}")
         if m.drop_path != 0:
             raise ConfigError(
                 f"model.drop_path={m.drop_path}: only 0 is supported (the paper disables "
                 "drop-path in every variant for a fair skip/skipless comparison)"
             )
-        positive = {
-            "optim.epochs": o.epochs,
-            "data.batch_size_per_gpu": self.data.batch_size_per_gpu,
-            "dino.out_dim": self.dino.out_dim,
-            "model.patch_size": m.patch_size,
-            "run.log_every": r.log_every,
-        }
-        for key, value in positive.items():
-            if int(value) <= 0:
-                raise ConfigError(f"{key} must be a positive integer, got {value}")
         if o.warmup_epochs > o.epochs:
             raise ConfigError(
                 f"optim.warmup_epochs ({o.warmup_epochs}) exceeds optim.epochs ({o.epochs})"
@@ -269,8 +305,6 @@ class PretrainConfig:
                 raise ConfigError(
                     f"aug.{size_key}={size} is not a multiple of model.patch_size={m.patch_size}"
                 )
-        if self.data.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
         return self
 
     @property
@@ -287,7 +321,7 @@ class PretrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+def check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ConfigError(f"{key}={value!r} is not valid; expected one of: {', '.join(valid)}")
 
@@ -406,10 +440,10 @@ def from_dict(cls, data: dict, prefix: str = "", where: str = "config"):
         raise ConfigError(f"{where}: {e}") from None
 
 
-def resolve_key(key: str) -> str:
+def resolve_key(key: str, cls=PretrainConfig) -> str:
     """Dotted key, or a unique leaf name (``lr`` -> ``optim.lr``); ``-`` counts as ``_``."""
     key = key.strip().replace("-", "_")
-    keys = leaf_keys()
+    keys = leaf_keys(cls)
     if key in keys:
         return key
     matches = [k for k in keys if k.split(".")[-1] == key or k.endswith("." + key)]
@@ -420,47 +454,62 @@ def resolve_key(key: str) -> str:
     raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(keys)}")
 
 
-def set_key(cfg: PretrainConfig, key: str, value: Any) -> None:
+def set_key(cfg, key: str, value: Any) -> None:
     """``set_key(cfg, 'optim.lr', '1e-3')``: coerced to the field's type, validated later."""
-    dotted = resolve_key(key)
+    dotted = resolve_key(key, type(cfg))
     parts = dotted.split(".")
     obj = cfg
     for p in parts[:-1]:
         obj = getattr(obj, p)
     tp = _hints(type(obj))[parts[-1]]
     setattr(obj, parts[-1], _coerce(dotted, tp, value))
-    if isinstance(obj, AugConfig):
-        obj.__post_init__()
+    if hasattr(obj, "__post_init__"):  # e.g. AugConfig re-checks its tuples
+        try:
+            obj.__post_init__()
+        except ValueError as e:  # a range of the field types (aug.n_local=-2): no traceback
+            raise ConfigError(str(e)) from None
 
 
-def load_yaml(path: str | Path) -> PretrainConfig:
+def load_yaml(path: str | Path, cls=PretrainConfig):
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text("utf-8")) or {}
+        data = yaml.safe_load(path.read_text("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected a YAML mapping)") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a YAML mapping of config sections (model:, optim:, ...), got a "
+            f"{type(data).__name__}"
+        )
     data.setdefault("name", path.stem)
-    return from_dict(PretrainConfig, data, where=str(path))
+    return from_dict(cls, data, where=str(path))
 
 
 def build_config(
     path: str | Path | None = None,
     overrides: dict[str, Any] | list[tuple[str, Any]] | None = None,
-    base: PretrainConfig | None = None,
-) -> PretrainConfig:
-    """YAML file (or ``base`` or the defaults), then overrides in order, then validation."""
+    base=None,
+    cls=PretrainConfig,
+    validate: bool = True,
+):
+    """YAML file (or ``base`` or the defaults), then overrides in order, then validation
+    (``validate=False``: only the overrides' types are checked, e.g. to find a run's folder
+    before its own config is read)."""
     if path is not None:
-        cfg = load_yaml(path)
+        cfg = load_yaml(path, cls)
     elif base is not None:
-        cfg = from_dict(PretrainConfig, base.to_dict())
+        cfg = from_dict(cls, base.to_dict())
     else:
-        cfg = PretrainConfig()
+        cfg = cls()
     items = overrides.items() if isinstance(overrides, dict) else (overrides or [])
     for k, v in items:
         set_key(cfg, k, v)
-    return cfg.validate()
+    return cfg.validate() if validate else cfg
 
 
 def config_from_dict(data: dict) -> PretrainConfig:

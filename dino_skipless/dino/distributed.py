@@ -1,8 +1,10 @@
 """torch.distributed from torchrun's environment: NCCL on GPU, gloo on CPU; rank helpers.
 
 ``torchrun --nproc_per_node=N [--nnodes ... --rdzv_endpoint ...] -m dino_skipless.pretrain``
-sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; without them
-the run is a single process and nothing is initialised (as official DINO's
+sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; with them the
+process group is initialised even for one process (``--nproc_per_node=1`` runs DDP and NCCL on one
+GPU: ``scripts/gpu_check.py`` checks them so); without them the run is a single process and
+nothing is initialised (as official DINO's
 ``init_distributed_mode`` fallback, minus its SLURM branch: use torchrun/srun with torchrun).
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -29,7 +32,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Under torchrun, even with one process: the student in DDP, collectives for real."""
+        return self.backend is not None
 
 
 def _pick_device(name: str, local_rank: int) -> torch.device:
@@ -44,18 +48,25 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Initialise the default process group if launched by torchrun (idempotent)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+    """Initialise the default process group if launched by torchrun (idempotent).
+
+    ``timeout_s``: how long a collective waits for the slowest rank before failing (rank 0's
+    epoch-end work, checkpoint and exports, runs while the others wait at the next collective).
+    On CUDA the group is bound to this rank's GPU at init (``device_id``), so NCCL builds its
+    communicator eagerly instead of at the first collective."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
-    if world_size <= 1:
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:  # not under torchrun
         return DistEnv(0, 1, 0, dev, None)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://")
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(
+            backend=backend, init_method="env://", timeout=timedelta(seconds=timeout_s), **kwargs
+        )
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
 
 

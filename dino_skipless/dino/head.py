@@ -89,6 +89,11 @@ class DINOHead(nn.Module):
         # norm_last_layer fixes every prototype to unit norm (g frozen at 1).
         self.last_layer.weight_g.requires_grad_(not norm_last_layer)
         self.norm_last_layer = norm_last_layer
+        # fp32 under autocast: the teacher target is a softmax at T = 0.04 of these logits, and a
+        # bf16 head moves it by up to 5 % (a bf16 bottleneck alone, before an fp32 last layer:
+        # 4.6 %; tests/test_dino_head.py). ~1.3 % of a ViT-S/16 step's FLOPs. False: the official
+        # code's head under autocast (scripts/bench_pretrain.py's official-style step).
+        self.fp32 = True
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -99,9 +104,11 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.mlp(x)
-        x = F.normalize(x, dim=-1, p=2)
-        return self.last_layer(x)
+        if not self.fp32:
+            return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
+        with torch.autocast(x.device.type, enabled=False):
+            x = F.normalize(self.mlp(x.float()), dim=-1, p=2)
+            return self.last_layer(x)
 
 
 class MultiCropWrapper(nn.Module):

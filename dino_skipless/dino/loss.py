@@ -50,7 +50,7 @@ def dino_loss(
     student_out: torch.Tensor,
     teacher_out: torch.Tensor,
     center: torch.Tensor,
-    teacher_temp: float,
+    teacher_temp: float | torch.Tensor,
     student_temp: float = 0.1,
     n_crops: int = 10,
     n_global: int = 2,
@@ -141,11 +141,19 @@ def target_entropies(q: torch.Tensor) -> tuple[float, float]:
     one-dimension collapse; a healthy run keeps the first well below ln K and the second near
     ln K (the targets are sharp and different images use different dimensions).
     """
+    per_row, of_mean = target_entropy_pair(q).tolist()
+    return per_row, of_mean
+
+
+@torch.no_grad()
+def target_entropy_pair(q: torch.Tensor) -> torch.Tensor:
+    """``target_entropies`` as a ``(2,)`` tensor on ``q``'s device: the trainer keeps it there
+    until a logging step (reading it every step would make the host wait for the GPU)."""
     q = q.float()
     per_row = -(q * q.clamp_min(1e-30).log()).sum(dim=-1).mean()
     mean_q = q.mean(dim=0)
     of_mean = -(mean_q * mean_q.clamp_min(1e-30).log()).sum()
-    return float(per_row), float(of_mean)
+    return torch.stack([per_row, of_mean])
 
 
 @torch.no_grad()
@@ -223,7 +231,7 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
         # (per-row teacher entropy, entropy of the batch-mean target) of the last call, this rank
-        self.last_entropies: tuple[float, float] = (float("nan"), float("nan"))
+        self.last_entropies = torch.full((2,), float("nan"))
         self.teacher_temp_schedule = teacher_temp_schedule(
             warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, n_epochs
         )
@@ -237,23 +245,37 @@ class DINOLoss(nn.Module):
         )
 
     @torch.no_grad()
-    def teacher_targets(self, teacher_out: torch.Tensor, epoch: int) -> torch.Tensor:
-        """The ``(n_global * B, K)`` targets: centred softmax (DINO) or Sinkhorn-Knopp."""
-        temp = self.teacher_temp_at(epoch)
+    def teacher_targets(
+        self,
+        teacher_out: torch.Tensor,
+        epoch: int,
+        teacher_temp: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The ``(n_global * B, K)`` targets: centred softmax (DINO) or Sinkhorn-Knopp, at
+        ``epoch``'s scheduled temperature unless ``teacher_temp`` is given."""
+        temp = self.teacher_temp_at(epoch) if teacher_temp is None else teacher_temp
         if self.centering == "sinkhorn_knopp":
             # over both global views' rows at once, as DINOv2's ssl_meta_arch
             return sinkhorn_knopp_targets(teacher_out, temp, self.sk_iterations)
         return centered_targets(teacher_out, self.center, temp)
 
     def forward(
-        self, student_out: torch.Tensor, teacher_out: torch.Tensor, epoch: int
+        self,
+        student_out: torch.Tensor,
+        teacher_out: torch.Tensor,
+        epoch: int,
+        teacher_temp: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The loss at ``epoch``'s scheduled teacher temperature (or ``teacher_temp``: a tensor
+        keeps a compiled step from specialising on the epoch). Logits are upcast to fp32, so
+        both softmaxes run in fp32 under autocast (as DINOv2's loss)."""
         _check_shapes(student_out, teacher_out, self.n_crops, self.n_global)
-        q = self.teacher_targets(teacher_out, epoch)
+        q = self.teacher_targets(teacher_out, epoch, teacher_temp)
         loss = cross_entropy_over_views(
             student_out.float(), q, self.student_temp, self.n_crops, self.n_global
         )
-        self.last_entropies = target_entropies(q)
+        # a (2,) tensor on the device: read on logging steps only
+        self.last_entropies = target_entropy_pair(q)
         if self.centering == "centering":  # DINOv2 keeps no centre with Sinkhorn-Knopp
             self.update_center(teacher_out)
         return loss

@@ -41,6 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import ImageFolderDataset
+from ..data.files import load_rgb
 from ..data.worlds import knn_root_of
 from ..features import IMAGENET_MEAN, IMAGENET_STD
 from ..knn import knn_scores
@@ -189,15 +190,14 @@ class _Decoded(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.items[i]
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            s = self.size / min(w, h)
-            im = im.resize((max(self.size, round(w * s)), max(self.size, round(h * s))),
-                           Image.Resampling.BICUBIC)  # fmt: skip
-            w, h = im.size
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-            im = im.crop((left, top, left + self.size, top + self.size))
+        im = load_rgb(path)  # the pipeline's reader: 16-bit/float by range, bombs refused
+        w, h = im.size
+        s = self.size / min(w, h)
+        im = im.resize((max(self.size, round(w * s)), max(self.size, round(h * s))),
+                       Image.Resampling.BICUBIC)  # fmt: skip
+        w, h = im.size
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        im = im.crop((left, top, left + self.size, top + self.size))
         return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), label
 
 

@@ -58,7 +58,7 @@ def truncate_jsonl(path: str | Path, max_step: int) -> int:
 
 
 # What a run appends to, and so what a fresh start must not inherit from an earlier run.
-APPENDED = ("log.jsonl", "log.txt", "jacobian.jsonl", "knn.jsonl", "tb")
+APPENDED = ("log.jsonl", "log.txt", "jacobian.jsonl", "knn.jsonl", "epochs.jsonl", "tb")
 
 
 def rotate_logs(out_dir: str | Path) -> Path | None:

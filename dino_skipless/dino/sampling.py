@@ -9,6 +9,7 @@ one process with batch B (the official code instead draws augmentations from per
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 
@@ -24,6 +25,53 @@ def sample_seeds(seed: int, epoch: int, index: int) -> tuple[int, int]:
     """Two independent 32-bit seeds (torch, python) for sample ``index`` in ``epoch``."""
     a, b = np.random.SeedSequence([seed, epoch, index]).generate_state(2)
     return int(a), int(b)
+
+
+@contextlib.contextmanager
+def seeded_rngs(*key: int):
+    """Run a block with torch's, Python's and numpy's global RNGs seeded from ``key`` (e.g.
+    ``(seed, epoch, index)``), and put the caller's states back afterwards.
+
+    For third-party transforms that draw from the global RNGs (timm's RandAugment draws its ops
+    with ``np.random``, its crops and magnitudes with ``random``, random erasing with torch).
+    The torch and Python seeds are ``sample_seeds``' for the same key (SeedSequence words are a
+    prefix of each other), so a transform that uses only those two draws as under
+    ``SeededMultiCrop``."""
+    t, p, n = (int(v) for v in np.random.SeedSequence(list(key)).generate_state(3))
+    torch_state, py_state, np_state = (
+        torch.get_rng_state(),
+        random.getstate(),
+        np.random.get_state(),
+    )
+    try:
+        torch.default_generator.manual_seed(t)
+        random.seed(p)
+        np.random.seed(n)
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class SeededTransform(Dataset):
+    """``ds[(epoch, index)] -> transform(*base[index])`` under ``seeded_rngs(seed, epoch, index)``.
+
+    The data layer of the supervised runs (``classifier``, and the ceilings of
+    ``dino_skipless.supervised``): a labelled sample's augmentation is a pure function of
+    ``(seed, epoch, index)``, whatever the worker, the process or a resume."""
+
+    def __init__(self, base: Dataset, transform, seed: int):
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        sample = self.base[index]
+        with seeded_rngs(self.seed, epoch, index):
+            return self.transform(*sample)
 
 
 class SeededMultiCrop(Dataset):

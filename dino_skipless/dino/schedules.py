@@ -65,7 +65,7 @@ class Schedules:
 
     lr: np.ndarray
     wd: np.ndarray
-    momentum: np.ndarray
+    momentum: np.ndarray | None = None  # DINO's teacher momentum; None for supervised runs
 
     def __len__(self) -> int:
         return len(self.lr)
@@ -73,11 +73,10 @@ class Schedules:
     def at(self, it: int) -> dict[str, float]:
         if not 0 <= it < len(self.lr):
             raise IndexError(f"iteration {it} outside the schedule (0..{len(self.lr) - 1})")
-        return {
-            "lr": float(self.lr[it]),
-            "wd": float(self.wd[it]),
-            "momentum": float(self.momentum[it]),
-        }
+        out = {"lr": float(self.lr[it]), "wd": float(self.wd[it])}
+        if self.momentum is not None:
+            out["momentum"] = float(self.momentum[it])
+        return out
 
 
 def build_schedules(

@@ -43,6 +43,7 @@ class RunState:
     teacher: MultiCropWrapper
     student_fwd: nn.Module  # DDP and/or compiled student
     teacher_fwd: nn.Module
+    forward_loss: object  # run.compile_step: compiled (crops, teacher_temp) -> loss; else None
     loss_fn: DINOLoss
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # disabled (a pass-through) unless fp16

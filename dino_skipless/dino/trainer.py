@@ -16,13 +16,22 @@ One iteration (global step ``it = epoch * niter_per_ep + i``), as the official c
 
 Data order and augmentations are a pure function of ``(seed, epoch, index)`` (``sampling``), so
 a mid-epoch resume replays exactly and N processes see the crops of one process.
+
+A step never waits for the device: the loss and the collapse monitor's entropies stay on the
+device (``_Pending``) and are read back, all-reduced over processes in one collective, on
+logging steps (and before a checkpoint or a ``run.max_steps`` stop). So a non-finite loss stops
+the run at the next logging step, naming the step where it first occurred, before any checkpoint
+could hold it; ``run.on_nonfinite: skip`` must decide before the optimizer step and reads the
+loss every step. ``dino_skipless.dino.hostsync`` counts the calls that would wait (tested).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -34,11 +43,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..data import DatasetError, ImageFolderDataset
+from ..data.files import set_max_image_pixels
 from ..data.worlds import pretrain_root
 from ..fileio import atomic_write_text, portable_path, write_json
 from ..jacobian_lib import layer_condition_numbers
 from ..models import build_model
 from ..optim import build_optimizer, get_param_groups
+from ..outdir import claim_out_dir
 from . import DINOHead, DINOLoss, MultiCropAugmentation, MultiCropWrapper, ema_update_
 from .augment_device import SeededDecode, collate_decoded, device_multicrop
 from .calibrate import N_BATCHES, apply_scale, information_curve, pick_scale
@@ -54,7 +65,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .collapse import ADVICE, CollapseError, CollapseMonitor
-from .config import ConfigError, PretrainConfig
+from .config import ConfigError, PretrainConfig, augment_on_for
 from .decode import REPLACED, UNUSABLE, too_many_message, unusable_message
 from .distributed import DistEnv, all_reduce_mean, barrier, init_distributed
 from .loss import koleo_loss
@@ -76,6 +87,8 @@ from .schedules import (
     scaled_lr,
 )
 from .state import RunState
+
+STAGE = "dino_skipless.pretrain"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -107,6 +120,7 @@ class TrainResult:
 def build_base_dataset(cfg: PretrainConfig, env: DistEnv, log: RunLogger) -> ImageFolderDataset:
     """ImageFolder at ``data.path``, or the cached small world (announced loudly)."""
     d = cfg.data
+    set_max_image_pixels(d.max_image_pixels)  # in the environment: loader workers see it
     if d.path:
         base = ImageFolderDataset(d.path)  # DatasetError if missing / no images
         log.info(
@@ -132,12 +146,26 @@ def build_base_dataset(cfg: PretrainConfig, env: DistEnv, log: RunLogger) -> Ima
     return base
 
 
-def build_dataset(cfg: PretrainConfig, base: ImageFolderDataset) -> Dataset:
+def build_dataset(
+    cfg: PretrainConfig, base: ImageFolderDataset, env: DistEnv, log: RunLogger
+) -> Dataset:
     """The pretraining dataset: seeded multi-crop views of ``base`` (or, with the crops on the
     device, its decoded images and the views' parameters)."""
-    if cfg.data.augment_on == "device":  # workers decode + sample parameters; crops on the device
-        return SeededDecode(base, cfg.aug, cfg.run.seed, draft=cfg.data.decode_draft)
-    return SeededMultiCrop(base, MultiCropAugmentation(cfg.aug), cfg.run.seed, cfg.data.on_error)
+    d = cfg.data
+    if augment_on_for(d, env.device) == "device":  # workers decode + draw; crops on the device
+        log.info(
+            f"augmentation: crops batched on {env.device} (data.augment_on={d.augment_on}), "
+            f"decoded {'on the device' if d.decode_on == 'device' else 'by the loader workers'}"
+        )
+        return SeededDecode(
+            base,
+            cfg.aug,
+            cfg.run.seed,
+            draft=d.decode_draft,
+            max_side=d.decode_max_side,
+            encoded=d.decode_on == "device",
+        )
+    return SeededMultiCrop(base, MultiCropAugmentation(cfg.aug), cfg.run.seed, d.on_error)
 
 
 def build_monitor(
@@ -185,7 +213,11 @@ def build_loader(dataset: Dataset, cfg: PretrainConfig, env: DistEnv):
         sampler=sampler,
         batch_size=batch,
         num_workers=workers,
-        collate_fn=collate_decoded if isinstance(dataset, SeededDecode) else None,
+        collate_fn=(
+            functools.partial(collate_decoded, cfg=cfg.aug)
+            if isinstance(dataset, SeededDecode)
+            else None
+        ),
         pin_memory=cfg.data.pin_memory and env.device.type == "cuda",
         drop_last=True,  # as main_dino.py
         persistent_workers=workers > 0,
@@ -252,6 +284,11 @@ def make_grad_scaler(precision: str):
 
 def oom_message(batch: int, device: torch.device) -> str:
     """Suggest a per-GPU batch from the memory in use when the allocation failed."""
+    if device.type != "cuda":
+        return (
+            f"out of memory with data.batch_size_per_gpu={batch} on {device}. Try "
+            f"data.batch_size_per_gpu={max(1, batch // 2)} or reduce aug.n_local."
+        )
     total = torch.cuda.get_device_properties(device).total_memory
     peak = max(torch.cuda.max_memory_allocated(device), 1)
     estimate = int(batch * 0.9 * total / peak)  # peak < need: the estimate is an upper bound
@@ -307,14 +344,11 @@ def _max_steps_reached(cfg: PretrainConfig, step: int) -> bool:
     return cfg.run.max_steps is not None and step >= cfg.run.max_steps
 
 
-def check_collapse(r: RunState, it: int) -> None:
-    """Feed the collapse alarm with this step's teacher entropies (the mean over ranks, so
+def check_collapse(r: RunState, it: int, ent: tuple[float, float]) -> None:
+    """Feed the collapse alarm with step ``it``'s teacher entropies (the mean over ranks, so
     every rank takes the same decision); warn loudly once per collapsed stretch, or stop."""
-    ent = r.loss_fn.last_entropies
     if r.cfg.run.collapse_window <= 0:
         return
-    if r.env.distributed:
-        ent = tuple(all_reduce_mean(torch.tensor(ent, device=r.env.device)).tolist())
     if not r.collapse.update(it, *ent):
         return
     msg = r.collapse.message(it, *ent)
@@ -324,24 +358,47 @@ def check_collapse(r: RunState, it: int) -> None:
     r.log.warn(msg + " (run.on_collapse=stop makes this an error)")
 
 
-def _count_bad_images(r: RunState, status: torch.Tensor, problems: list[str], it: int) -> None:
+@dataclass
+class _Pending:
+    """What the steps since the last logging step left on the device, read back in one go."""
+
+    its: list[int] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)  # (loss, H(q), H(mean q)) per step
+    images: list[tuple] = field(default_factory=list)  # several processes: bad-image counts
+
+    def add(self, it: int, loss: torch.Tensor, entropies: torch.Tensor) -> None:
+        self.its.append(it)
+        self.values.append(torch.cat([loss.detach().float().view(1), entropies.float()]))
+
+
+def _count_bad_images(
+    r: RunState, status: torch.Tensor, problems: list[str], it: int, pending: _Pending
+) -> None:
     """data.on_error in the main process: stop on an unusable image, count replacements.
 
-    Counts are summed over processes so that every process stops at the same step."""
-    counts = torch.stack([(status == REPLACED).sum(), (status == UNUSABLE).sum()]).double()
+    ``status`` is the loader's host tensor. One process acts at once, before training on the
+    batch; several sum their counts at the next logging step (no per-step collective that
+    would wait for the device), where every process stops at the same step."""
+    codes = status.numpy()
+    entry = (it, int((codes == REPLACED).sum()), int((codes == UNUSABLE).sum()), problems, codes)
     if r.env.distributed:
-        counts = all_reduce_mean(counts.to(r.env.device)).cpu() * r.env.world_size
-    replaced, unusable = (int(round(float(c))) for c in counts)
+        pending.images.append(entry)
+    else:
+        _bad_images(r, *entry)
+
+
+def _bad_images(r: RunState, it: int, replaced: int, unusable: int, problems, codes) -> None:
+    """Act on step ``it``'s counts (all processes'), ``problems``/``codes`` this process's."""
     if not replaced and not unusable:
         return
     d = r.cfg.data
     root = getattr(r.loader.dataset.base, "root", d.path)
     if unusable:
-        mine = [p for p, s in zip(problems, status.tolist()) if s == UNUSABLE]
+        mine = [p for p, c in zip(problems, codes) if c == UNUSABLE]
         problem = mine[0] if mine else f"step {it}: an unreadable image on another process"
         raise DatasetError(unusable_message(problem, d.on_error, root))
-    for p, s in zip(problems, status.tolist()):
-        if s == REPLACED:
+    for p, c in zip(problems, codes):
+        if c == REPLACED:
             r.log.warn(f"step {it}: {p} (data.on_error=skip)")
     r.bad_images["total"] += replaced
     r.bad_images["epoch"] += replaced
@@ -351,6 +408,33 @@ def _count_bad_images(r: RunState, status: torch.Tensor, problems: list[str], it
         raise DatasetError(
             too_many_message(r.bad_images["epoch"], samples, epoch, d.max_bad_fraction, root)
         )
+
+
+def _flush(r: RunState, pending: _Pending) -> tuple[float, float, float] | None:
+    """Read the pending steps back: the run's one wait for the device, on logging steps.
+
+    Values are all-reduced over processes (the logged loss and the collapse monitor's entropies
+    are all-rank means), then each step is accounted in order: a non-finite loss stops the run
+    naming its step, the losses are recorded, the collapse alarm is fed. Returns the last
+    step's (loss, H(q), H(mean q))."""
+    if pending.images:  # several processes: bad images first, as a step would have seen them
+        counts = torch.tensor([e[1:3] for e in pending.images], device=r.env.device).double()
+        counts = (all_reduce_mean(counts) * r.env.world_size).round().long().tolist()
+        entries, pending.images = pending.images, []
+        for (it, _, _, problems, codes), (replaced, unusable) in zip(entries, counts):
+            _bad_images(r, it, replaced, unusable, problems, codes)
+    if not pending.its:
+        return None
+    rows = all_reduce_mean(torch.stack(pending.values)).tolist()
+    its, pending.its, pending.values = pending.its, [], []
+    for it, (loss, h, hb) in zip(its, rows):
+        if not math.isfinite(loss):  # run.on_nonfinite=stop: skip decided at the step itself
+            _skip_nonfinite_step(r, loss, None, it // r.niter_per_ep, it % r.niter_per_ep)
+        r.losses.append(loss)
+        r.epoch_loss["sum"] += loss
+        r.epoch_loss["count"] += 1
+        check_collapse(r, it, (h, hb))
+    return rows[-1]
 
 
 def _on_disk(r: RunState) -> str:
@@ -410,9 +494,9 @@ def _log_step(
     sched: dict,
     norms: torch.Tensor | None,
     img_s: float,
+    ent: tuple[float, float],
 ) -> None:
     """One ``log.jsonl`` record (fields in the README) and the progress bar's postfix."""
-    ent = r.loss_fn.last_entropies
     record = {
         "step": it,
         "epoch": epoch,
@@ -440,6 +524,56 @@ def _log_step(
     bar.set_postfix(postfix)
 
 
+def _teacher_forward(teacher: nn.Module, crops: list[torch.Tensor]) -> torch.Tensor:
+    """The teacher's call as a function of its own: compiled, it gets its own code object and
+    cache, where compiling the teacher module beside the student module made the two share
+    ``MultiCropWrapper.forward``'s and recompile it for the teacher."""
+    return teacher(crops)
+
+
+def _student_loss(
+    student: nn.Module,
+    loss_fn: DINOLoss,
+    koleo: float,
+    crops: list[torch.Tensor],
+    teacher_out: torch.Tensor,
+    epoch: int,
+    teacher_temp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The student forward and the DINO loss (+ ``dino.koleo_weight`` x DINOv2's KoLeo term on
+    the student's CLS features of each global view)."""
+    temp = {} if teacher_temp is None else {"teacher_temp": teacher_temp}  # eager: the epoch's
+    if not koleo:
+        return loss_fn(student(crops), teacher_out, epoch, **temp)
+    student_out, feats = student(crops, return_backbone=True)
+    g = len(crops[0])
+    loss = loss_fn(student_out, teacher_out, epoch, **temp)
+    return loss + koleo * (koleo_loss(feats[:g]) + koleo_loss(feats[g : 2 * g]))
+
+
+def _forward_and_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    loss_fn: DINOLoss,
+    koleo: float,
+    crops: list[torch.Tensor],
+    teacher_temp: torch.Tensor,
+) -> torch.Tensor:
+    """Teacher and student forwards and the DINO loss: one graph with ``run.compile_step``
+    (the temperature a tensor, so a new epoch's value does not recompile it)."""
+    with torch.no_grad():
+        teacher_out = teacher(crops[:2])
+    return _student_loss(student, loss_fn, koleo, crops, teacher_out, 0, teacher_temp)
+
+
+def _device_crops(r: RunState, batch) -> list[torch.Tensor]:
+    """The step's crops on the device: the device path's batched augmentation, or the CPU
+    path's crops copied (non-blocking: the loader pins them)."""
+    if isinstance(batch, dict):
+        return device_multicrop(batch, r.cfg.aug, r.env.device)
+    return [c.to(r.env.device, non_blocking=True) for c in batch]
+
+
 def train_one_epoch(r: RunState, epoch: int) -> bool:
     """One epoch from ``r.step``; returns False when ``run.max_steps`` stopped the run."""
     cfg, env, dev = r.cfg, r.env, r.env.device
@@ -455,72 +589,69 @@ def train_one_epoch(r: RunState, epoch: int) -> bool:
         f"epoch {epoch + 1}/{cfg.optim.epochs}",
         env.is_main and cfg.run.progress,
     )
+    pending = _Pending()
+    teacher_temp = torch.full((), r.loss_fn.teacher_temp_at(epoch), device=dev)  # compile_step
     t_window, n_window = time.perf_counter(), 0
     for i, batch in enumerate(r.loader, start=start_i):
-        # the CPU path yields (crops, decode status, problems); the device path a decoded batch
-        crops, status, problems = (batch, None, None) if isinstance(batch, dict) else batch
         it = epoch * r.niter_per_ep + i  # global training iteration
-        if status is not None:
-            _count_bad_images(r, status, problems, it)
-        sched = r.schedules.at(it)
-        apply_schedules_(r.optimizer, sched["lr"], sched["wd"])
-        if cfg.data.augment_on == "device":
-            crops = device_multicrop(crops, cfg.aug, dev)
-        else:
-            crops = [c.to(dev, non_blocking=True) for c in crops]
-
-        # --- forward: teacher on the 2 global crops, student on all crops --------------------
-        center_before = r.loss_fn.center.clone() if cfg.run.on_nonfinite == "skip" else None
         try:
-            with autocast(r.precision, dev):
-                with torch.no_grad():
-                    teacher_out = r.teacher_fwd(crops[:2])
-                koleo = cfg.dino.koleo_weight
-                if koleo:  # DINOv2: on the student's CLS features of each global view
-                    student_out, feats = r.student_fwd(crops, return_backbone=True)
-                    g = len(crops[0])
-                    koleo_term = koleo * (koleo_loss(feats[:g]) + koleo_loss(feats[g : 2 * g]))
-                else:
-                    student_out = r.student_fwd(crops)
-                loss = r.loss_fn(student_out, teacher_out, epoch)
-                if koleo:
-                    loss = loss + koleo_term
-            loss_value = all_reduce_mean(loss.detach()).item()  # the logged, all-rank mean
+            # the CPU path yields (crops, decode status, problems); the device path a dict
+            if not isinstance(batch, dict):
+                batch, status, problems = batch
+                _count_bad_images(r, status, problems, it, pending)
+            sched = r.schedules.at(it)
+            apply_schedules_(r.optimizer, sched["lr"], sched["wd"])
+            crops = _device_crops(r, batch)
 
-            if not math.isfinite(loss_value):
-                _skip_nonfinite_step(r, loss_value, center_before, epoch, i)
-                r.step = it + 1
-                bar.update(1)
-                continue
+            # --- forward: teacher on the 2 global crops, student on all crops ----------------
+            center_before = r.loss_fn.center.clone() if cfg.run.on_nonfinite == "skip" else None
+            with autocast(r.precision, dev):
+                if r.forward_loss is not None:
+                    loss = r.forward_loss(crops, teacher_temp)
+                else:
+                    with torch.no_grad():
+                        teacher_out = r.teacher_fwd(crops[:2])
+                    loss = _student_loss(
+                        r.student_fwd, r.loss_fn, cfg.dino.koleo_weight, crops, teacher_out, epoch
+                    )
+            if cfg.run.on_nonfinite == "skip":  # decided before the update: waits every step
+                loss_value = all_reduce_mean(loss.detach()).item()
+                if not math.isfinite(loss_value):
+                    _skip_nonfinite_step(r, loss_value, center_before, epoch, i)
+                    r.step = it + 1
+                    bar.update(1)
+                    continue
 
             # --- backward, clipping, last-layer freeze, optimizer step; EMA teacher ----------
             norms = _optimizer_step(r, loss, epoch)
             ema_update_(r.teacher, r.student, sched["momentum"])
+            pending.add(it, loss, r.loss_fn.last_entropies)
+            r.step = it + 1
+            n_window += 1
+            bar.update(1)
+
+            # --- logging, checkpoint: the only steps that wait for the device ----------------
+            log_now = r.step % cfg.run.log_every == 0 or i == r.niter_per_ep - 1
+            save_now = cfg.run.ckpt_every_steps and r.step % cfg.run.ckpt_every_steps == 0
+            stop_now = _max_steps_reached(cfg, r.step) and i < r.niter_per_ep - 1
+            if log_now or save_now or stop_now:
+                last = _flush(r, pending)
+            if log_now:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                dt = time.perf_counter() - t_window
+                img_s = total_batch * n_window / max(dt, 1e-9)
+                _log_step(r, bar, it, epoch, last[0], sched, norms, img_s, tuple(last[1:]))
+                t_window, n_window = time.perf_counter(), 0
         except torch.cuda.OutOfMemoryError:
             raise PretrainOOMError(oom_message(cfg.data.batch_size_per_gpu, dev)) from None
 
-        r.step = it + 1
-        r.losses.append(loss_value)
-        r.epoch_loss["sum"] += loss_value
-        r.epoch_loss["count"] += 1
-        n_window += 1
-        bar.update(1)
-        check_collapse(r, it)
-
-        # --- logging, checkpoint -------------------------------------------------------------
-        if r.step % cfg.run.log_every == 0 or i == r.niter_per_ep - 1:
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            dt = time.perf_counter() - t_window
-            img_s = total_batch * n_window / max(dt, 1e-9)
-            _log_step(r, bar, it, epoch, loss_value, sched, norms, img_s)
-            t_window, n_window = time.perf_counter(), 0
-
-        if cfg.run.ckpt_every_steps and r.step % cfg.run.ckpt_every_steps == 0:
+        if save_now:
             save_checkpoint(r, r.out_dir / CHECKPOINT)
-        if _max_steps_reached(cfg, r.step) and i < r.niter_per_ep - 1:
+        if stop_now:
             bar.close()
             return False  # mid-epoch stop; at an epoch's end ``train`` finishes the epoch first
+    _flush(r, pending)  # nothing is left unless the loader ended early
     bar.close()
     return True
 
@@ -539,11 +670,16 @@ def _run_epoch(r: RunState, epoch: int) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _open_run_dir(cfg: PretrainConfig, env: DistEnv, out_dir: Path, resume_run: bool) -> RunLogger:
+def open_run_dir(cfg: PretrainConfig, env: DistEnv, out_dir: Path, resume_run: bool) -> RunLogger:
     """Refuse a fresh start over a checkpoint, clean what a killed run left, open the log."""
     if not resume_run and (out_dir / CHECKPOINT).exists():
         raise FileExistsError(
             f"{out_dir / CHECKPOINT} exists: pass --resume to continue that run, or another --out"
+        )
+    if not resume_run and (out_dir / "backbone.pt").exists():  # e.g. a supervised export
+        raise FileExistsError(
+            f"{out_dir / 'backbone.pt'} exists (an earlier export, with no checkpoint to resume): "
+            "choose another --out"
         )
     # A killed run leaves temp files of its atomic writes, and, if killed before its first
     # checkpoint, logs that a fresh start must not append to.
@@ -558,7 +694,7 @@ def _open_run_dir(cfg: PretrainConfig, env: DistEnv, out_dir: Path, resume_run: 
     return log
 
 
-def _set_up_torch(cfg: PretrainConfig, dev: torch.device) -> None:
+def set_up_torch(cfg: PretrainConfig, dev: torch.device) -> None:
     """Threads, TF32, and the global seeds (official utils.fix_random_seeds; the model init is
     seeded separately in build_model)."""
     if dev.type == "cpu" and cfg.run.cpu_threads:
@@ -572,21 +708,41 @@ def _set_up_torch(cfg: PretrainConfig, dev: torch.device) -> None:
 
 
 def _forward_modules(
-    student: MultiCropWrapper, teacher: MultiCropWrapper, cfg: PretrainConfig, env: DistEnv
-) -> tuple[nn.Module, nn.Module]:
-    """The modules the step calls: the student in DDP with several processes, both compiled
-    with ``run.compile``."""
+    student: MultiCropWrapper,
+    teacher: MultiCropWrapper,
+    loss_fn: DINOLoss,
+    cfg: PretrainConfig,
+    env: DistEnv,
+) -> tuple[nn.Module, nn.Module, object]:
+    """The callables the step uses: the student (in DDP with several processes) and teacher
+    forwards, compiled apart with ``run.compile``; with ``run.compile_step`` one compiled
+    forward-and-loss (else None).
+
+    DDP: gradients are views into the all-reduce buckets (no copy per step), and the graph is
+    static (every step uses the same parameters: the frozen last layer's gradients are dropped
+    after the backward, not skipped), so DDP can overlap and reuse its bucket plan."""
     dev = env.device
     student_fwd: nn.Module = student
     if env.distributed:
         student_fwd = nn.parallel.DistributedDataParallel(
-            student, device_ids=[dev.index] if dev.type == "cuda" else None
+            student,
+            device_ids=[dev.index] if dev.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+            static_graph=True,
         )
-    teacher_fwd: nn.Module = teacher  # no BatchNorm: the teacher needs no DDP wrapper
+    teacher_fwd = teacher  # no BatchNorm: the teacher needs no DDP wrapper
+    compile = functools.partial(torch.compile, backend=cfg.run.compile_backend)
+    if cfg.run.compile_step:
+        step = compile(_forward_and_loss)
+        return (
+            student_fwd,
+            teacher_fwd,
+            functools.partial(step, student_fwd, teacher, loss_fn, cfg.dino.koleo_weight),
+        )
     if cfg.run.compile:
-        student_fwd = torch.compile(student_fwd)
-        teacher_fwd = torch.compile(teacher_fwd)
-    return student_fwd, teacher_fwd
+        student_fwd = compile(student_fwd)
+        teacher_fwd = functools.partial(compile(_teacher_forward), teacher)
+    return student_fwd, teacher_fwd, None
 
 
 def build_loss(cfg: PretrainConfig) -> DINOLoss:
@@ -789,9 +945,29 @@ def _report_end(r: RunState, finished: bool) -> None:
 
 
 def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
-    """Pretrain with DINO as ``cfg`` says; writes into ``cfg.out_dir()`` (see module doc)."""
+    """Pretrain with DINO as ``cfg`` says; writes into ``cfg.out_dir()`` (see module doc),
+    which it holds for the whole run (``dino_skipless.outdir``: one run per folder)."""
     cfg.validate()
-    env = init_distributed(cfg.run.device)
+    if cfg.data.path and not Path(cfg.data.path).is_dir():  # before the folder is touched
+        raise DatasetError(f"data.path {cfg.data.path}: no such folder (an ImageFolder root)")
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # only rank 0 writes (and locks)
+    with claim_out_dir(cfg.out_dir(), STAGE, report=None, enabled=rank0):
+        return _train(cfg, resume_run)
+
+
+def _train(cfg: PretrainConfig, resume_run: bool) -> TrainResult:
+    env = init_distributed(cfg.run.device, cfg.run.dist_timeout_s)
+    if env.distributed and cfg.run.compile_step:
+        raise ConfigError(
+            f"run.compile_step=true with {env.world_size} processes is not supported (the DINO "
+            "centre's all-reduce stays outside compiled graphs); use run.compile=true, which "
+            "compiles the student and teacher forwards"
+        )
+    if augment_on_for(cfg.data, env.device) == "device" and cfg.data.on_error != "raise":
+        raise ConfigError(
+            f"data.augment_on={cfg.data.augment_on} puts the crops on {env.device}, where "
+            "data.on_error=skip is not supported yet; use data.augment_on=cpu to skip bad images"
+        )
     if env.distributed and cfg.dino.use_bn_in_head:
         raise ConfigError(
             f"dino.use_bn_in_head=true with {env.world_size} processes is not supported: the "
@@ -800,23 +976,23 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
             "one process"
         )
     out_dir = cfg.out_dir()
-    log = _open_run_dir(cfg, env, out_dir, resume_run)
+    log = open_run_dir(cfg, env, out_dir, resume_run)
     dev = env.device
-    _set_up_torch(cfg, dev)
+    set_up_torch(cfg, dev)
 
     # ============ data (and the k-NN monitor's held-out images) ============
     base = build_base_dataset(cfg, env, log)
     monitor = build_monitor(cfg, env, log, base)
-    loader, sampler, niter_per_ep = build_loader(build_dataset(cfg, base), cfg, env)
+    loader, sampler, niter_per_ep = build_loader(build_dataset(cfg, base, env, log), cfg, env)
 
     # ============ student and teacher ============
     student, teacher = build_student_teacher(cfg)
     student.to(dev)
     teacher.to(dev)
-    student_fwd, teacher_fwd = _forward_modules(student, teacher, cfg, env)
+    loss_fn = build_loss(cfg).to(dev)
+    student_fwd, teacher_fwd, forward_loss = _forward_modules(student, teacher, loss_fn, cfg, env)
 
     # ============ loss, optimizer, schedules ============
-    loss_fn = build_loss(cfg).to(dev)
     o = cfg.optim
     optimizer = build_optimizer(o.optimizer, get_param_groups(student), adamw=o.adamw, soap=o.soap)
     precision = effective_precision(cfg.run.precision, dev)
@@ -832,6 +1008,7 @@ def train(cfg: PretrainConfig, resume_run: bool = False) -> TrainResult:
         teacher=teacher,
         student_fwd=student_fwd,
         teacher_fwd=teacher_fwd,
+        forward_loss=forward_loss,
         loss_fn=loss_fn,
         optimizer=optimizer,
         scaler=make_grad_scaler(precision),
