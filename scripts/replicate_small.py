@@ -1,7 +1,10 @@
 """The paper's story at small scale: train the three variants, evaluate them, write the results page.
 
-    python scripts/replicate_small.py --config configs/learn_cpu.yaml --jacobian-every 24 \
-        --out results/small_scale                                          # CPU: the results page
+    python scripts/replicate_small.py --config configs/quickstart_cpu.yaml --jacobian-every 24 \
+        --seeds 3 --full-eval-seeds 1 --seed-ceilings --out results/small_scale --reuse-evals
+                                                          # CPU: the results page, 3 training seeds
+    python scripts/replicate_small.py --config configs/quickstart_cpu.yaml --world photos \
+        --jacobian-every 24 --seeds 3 --out results/small_scale/photos --reuse-evals  # photographs
     python scripts/replicate_small.py --quick --out runs/replicate_quick   # minutes: pipeline check
     python scripts/replicate_small.py --out runs/paper --config configs/dino_vits16_skipless_init_adamw.yaml \
         --data /path/to/imagenet/train --dataset-roots voc=/data/VOC coco20k=/data/COCO \
@@ -28,6 +31,13 @@ Writes ``OUT/results.json`` (per run: final loss, collapse monitor, linprobe mIo
 multiscale, TokenCut CorLoc and best layer, kappa per layer at init and at the end; per
 evaluation: ``floor``, ``ceiling``, ``pixels`` and every run's value, each with its s.e.,
 and the paired tests) and ``OUT/RESULTS.md``.
+
+``--seeds N`` trains every run with training seeds 0..N-1 (``RUN_seed{s}`` after seed 0) and
+the page compares variants by seed-level statistics (mean ± s.e. over seeds, a paired t-test by
+seed), the image-level paired tests staying for "beats its own init"; ``--full-eval-seeds M``
+runs the probe and TokenCut for the first M seeds only (k-NN and kappa for all). Finished runs
+are reused, killed ones resumed, so seeds can be added over several sittings;
+``--only-finished`` renders the page from what is finished and lists the rest as missing.
 """
 
 from __future__ import annotations
