@@ -105,11 +105,12 @@ class ResumeError(RuntimeError):
     """A checkpoint that cannot be resumed by this run (the message lists what differs)."""
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{"section.key": value}``."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_keys(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out
@@ -127,8 +128,8 @@ def check_resume_config(saved: dict, cfg: PretrainConfig, step: int, niter: int,
     """Refuse to resume the run of ``saved`` (the config stored in its checkpoint) with ``cfg``
     when a key outside ``RESUME_MAY_CHANGE`` differs (all of them are named), or when
     ``optim.epochs`` ends before the step the run has reached."""
-    have = _flat(config_from_dict(saved).to_dict())
-    want = _flat(cfg.to_dict())
+    have = flat_keys(config_from_dict(saved).to_dict())
+    want = flat_keys(cfg.to_dict())
     diffs = [
         f"{k}: checkpoint {have.get(k)!r} vs this run {want.get(k)!r}"
         for k in sorted(set(have) | set(want))

@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from ..dino.checkpoint import flat_keys
 from ..fileio import portable_path
 
 # Config keys that change what a run learns. Every key outside ``run.`` and ``monitor.`` does;
@@ -51,15 +52,9 @@ def finished(run_dir: Path) -> bool:
     return bool(load_json(summary).get("finished", True))
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def _flat(d: dict) -> dict:
     """Dotted keys; paths as the run's files record them (``portable_path``)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = portable_path(v) if isinstance(v, str) else v
-    return out
+    return {k: portable_path(v) if isinstance(v, str) else v for k, v in flat_keys(d).items()}
 
 
 def recipe_diff(have: dict, want: dict, defaults: dict | None = None) -> list[str]:
