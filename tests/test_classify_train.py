@@ -301,7 +301,8 @@ def test_two_gloo_processes_match_one_process(tmp_path, splits):
     assert a["top1"] == single.top1 and a["total_batch"] == 4
     wa = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)["model"]
     wb = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
-    init = torch.load(tmp_path / "one" / "init" / "backbone.pt")
+    # backbone.pt holds the weights beside their spec (models/loading.py export_payload)
+    init = torch.load(tmp_path / "one" / "init" / "backbone.pt")["state_dict"]
     d = init["cls_token"].shape[-1]
 
     def masked(k, t):

@@ -121,7 +121,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, augment_on):
 @pytest.mark.parametrize("bad", ["data.batch_size_per_gpu=0"])
 def test_bad_batch_is_refused(bad, tmp_path):
 
-    with pytest.raises(SystemExit, match="positive integer"):
+    with pytest.raises(SystemExit, match=r"data\.batch_size_per_gpu must be >= 1, got 0"):
         main([bad, f"--out={tmp_path}"])
 
 
