@@ -41,6 +41,26 @@ from .outdir import claim_out_dir
 from .ranges import AT_LEAST_1, FINITE, NON_NEGATIVE, Range
 
 
+def add_synthetic_args(p: argparse.ArgumentParser, n: int = 40, size: int = 128) -> None:
+    """``--synthetic-n/-size/-seed``: the generated stand-in of ``--dataset synthetic`` (the
+    same flags in every evaluation stage, so the replication can pass one set to each)."""
+    p.add_argument(
+        "--synthetic-n", type=flag(int, AT_LEAST_1), default=n, help="--dataset synthetic: images"
+    )
+    p.add_argument(
+        "--synthetic-size",
+        type=flag(int, AT_LEAST_1),
+        default=size,
+        help="--dataset synthetic: side",
+    )
+    p.add_argument(
+        "--synthetic-seed",
+        type=flag(int, NON_NEGATIVE),
+        default=0,
+        help="--dataset synthetic: seed",
+    )
+
+
 def add_backbone_args(parser: argparse.ArgumentParser, multiple: bool = False) -> None:
     g = parser.add_argument_group("backbone")
     # One figure or table may mix trained checkpoints with random-init baselines.

@@ -28,6 +28,7 @@ from pathlib import Path
 from dino_skipless.cli import (
     ArgumentParser,
     add_backbone_args,
+    add_synthetic_args,
     backbone_from_args,
     cli_main,
     flag,
@@ -90,11 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=flag(float, Range(gt=0, lt=1)), default=d.val_fraction)
     p.add_argument("--num-workers", type=flag(int, NON_NEGATIVE), default=d.num_workers)
     p.add_argument("--backend", choices=("auto", "faiss", "torch"), default="auto")
-    p.add_argument("--synthetic-n", type=flag(int, AT_LEAST_1), default=120)
-    p.add_argument("--synthetic-size", type=flag(int, AT_LEAST_1), default=64)
-    p.add_argument(
-        "--synthetic-seed", type=flag(int, NON_NEGATIVE), default=0, help="--dataset synthetic"
-    )
+    add_synthetic_args(p, n=120, size=64)
     p.add_argument(
         "--pixels", type=flag(int, AT_LEAST_1), default=None, metavar="S",
         help="raw-pixel baseline instead of a backbone: images downsampled to S x S",

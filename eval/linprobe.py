@@ -31,6 +31,7 @@ from pathlib import Path
 from dino_skipless.cli import (
     ArgumentParser,
     add_backbone_args,
+    add_synthetic_args,
     cli_main,
     flag,
     hold_out_dir,
@@ -129,21 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extract-batch-size", type=flag(int, AT_LEAST_1), default=d.extract_batch_size)
     p.add_argument("--num-workers", type=flag(int, NON_NEGATIVE), default=d.num_workers)
     p.add_argument("--cache-dir", default=None, help="keep feature caches on disk (memmap) here")
-    p.add_argument(
-        "--synthetic-n", type=flag(int, AT_LEAST_1), default=40, help="--dataset synthetic: scenes"
-    )
-    p.add_argument(
-        "--synthetic-size",
-        type=flag(int, AT_LEAST_1),
-        default=128,
-        help="--dataset synthetic: side",
-    )
-    p.add_argument(
-        "--synthetic-seed",
-        type=flag(int, NON_NEGATIVE),
-        default=0,
-        help="--dataset synthetic: seed",
-    )
+    add_synthetic_args(p, n=40, size=128)
     p.add_argument("--out", default="runs/linprobe", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p

@@ -19,6 +19,7 @@ import torch
 from dino_skipless.cli import (
     ArgumentParser,
     add_backbone_args,
+    add_synthetic_args,
     backbone_from_args,
     cli_main,
     default_num_workers,
@@ -89,21 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_num_workers(),
         help="image-loading workers (4, at most the CPU count)",
     )
-    p.add_argument(
-        "--synthetic-n", type=flag(int, AT_LEAST_1), default=40, help="--dataset synthetic: scenes"
-    )
-    p.add_argument(
-        "--synthetic-size",
-        type=flag(int, AT_LEAST_1),
-        default=128,
-        help="--dataset synthetic: side",
-    )
-    p.add_argument(
-        "--synthetic-seed",
-        type=flag(int, NON_NEGATIVE),
-        default=0,
-        help="--dataset synthetic: seed",
-    )
+    add_synthetic_args(p, n=40, size=128)
     p.add_argument(
         "--synthetic-vary", action="store_true", help="--dataset synthetic: sides vary +-25%%"
     )
