@@ -62,6 +62,7 @@ from dino_skipless.replication.stages import (  # noqa: F401  (finished, recipe_
     recipe_diff,
     run,
 )
+from dino_skipless.stats import NOISE_SE  # within 2 s.e.: "within noise"
 from eval.compare import compare_runs
 from eval.knn import paired_knn
 from tokencut.compare import compare as tokencut_compare
@@ -745,7 +746,6 @@ SINGULAR = 1e10  # kappa above this: numerically singular (the paper's "∞")
 # The paper's skipless_init layer kappas are 3-20 (Table 6) against ~1-1.5 for skip: we call a
 # kappa below WELL_CONDITIONED "the same regime", finite but above it only "partly" fixed.
 WELL_CONDITIONED = 1e3
-NOISE_SE = 2.0  # a difference of accuracies within 2 standard errors is called noise
 
 
 def diff_se(p1: float, p2: float, n1: int, n2: int) -> float:
