@@ -1080,6 +1080,8 @@ def seed_level_markdown(results: dict) -> list[str]:
         "images), z per seed. Floors are the runs' own inits.",
     ]
     for ev, block in sl.items():
+        if not (block["floors"] or block["models"]):  # e.g. no probe on the photos world
+            continue
         title = EVAL_TITLES.get(ev, f"TokenCut CorLoc (%), {ev.removeprefix('tokencut_')}")
         lines += ["", f"**{title}**", ""]
         lines += ["| model | seeds | mean ± s.e. | between-seed s.d. | within-run s.e. | "
