@@ -1033,6 +1033,8 @@ def headroom_markdown(results: dict) -> list[str]:
         return f"{t['diff']:+.2f}{z}, p = {t['p']:.2g}"
 
     for ev, e in evs.items():
+        if not e.get("runs") and not any(e["floor"].values()):  # not evaluated in this world
+            continue
         title = EVAL_TITLES.get(ev, f"TokenCut CorLoc (%), {ev.removeprefix('tokencut_')}")
         lines += ["", f"**{title}**", "", "| model | value ± s.e. | Δ vs floor | gap closed |"]
         lines += ["|---|---|---|---|"]
