@@ -32,6 +32,7 @@ from .cli import error_message, parse_config_args
 from .data import DatasetError
 from .dino.checkpoint import CHECKPOINT, ResumeError, load_checkpoint
 from .dino.distributed import cleanup
+from .errors import UserError  # OutDirError (the --out lock), ...
 from .models import CheckpointError
 
 ALIASES = {
@@ -43,7 +44,7 @@ ALIASES = {
 }
 USER_ERRORS = (
     ConfigError, ResumeError, DatasetError, NonFiniteLossError, ClassifyOOMError,
-    FileExistsError, CheckpointError,
+    FileExistsError, CheckpointError, UserError,
 )  # fmt: skip
 
 

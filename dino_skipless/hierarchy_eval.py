@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -385,7 +386,18 @@ def save_results(out_dir, record: dict) -> None:
             arrays[f"{i}_{kind}"] = np.asarray(h)
         models.append(m)
     write_npz(out_dir / HSIC_FILE, run_id=np.array(record["run_id"]), **arrays)
-    write_json(out_dir / "results.json", {**record, "models": models})
+    write_json(out_dir / "results.json", _finite({**record, "models": models}))
+
+
+def _finite(obj):
+    """JSON has no NaN: an undefined number (the CLS token's embed_last) is written as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def load_results(out_dir) -> list[dict]:

@@ -51,6 +51,7 @@ from dino_skipless.dino.checkpoint import INIT_DIR
 from dino_skipless.dino.config import build_config, load_yaml
 from dino_skipless.fileio import atomic_write_text, write_json
 from dino_skipless.pretrain import resolve_config
+from dino_skipless.replication import hierarchy as hier
 from dino_skipless.replication.seeds import compare_models, fmt_seed, fmt_test, seed_rows
 from dino_skipless.replication.stages import (  # noqa: F401  (finished, recipe_diff: tests)
     Stages,
@@ -173,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["cls", "seg"],
         help="supervised ceilings to train and evaluate (cls: k-NN; seg: linear probe, TokenCut)",
     )
+    p.add_argument(
+        "--no-hierarchy", action="store_true",
+        help="skip the layer-similarity stage (dino_skipless.hierarchy: CKA maps of every run at "
+        "init and after DINO, per-block k-NN for the fully evaluated seeds)",
+    )  # fmt: skip
     p.add_argument("--device", default=None)
     p.add_argument(
         "--only-finished",
@@ -483,6 +489,10 @@ def main(argv: list[str] | None = None) -> dict:
         results["evaluations"] = evaluations(results)
         results["seed_level"] = seed_level(results)
 
+    if not (photos or args.no_hierarchy):
+        results["hierarchy"] = hierarchy_section(
+            results, run_dirs, full_eval, out, stage, seg_data(), knn_args, res, dev, quick
+        )
     seed0 = {
         n: d for n, d in run_dirs.items() if n in results["runs"] and not results["runs"][n]["seed"]
     }
@@ -507,6 +517,60 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_text(out / "RESULTS.md", results_markdown(results, out))
     print((out / "RESULTS.md").read_text())
     return results
+
+
+def hierarchy_section(
+    results, run_dirs, full_eval, out, stage, seg_args, knn_args, res, dev, quick
+) -> dict:
+    """The hierarchy stage on every run (its own init and after DINO) and every ceiling: CKA on
+    the probe's validation scenes for all, per-block k-NN on the page's k-NN images for the
+    fully evaluated seeds; the summary table, the claims across seeds and the seed-0 figure."""
+    # the page's k-NN images, in the hierarchy stage's flags
+    flags = {"--dataset": None, "--synthetic-n": "--knn-synthetic-n", "--root": "--knn-root",
+             "--synthetic-size": "--knn-synthetic-size", "--synthetic-seed":
+             "--knn-synthetic-seed", "--resize": "--knn-resize", "--crop": "--knn-crop"}  # fmt: skip
+    knn = [a for k, v in zip(knn_args[::2], knn_args[1::2]) if flags[k] for a in (flags[k], v)]
+    py = sys.executable
+    # quick: the probe's 12 scenes hold 3 validation scenes, under one CKA minibatch of 4
+    quick_scenes = ["--synthetic-n", "40"] if quick and "synthetic" in seg_args else []
+    models: list[tuple[str, str, Path, int]] = []
+    for name, rec in results["runs"].items():
+        if (run_dirs[name] / INIT_DIR / "backbone.json").exists():
+            models.append((name, "init", run_dirs[name] / INIT_DIR, rec["seed"]))
+        models.append((name, "end", run_dirs[name], rec["seed"]))
+    for name, rec in results.get("references", {}).items():
+        if name.startswith("supervised_"):
+            models.append((name, "end", out / "runs" / name, rec["seed"]))
+    records: dict[str, dict[str, dict]] = {}
+    for name, when, src, seed in models:
+        hdir = hier.stage_dir(out, name, when)
+        per_block_knn = knn if seed in full_eval else ["--no-knn"]
+        stage(
+            f"{name}/hierarchy_{when}",
+            [py, "-m", "dino_skipless.hierarchy", *seg_args, *quick_scenes, "--ckpt", str(src),
+             "--no-probe",
+             *per_block_knn, "--resolution", str(res), "--batch-images", "4" if quick else "16",
+             "--num-workers", "0", "--out", str(hdir), "--quiet", *dev],
+            out / "logs" / name / f"hierarchy_{when}.txt",
+            hdir / "results.json",
+        )  # fmt: skip
+        records.setdefault(name, {})[when] = hier.load_model(hdir)
+    any_rec = next(iter(records.values()))["end"]
+    section = {
+        "threshold": any_rec["cka"]["patch"]["threshold"],
+        "n_images": any_rec["images"]["n_images"],
+        "summary": hier.summary(results, records),
+        "claims": hier.claims(results, records),
+        "dirs": {f"{n}/{w}": str(hier.stage_dir(out, n, w)) for n, w, _, _ in models},
+    }
+    seed0 = [dict(records[n][w], label=f"{n} ({w})") for n, w, _, s in models if s == 0]
+    section["per_block_knn"] = {m["label"]: m["knn"]["top1"] for m in seed0 if m.get("knn")}
+    if seed0:
+        from dino_skipless.hierarchy_figure import hierarchy_figure
+
+        hierarchy_figure(seed0, [out / "hierarchy.png"])
+        section["figure"] = "hierarchy.png"
+    return section
 
 
 def plot_curves(run_dirs: dict[str, Path], path: Path) -> Path:
@@ -997,6 +1061,10 @@ def paper_claims(results: dict) -> list[tuple[str, str, str]]:
     return out
 
 
+def hier_claims(results: dict) -> list[dict]:
+    return (results.get("hierarchy") or {}).get("claims", [])
+
+
 EVAL_TITLES = {
     "knn": "k-NN top-1 (%)",
     "linprobe_single": "linear probe mIoU, last block",
@@ -1178,6 +1246,7 @@ def results_markdown(results: dict, out: Path | None = None) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {c} | **{v}** | {e} |" for c, v, e in paper_claims(results)]
+    lines += [f"| {c} | **{v}** | {e} |" for c, v, e in (h["row"] for h in hier_claims(results))]
     lines += [
         "",
         "## Every run: dense linear probing (mIoU, paper Table 2 layout) and k-NN",
@@ -1237,6 +1306,7 @@ def results_markdown(results: dict, out: Path | None = None) -> str:
                 + " |"
             )
     lines += headroom_markdown(results)
+    lines += hier.markdown(results.get("hierarchy") or {})
     lines += ["", "## Figures", ""]
     if results.get("pca_figure"):
         lines += ["![PCA of the last block's patch features](pca.png)", ""]

@@ -20,7 +20,7 @@ import pytest
 from conftest import TINY_BACKBONE_ARGS
 from PIL import Image
 
-from dino_skipless import jacobian, pca, pretrain, supervised
+from dino_skipless import classify, jacobian, pca, pretrain, supervised
 from dino_skipless.data import check as data_check
 from dino_skipless.data import synthetic as data_synthetic
 from eval import compare as lp_compare
@@ -80,6 +80,15 @@ def cases(b: Path, out: Path) -> list[tuple]:
         ("sup-yaml-list", supervised.main, ["--task", "cls", "--config", str(b / "list.yaml"), "--out", str(out)], "YAML mapping"),
         ("sup-out-file", supervised.main, ["--task", "cls", "--out", str(f)], "a file is in the way"),
         ("sup-seg-n", supervised.main, ["--task", "seg", "--out", str(out), "--seg-n", "0"], "--seg-n: must be >= 1"),
+        # supervised classifier (paper Sec. 6.1)
+        ("cls-lr-neg", classify.main, ["--out", str(out), "optim.lr=-1"], "optim.lr must be > 0, got -1.0"),
+        ("cls-lr-nan", classify.main, ["--out", str(out), "optim.lr=nan"], "optim.lr must be > 0, got nan"),
+        ("cls-lr-abc", classify.main, ["--out", str(out), "optim.lr=abc"], "optim.lr: expected float, got 'abc'"),
+        ("cls-mixup-prob", classify.main, ["--out", str(out), "mixup.prob=2"], "mixup.prob must be in [0, 1]"),
+        ("cls-crop-pct", classify.main, ["--out", str(out), "eval.crop_pct=0"], "eval.crop_pct must be in (0, 1]"),
+        ("cls-alpha-inf", classify.main, ["--out", str(out), "model.alpha=inf"], "model.alpha must be a finite number"),
+        ("cls-yaml-list", classify.main, ["--config", str(b / "list.yaml"), "--out", str(out)], "YAML mapping"),
+        ("cls-out-file", classify.main, ["--out", str(f), "model.depth=1"], "a file is in the way"),
         # k-NN
         ("knn-batch", knn.main, [*knn_args, "--batch-size", "0", "--out", str(out)], "--batch-size: must be >= 1, got '0'"),
         ("knn-k-neg", knn.main, [*knn_args, "--k", "-5", "--out", str(out)], "--k: must be >= 1, got '-5'"),

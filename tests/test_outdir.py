@@ -152,3 +152,23 @@ def test_supervised_refuses_to_replace_an_earlier_export(tmp_path):
         supervised.main(["--task", "cls", "--out", str(out)])
     assert (out / "backbone.pt").read_bytes() == b"an earlier export"
     assert sorted(p.name for p in out.iterdir()) == ["backbone.pt"]
+
+
+def test_classify_refuses_a_folder_another_run_holds(tmp_path):
+    """The supervised trainer (#30) takes the same lock as every other stage: a second run into
+    a held --out is refused before it reads an image, naming the holder."""
+    from dino_skipless import classify
+
+    out = tmp_path / "cls"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match=f"in use by PID {holder.pid}"):
+            classify.main(["--out", str(out), "model.arch=vit_mini", "model.depth=1"])
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()

@@ -80,13 +80,29 @@ def test_quick_replication_produces_every_result(tmp_path, monkeypatch):
     jac = (out / "runs" / "skipless_init_adamw" / "jacobian.jsonl").read_text().splitlines()
     assert {json.loads(line)["layer"] for line in jac} == {0, 1}
     assert "## The paper's claims at this scale" in page
+    # the hierarchy stage on every run at its own init and after DINO, and on the ceilings
+    hier = saved["hierarchy"]
+    rows = {(r["variant"], r["when"]) for r in hier["summary"]}
+    assert rows == {(v, w) for v in saved["baselines"] for w in ("init", "end")} | {
+        ("supervised_cls", "ceiling"),
+        ("supervised_seg", "ceiling"),
+    }
+    stage = json.loads((out / "hierarchy" / "skip_adamw" / "end" / "results.json").read_text())
+    skip_end = next(r for r in hier["summary"] if r["variant"] == "skip" and r["when"] == "end")
+    assert skip_end["columns"]["adjacent CKA, patch"]["mean"] == pytest.approx(
+        stage["models"][0]["cka"]["patch"]["adjacent_mean"]
+    )
+    # one seed per variant: the claims about variants are untested, and say so
+    assert {c["verdict"] for c in hier["claims"]} == {"untested (one seed)"}
+    assert len(hier["claims"]) == 4 and "more hierarchical than skip's" in page
+    assert len(hier["per_block_knn"]["skip_adamw (end)"]) == 2  # seed 0: k-NN of every block
     # the conditioning claim is decided by the numbers above, and they support it here
     assert "Skipless at the default init is ill-conditioned" in page
     verdicts = re.findall(r"\| \*\*([a-z ]+)\*\* \|", page)
     # 2 conditioning claims, 2 linear-probe claims, TokenCut, 3 pretrained-vs-random checks
     assert len(verdicts) == 8
     assert set(verdicts) <= {"shown", "partly shown", "not shown", "within noise"}
-    for fig in ("pca.png", "training_curves.png", "RESULTS.md"):
+    for fig in ("pca.png", "training_curves.png", "hierarchy.png", "RESULTS.md"):
         assert (out / fig).stat().st_size > 0
     assert results["runs"].keys() == saved["runs"].keys()
     # the probe's bootstrap error bars travel into the page

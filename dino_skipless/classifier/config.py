@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -40,11 +41,23 @@ from ..dino.config import leaf_keys as _leaf_keys
 from ..init import PAPER_INIT_DEFAULTS
 from ..models import ARCHS, VARIANTS
 from ..optim import OPTIMIZERS, AdamWConfig, SOAPConfig
+from ..ranges import (
+    FiniteFloat,
+    FractionBelow1,
+    NonNegFloat,
+    NonNegInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    Range,
+    check_fields,
+)
 
 _INIT = PAPER_INIT_DEFAULTS["supervised_vit_base"]  # paper Sec. 6.1: alpha 2, beta 0.6, c 3
 MIXUP_MODES = ("batch", "pair", "elem")  # timm Mixup
 RE_MODES = ("const", "rand", "pixel")  # timm RandomErasing
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "random")
+CropFraction = Annotated[float, Range(gt=0, le=1)]  # resize to crop / crop_pct, centre crop
 
 
 @dataclass
@@ -53,12 +66,12 @@ class ModelConfig:
 
     arch: str = "vit_base"  # paper Sec. 6.1: ViT-Base
     variant: str = "skipless_init"  # "skip": standard ViT-B; "skipless": no residuals, timm init
-    patch_size: int = 16  # ViT-B/16 (main.py's vit_base: patch_size=16)
+    patch_size: PositiveInt = 16  # ViT-B/16 (main.py's vit_base: patch_size=16)
     depth: int | None = None  # None: the arch's (12)
-    img_size: int = 224  # main.py --input_size 224
-    alpha: float = _INIT["alpha"]  # paper Sec. 6.1: W_Q W_K^T = alpha Z + beta I, alpha = 2
-    beta: float = _INIT["beta"]  # paper Sec. 6.1: beta = 0.6
-    c: float = _INIT["c"]  # paper Sec. 6.1: W_V, W_O scaled orthonormal, c = 3
+    img_size: PositiveInt = 224  # main.py --input_size 224
+    alpha: FiniteFloat = _INIT["alpha"]  # paper Sec. 6.1: W_Q W_K^T = alpha Z + beta I, alpha = 2
+    beta: FiniteFloat = _INIT["beta"]  # paper Sec. 6.1: beta = 0.6
+    c: PositiveFloat = _INIT["c"]  # paper Sec. 6.1: W_V, W_O scaled orthonormal, c = 3
     drop_path: float = 0.0  # paper: disabled "for a fair comparison" (main.py default 0 too)
 
 
@@ -66,17 +79,20 @@ class ModelConfig:
 class AugConfig:
     """Training transform: ``timm.data.create_transform(is_training=True, ...)`` as datasets.py."""
 
-    scale: tuple[float, float] = (0.08, 1.0)  # timm RandomResizedCrop default (main.py sets none)
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)  # timm default
-    hflip: float = 0.5  # timm create_transform default
+    scale: tuple[PositiveFloat, PositiveFloat] = (
+        0.08,
+        1.0,
+    )  # timm RandomResizedCrop default (main.py sets none)
+    ratio: tuple[PositiveFloat, PositiveFloat] = (3.0 / 4.0, 4.0 / 3.0)  # timm default
+    hflip: Probability = 0.5  # timm create_transform default
     # main.py --color_jitter 0.4; timm switches colour jitter off when RandAugment is on, so it
     # is passed through but has no effect in this recipe (as in the official run)
-    color_jitter: float = 0.4
+    color_jitter: NonNegFloat = 0.4
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # main.py --aa (RandAugment)
     interpolation: str = "bicubic"  # main.py --train_interpolation bicubic
-    re_prob: float = 0.25  # main.py --reprob 0.25 (random erasing)
+    re_prob: Probability = 0.25  # main.py --reprob 0.25 (random erasing)
     re_mode: str = "pixel"  # main.py --remode pixel
-    re_count: int = 1  # main.py --recount 1
+    re_count: NonNegInt = 1  # main.py --recount 1
     mean: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # main.py: ImageNet defaults
     std: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
 
@@ -85,13 +101,13 @@ class AugConfig:
 class MixupConfig:
     """``timm.data.Mixup`` as main.py builds it; label smoothing lives in its targets."""
 
-    mixup_alpha: float = 0.8  # main.py --mixup 0.8
-    cutmix_alpha: float = 1.0  # main.py --cutmix 1.0
+    mixup_alpha: NonNegFloat = 0.8  # main.py --mixup 0.8
+    cutmix_alpha: NonNegFloat = 1.0  # main.py --cutmix 1.0
     cutmix_minmax: tuple[float, float] | None = None  # main.py --cutmix_minmax None
-    prob: float = 1.0  # main.py --mixup_prob 1.0
-    switch_prob: float = 0.5  # main.py --mixup_switch_prob 0.5
+    prob: Probability = 1.0  # main.py --mixup_prob 1.0
+    switch_prob: Probability = 0.5  # main.py --mixup_switch_prob 0.5
     mode: str = "batch"  # main.py --mixup_mode batch
-    label_smoothing: float = 0.1  # main.py --smoothing 0.1
+    label_smoothing: FractionBelow1 = 0.1  # main.py --smoothing 0.1
     correct_lam: bool = True  # timm Mixup default (main.py does not set it)
 
     @property
@@ -105,17 +121,21 @@ class OptimConfig:
     """Optimiser and per-iteration schedules (main.py + utils.cosine_scheduler)."""
 
     optimizer: str = "adamw"  # main.py --opt adamw; "soap": Table 1's second column
-    epochs: int = 300  # main.py --epochs 300 (README command)
-    lr: float = 4e-3  # main.py --lr 4e-3 "with total batch size 4096"
-    lr_batch: int = 4096  # the total batch lr is given for; scaled linearly (module doc)
-    min_lr: float = 1e-6  # main.py --min_lr 1e-6 (cosine target)
-    warmup_epochs: int = 50  # main.py --warmup_epochs 50, linear from 0 (start_warmup_value 0)
-    weight_decay: float = 0.05  # main.py --weight_decay 0.05
-    weight_decay_end: float = 0.05  # main.py --weight_decay_end None -> = weight_decay (constant)
+    epochs: PositiveInt = 300  # main.py --epochs 300 (README command)
+    lr: PositiveFloat = 4e-3  # main.py --lr 4e-3 "with total batch size 4096"
+    lr_batch: PositiveInt = 4096  # the total batch lr is given for; scaled linearly (module doc)
+    min_lr: NonNegFloat = 1e-6  # main.py --min_lr 1e-6 (cosine target)
+    warmup_epochs: NonNegInt = (
+        50  # main.py --warmup_epochs 50, linear from 0 (start_warmup_value 0)
+    )
+    weight_decay: NonNegFloat = 0.05  # main.py --weight_decay 0.05
+    weight_decay_end: NonNegFloat = (
+        0.05  # main.py --weight_decay_end None -> = weight_decay (constant)
+    )
     # optim_factory.get_parameter_groups: no decay on 1-D params, biases and the model's
     # no_weight_decay() = {pos_embed, cls_token, dist_token} (ViT-B has no dist_token)
     no_weight_decay: list[str] = field(default_factory=lambda: ["pos_embed", "cls_token"])
-    clip_grad: float = 0.0  # main.py --clip_grad None: no clipping (0 = off)
+    clip_grad: NonNegFloat = 0.0  # main.py --clip_grad None: no clipping (0 = off)
     layer_decay: float = 1.0  # main.py --layer_decay 1.0: none (only 1.0 is supported)
     model_ema: bool = False  # main.py --model_ema False (only False is supported)
     adamw: AdamWConfig = field(default_factory=AdamWConfig)  # main.py: (0.9, 0.999), eps 1e-8
@@ -127,15 +147,17 @@ class DataConfig:
     """ImageFolder root with ``train/`` and ``val/`` (main.py --data_set IMNET), or synthetic."""
 
     path: str | None = None  # ROOT with train/ and val/; None: synthetic pattern classes
-    batch_size_per_gpu: int = 128  # README ImageNet command: --batch_size 128 (x 8 GPUs)
-    accum_steps: int = 4  # README: --update_freq 4 (gradient accumulation): 128 x 8 x 4 = 4096
-    num_workers: int = 10  # main.py --num_workers 10
+    batch_size_per_gpu: PositiveInt = 128  # README ImageNet command: --batch_size 128 (x 8 GPUs)
+    accum_steps: PositiveInt = (
+        4  # README: --update_freq 4 (gradient accumulation): 128 x 8 x 4 = 4096
+    )
+    num_workers: NonNegInt = 10  # main.py --num_workers 10
     pin_memory: bool = True  # main.py --pin_mem True
     # synthetic fallback (not published): the pattern-class images of the small-scale world,
     # train and val drawn with different seeds
-    synthetic_n: int = 1000
-    synthetic_val_n: int = 500
-    synthetic_size: int = 64
+    synthetic_n: PositiveInt = 1000
+    synthetic_val_n: PositiveInt = 500
+    synthetic_size: PositiveInt = 64
     synthetic_seed: int = 0
     synthetic_val_seed: int = 1
 
@@ -144,10 +166,12 @@ class DataConfig:
 class EvalConfig:
     """Validation top-1 / top-5 (engine.evaluate) on resize -> centre crop (datasets.py)."""
 
-    every_epochs: int = 1  # main.py evaluates after every epoch; always after the last
-    crop_pct: float = 0.875  # datasets.py: crop_pct None -> 224/256: resize 256, centre crop 224
+    every_epochs: PositiveInt = 1  # main.py evaluates after every epoch; always after the last
+    crop_pct: CropFraction = (
+        0.875  # datasets.py: crop_pct None -> 224/256: resize 256, centre crop 224
+    )
     interpolation: str = "bicubic"  # datasets.py: Resize(..., BICUBIC)
-    batch_size_per_gpu: int | None = None  # None: int(1.5 x train batch), as main.py
+    batch_size_per_gpu: PositiveInt | None = None  # None: int(1.5 x train batch), as main.py
 
 
 @dataclass
@@ -159,11 +183,13 @@ class RunConfig:
     device: str = "auto"  # cuda if available (LOCAL_RANK's GPU under torchrun), else cpu
     precision: str = "bf16"  # README: --use_amp true (fp16 + loss scaling); bf16 here, CPU fp32
     compile: bool = False  # torch.compile the model's forward (GPU; slow to start)
-    cpu_threads: int | None = None  # torch.set_num_threads on CPU (None: torch's default)
+    cpu_threads: PositiveInt | None = None  # torch.set_num_threads on CPU (None: torch's default)
     tf32: bool = True  # TF32 matmuls on CUDA for the fp32 parts
-    ckpt_every_steps: int = 0  # also write checkpoint.pt every N steps (0: at epoch ends only)
+    ckpt_every_steps: NonNegInt = (
+        0  # also write checkpoint.pt every N steps (0: at epoch ends only)
+    )
     max_steps: int | None = None  # stop (with a checkpoint) after this step; for tests
-    log_every: int = 10  # a log.jsonl record every N steps (engine.py print_freq 10)
+    log_every: PositiveInt = 10  # a log.jsonl record every N steps (engine.py print_freq 10)
     on_nonfinite: str = "stop"  # engine.py stops on a non-finite loss; "skip": count, go on
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = True  # DIR/tb if tensorboard is importable
@@ -183,7 +209,13 @@ class ClassifyConfig:
     name: str = "classify"  # run name (the YAML file's stem); default out dir runs/<name>
 
     def validate(self) -> ClassifyConfig:
+        """Every value in its declared range (the field types, ``dino_skipless.ranges``: NaN
+        and inf never pass), every choice valid, and the relations between fields."""
         m, o, d, r, mx, a = self.model, self.optim, self.data, self.run, self.mixup, self.aug
+        try:
+            check_fields(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         check_choice("model.arch", m.arch, tuple(ARCHS))
         check_choice("model.variant", m.variant, VARIANTS)
         check_choice("optim.optimizer", o.optimizer, OPTIMIZERS)

@@ -20,6 +20,7 @@ evaluation, ``best_top1`` / ``best_epoch``, the data sizes and the ``config``).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from ..dino.trainer import effective_precision, open_run_dir, set_up_torch
 from ..fileio import atomic_write_text, write_json
 from ..models import build_model
 from ..optim import build_optimizer, get_param_groups
+from ..outdir import claim_out_dir
 from .config import ClassifyConfig, ConfigError
 from .data import build_criterion, build_mixup, load_splits, mix, train_loader, val_loader
 from .evaluate import evaluate
@@ -262,8 +264,15 @@ def _log_start(r: _Run, where: str, n_train: int, n_val: int, num_classes: int) 
 
 
 def train(cfg: ClassifyConfig, resume_run: bool = False) -> ClassifyResult:
-    """Train the classifier ``cfg`` describes, into ``cfg.out_dir()`` (module docstring)."""
+    """Train the classifier ``cfg`` describes, into ``cfg.out_dir()`` (module docstring), which
+    it holds for the whole run (``dino_skipless.outdir``: one run per folder)."""
     cfg.validate()
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # only rank 0 writes (and locks)
+    with claim_out_dir(cfg.out_dir(), "classify", report=None, enabled=rank0):
+        return _train_in(cfg, resume_run)
+
+
+def _train_in(cfg: ClassifyConfig, resume_run: bool) -> ClassifyResult:
     try:
         env = init_distributed(cfg.run.device)
     except RuntimeError as e:  # e.g. run.device=cuda on a machine without one

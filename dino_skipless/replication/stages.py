@@ -75,11 +75,14 @@ def recipe_diff(have: dict, want: dict, defaults: dict | None = None) -> list[st
     return [f"{k}: {h.get(k)!r} vs {w.get(k)!r}" for k in keys if h.get(k) != w.get(k)]
 
 
-def check_reused(run_dir: Path, have: dict, want: dict) -> None:
-    """Refuse to reuse a finished run trained with another recipe than the requested one."""
-    from ..dino.config import PretrainConfig  # the class defaults stand for keys added later
+def check_reused(run_dir: Path, have: dict, want: dict, defaults: dict | None = None) -> None:
+    """Refuse to reuse a finished run trained with another recipe than the requested one.
+    ``defaults``: the config class's (stand for keys added later; DINO's by default)."""
+    if defaults is None:
+        from ..dino.config import PretrainConfig
 
-    diff = recipe_diff(have, want, PretrainConfig().to_dict())
+        defaults = PretrainConfig().to_dict()
+    diff = recipe_diff(have, want, defaults)
     if diff:
         raise SystemExit(
             f"{run_dir} is a finished run of another recipe than this command's ({len(diff)} "
