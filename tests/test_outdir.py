@@ -4,6 +4,7 @@ results or export."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,26 +38,33 @@ HOLDER = (
 )
 
 
-def test_a_second_run_is_refused_with_the_holders_pid_and_start_time(tmp_path, capsys):
-    """Two pretrainings had interleaved log.jsonl and two probes both printed "wrote": now the
-    second run into a held folder is refused, naming the holder. The holder is another process,
-    killed with SIGKILL: the kernel drops its lock, and the next run takes the folder over."""
-    out = tmp_path / "run"
+@contextlib.contextmanager
+def holder_process(out: Path):
+    """Another process holding ``out`` (until this context ends, killed with SIGKILL)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True, env=env
     )
     try:
         assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+def test_a_second_run_is_refused_with_the_holders_pid_and_start_time(tmp_path, capsys):
+    """Two pretrainings had interleaved log.jsonl and two probes both printed "wrote": now the
+    second run into a held folder is refused, naming the holder. The holder is another process,
+    killed with SIGKILL: the kernel drops its lock, and the next run takes the folder over."""
+    out = tmp_path / "run"
+    with holder_process(out) as holder:
         with pytest.raises(OutDirError) as e:
             with claim_out_dir(out, "eval.linprobe"):
                 pass
         msg = str(e.value)
         assert f"in use by PID {holder.pid}" in msg and "started 20" in msg and "UTC" in msg
         assert "-c" in msg  # the holder's command line
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     assert (out / LOCK_NAME).exists()  # a killed run cannot clean up ...
     with claim_out_dir(out, "eval.knn"):  # ... but its lock died with it
         held = json.loads((out / LOCK_NAME).read_text())
@@ -160,15 +168,7 @@ def test_classify_refuses_a_folder_another_run_holds(tmp_path):
     from dino_skipless import classify
 
     out = tmp_path / "cls"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with holder_process(out) as holder:
         with pytest.raises(SystemExit, match=f"in use by PID {holder.pid}"):
             classify.main(["--out", str(out), "model.arch=vit_mini", "model.depth=1"])
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
