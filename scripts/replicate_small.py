@@ -555,6 +555,8 @@ def hierarchy_section(
             hdir / "results.json",
         )  # fmt: skip
         records.setdefault(name, {})[when] = hier.load_model(hdir)
+    if not records:  # --only-finished before any run finished
+        return {}
     any_rec = next(iter(records.values()))["end"]
     section = {
         "threshold": any_rec["cka"]["patch"]["threshold"],
