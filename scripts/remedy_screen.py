@@ -182,6 +182,9 @@ def summarise(run: Path) -> dict | None:
         v = learned_verdict(knn[0], knn[-1])
         rec |= {"knn_init": v["init_top1"], "knn_last": v["final_top1"], "knn_epoch": knn[-1]["epoch"],
                 "knn_diff": v["diff"], "knn_se": v["se"], "knn_z": v["z"]}  # fmt: skip
+        # the best evaluation after init: a run that learns early and then collapses shows here
+        peak = max(knn[1:], key=lambda r: r["knn_top1"])
+        rec |= {"knn_peak": peak["knn_top1"], "knn_peak_epoch": peak["epoch"]}
     return rec
 
 
@@ -240,10 +243,11 @@ def main(argv=None) -> int:
             f"{rec['info_first']:.2f} / {rec['info_min']:.3f} / {rec['info_last']:.3f}",
             "–" if alarm is None else f"step {alarm}" + (" (to the end)" if rec["collapsed_at_end"] else ""),
             knn,
+            f"{rec['knn_peak']:.1f} (ep {rec['knn_peak_epoch']})" if "knn_peak" in rec else "–",
         ])  # fmt: skip
     table = markdown_table(
         ["arm (variant)", "steps", "target info first / min / last (nats)", "collapse alarm",
-         "k-NN init → last (paired)"], rows,
+         "k-NN init → last (paired)", "k-NN best (epoch)"], rows,
     )  # fmt: skip
     write_report(
         args.out / "screen",
