@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
+import yaml
 
 
 def current_umask() -> int:
@@ -107,6 +108,12 @@ def write_json(path: str | os.PathLike, obj) -> None:
     """Atomic, indented JSON; absolute paths in string values are written portably."""
     text = json.dumps(_portable(obj), indent=2, default=_json_default)
     atomic_write_text(path, text + "\n")
+
+
+def write_yaml(path: str | os.PathLike, obj) -> None:
+    """Atomic YAML in the given key order; absolute paths written portably, as by ``write_json``
+    (a run's ``config.yaml`` then records ``$SKIPLESS_CACHE/...``, not the writer's layout)."""
+    atomic_write_text(path, yaml.safe_dump(_portable(obj), sort_keys=False))
 
 
 def write_report(out: str | os.PathLike, obj, text: str) -> None:

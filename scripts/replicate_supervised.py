@@ -88,13 +88,13 @@ def main(argv: list[str] | None = None) -> dict:
                 for v in args.variants:
                     name = sup.run_name(v, opt, seed)
                     rdir = out / "runs" / world / name
-                    if args.only_finished and not finished(rdir):
+                    if args.only_finished and not finished(rdir, weights=False):
                         results["missing"].append(f"{world}/{name}")
                         continue
                     cli = ["--config", args.config, "--variant", v, "--optimizer", opt,
                            "--seed", str(seed), *data, "--out", str(rdir), *overrides]  # fmt: skip
                     want = resolve_config(cli)[0].to_dict()
-                    if finished(rdir):
+                    if finished(rdir, weights=False):
                         have = load_json(rdir / "summary.json")["config"]
                         check_reused(rdir, have, want, ClassifyConfig().to_dict())
                         stages.reused(f"{world}/{name}", load_json(rdir / "summary.json")["time_s"])

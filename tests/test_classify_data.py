@@ -19,10 +19,13 @@ from dino_skipless.classifier.data import (
     build_criterion,
     build_mixup,
     mix,
+    split_roots,
     train_transform,
 )
 from dino_skipless.classifier.evaluate import topk_correct
+from dino_skipless.data import DatasetError
 from dino_skipless.dino.sampling import SeededTransform, sample_seeds, seeded_rngs
+from dino_skipless.fileio import write_yaml
 
 PAPER = build_config(None, {})  # the recipe's defaults
 
@@ -133,3 +136,23 @@ def test_val_shards_score_every_image_once():
     shards = [list(ShardSampler(10, 3, r)) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(10))
     assert shards[0] == [0, 3, 6, 9] and len(ShardSampler(10, 3, 2)) == 3
+
+
+def test_a_run_config_records_the_data_path_portably_and_reads_it_back(tmp_path, monkeypatch):
+    """config.yaml names the cached dataset through $SKIPLESS_CACHE, and that config's path
+    resolves to the same folder again (and says where it looked when the variable is unset)."""
+    cache = tmp_path / "cache"
+    root = cache / "synthetic" / "photos"
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+    monkeypatch.setenv("SKIPLESS_CACHE", str(cache))
+    cfg = build_config(overrides={"data.path": str(root)})
+    write_yaml(tmp_path / "config.yaml", cfg.to_dict())
+    text = (tmp_path / "config.yaml").read_text()
+    assert "path: $SKIPLESS_CACHE/synthetic/photos\n" in text and str(tmp_path) not in text
+    again = build_config(tmp_path / "config.yaml")
+    train, val, _ = split_roots(again)
+    assert (train, val) == (root / "train", root / "val")
+    monkeypatch.delenv("SKIPLESS_CACHE")
+    with pytest.raises(DatasetError, match=r"\$SKIPLESS_CACHE/synthetic/photos: not a directory"):
+        split_roots(again)

@@ -118,6 +118,11 @@ def test_quick_pipeline_trains_reuses_and_writes_the_page(tmp_path, monkeypatch)
     assert (tmp_path / "fig1_photos.png").stat().st_size > 0
     again = mod.main([*argv, "--only-finished"])
     assert again["worlds"]["photos"]["runs"] == runs and not again["missing"]
+    # a clone has the runs' logs but not their weights: the page still comes from the logs
+    for w in tmp_path.glob("runs/photos/*/**/*.pt"):
+        w.unlink()
+    cloned = mod.main([*argv, "--only-finished"])
+    assert cloned["worlds"]["photos"]["runs"] == runs and not cloned["missing"]
     # a finished run is not reused under another recipe
     with pytest.raises(SystemExit, match="another recipe"):
         mod.main([*argv, "optim.lr=0.5"])

@@ -11,6 +11,7 @@ run is a pure function of its seed: resume is exact and the worker count does no
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,8 @@ def split_roots(cfg: ClassifyConfig) -> tuple[Path, Path, str]:
     """(train root, val root, a line saying where they are)."""
     d = cfg.data
     if d.path:
-        root = Path(d.path)
+        # a run's config.yaml records the path portably ($SKIPLESS_CACHE/..., ~/...): expand it
+        root = Path(os.path.expandvars(d.path)).expanduser()
         if not root.is_dir():
             raise DatasetError(f"--data {root}: not a directory.\nExpected layout:\n{LAYOUT}")
         missing = [s for s in SPLITS if not (root / s).is_dir()]

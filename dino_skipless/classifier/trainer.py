@@ -44,7 +44,7 @@ from ..dino.distributed import DistEnv, barrier, init_distributed
 from ..dino.runlog import RunLogger, truncate_jsonl
 from ..dino.schedules import Schedules, cosine_scheduler
 from ..dino.trainer import effective_precision, open_run_dir, set_up_torch
-from ..fileio import atomic_write_text, write_json
+from ..fileio import write_json, write_yaml
 from ..models import build_model
 from ..optim import build_optimizer, get_param_groups
 from ..outdir import claim_out_dir
@@ -348,7 +348,7 @@ def _train(r: _Run, resume_run: bool) -> ClassifyResult:
     if env.is_main:
         out = r.out_dir
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", cfg.to_yaml())
+        write_yaml(out / "config.yaml", cfg.to_dict())
         if not resume_run:  # the run's own random init: the floor of "did training help?"
             export_backbone(model.backbone, out / INIT_DIR)
     _log_start(r, splits.where, len(splits.train), len(splits.val), splits.num_classes)

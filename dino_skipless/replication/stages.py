@@ -43,11 +43,13 @@ def last_record(run_dir: Path) -> dict:
     return json.loads(lines[-1])
 
 
-def finished(run_dir: Path) -> bool:
+def finished(run_dir: Path, weights: bool = True) -> bool:
     """A training stage ran to its end: its summary.json exists and does not say otherwise,
-    and its exported weights are there (the results folder tracks the JSON, not the weights)."""
+    and (``weights``) its exported weights are there: the results folder tracks the JSON, not
+    the weights, so a stage that evaluates the weights needs a run trained here. A page made
+    from the logs alone (the supervised replication's) passes ``weights=False``."""
     summary = Path(run_dir) / "summary.json"
-    if not summary.exists() or not (Path(run_dir) / "backbone.pt").exists():
+    if not summary.exists() or (weights and not (Path(run_dir) / "backbone.pt").exists()):
         return False
     return bool(load_json(summary).get("finished", True))
 
