@@ -3,8 +3,8 @@ images"), as runs of the quickstart recipe on the digits world and their summary
 
     python scripts/remedy_screen.py --runs runs/remedy --train        # train missing arms, summarise
     python scripts/remedy_screen.py --runs runs/remedy --out results/remedy   # summarise only
-    python scripts/remedy_screen.py --out results/remedy --patterns runs/patterns_remedy \
-        --baseline results/small_scale/runs        # does the remedy lose anything on patterns?
+    python scripts/remedy_screen.py --out results/remedy --patterns runs/patterns_remedy_pair_t01 \
+        --remedy pair_t01 --train      # does the remedy lose anything on patterns? (--seeds 3)
 
 Every arm is ``python -m dino_skipless.pretrain --config configs/quickstart_cpu.yaml`` on the
 digits world (``data.world=digits data.synthetic_size=64 data.synthetic_n=1797``) with the
@@ -12,11 +12,12 @@ overrides below; nothing else differs. Per arm the summary reads the run's own f
 target information (``log.jsonl``: at the first logged step, its minimum and its last value),
 the collapse alarm (``summary.json``), and the online k-NN monitor (``knn.jsonl``: 1,000
 held-out digits against a 797-image bank; the last evaluation paired with the one at init).
-A run that is cut short (``--max-epochs``-style screens were stopped by hand) is summarised as
-far as it went.
+A run that is cut short (stopped by hand, or at the collapse alarm with
+``run.on_collapse=stop``) is summarised as far as it went.
 
-``--patterns``: the remedy (``REMEDY``) on the pattern world, one run per variant and seed
-(``VARIANT/seed{s}/``, trained with ``--train``), against the replication's run of the same
+``--patterns``: a remedy (``--remedy``, one of ``REMEDIES``) on the pattern world, one run per
+variant and seed (``VARIANT/seed{s}/``, trained with ``--train``), against the replication's
+run of the same
 variant and seed (``--baseline``: ``VARIANT_adamw`` for seed 0, ``..._seed{s}`` after). Both
 runs of a seed start from the same weights and score the same held-out images, so each seed
 gets an exact McNemar test (remedy vs published loss, final k-NN), and the seeds a paired t-test.
@@ -25,6 +26,7 @@ gets an exact McNemar test (remedy vs published loss, final k-NN), and the seeds
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,8 +39,14 @@ from dino_skipless.stats import compare_seeds, verdict
 DIGITS = ["data.world=digits", "data.synthetic_size=64", "data.synthetic_n=1797"]
 SHORT = ["optim.epochs=10", "monitor.knn_every=5"]
 SK = "dino.centering=sinkhorn_knopp"
-# the remedy the screen chose (README, "A remedy for low-information images")
-REMEDY = ["dino.koleo_weight=0.1", SK]
+KO = "dino.koleo_weight=0.1"
+T02 = ["dino.teacher_temp=0.02", "dino.warmup_teacher_temp=0.02"]
+T01 = ["dino.teacher_temp=0.01", "dino.warmup_teacher_temp=0.01"]
+STOP = "run.on_collapse=stop"  # screen arms: a collapsed arm stops at the alarm
+# DINOv2's pair, and the pair with a sharper teacher (T 0.01: the remedy the screen chose;
+# README, "A remedy for low-information images"); --remedy picks what the pattern check runs.
+REMEDIES = {"pair": [KO, SK], "pair_t02": [KO, SK, *T02], "pair_t01": [KO, SK, *T01]}
+REMEDY = "pair_t01"
 # the replication's pattern-world runs (scripts/replicate_small.py), which the remedy must match
 PATTERNS = ["run.jacobian_every_epochs=24", "run.on_nonfinite=skip"]
 
@@ -69,8 +77,42 @@ ARMS: dict[str, tuple[str, list[str], str]] = {
                           "KoLeo 0.1 + Sinkhorn-Knopp (DINOv2's pair), 48 epochs"),
     "digits_remedy_final": ("skipless_init", ["dino.koleo_weight=1.0", SK],
                             "KoLeo 1.0 + Sinkhorn-Knopp, 48 epochs"),
+    "dgp_nolocal": ("skipless_init", [KO, SK, "aug.n_local=0", STOP],
+                    "pair, 2 global views only (no local crops), 48 epochs"),
+    "dgp_mom996": ("skipless_init", [KO, SK, "dino.momentum_teacher=0.996", STOP],
+                   "pair, teacher EMA 0.996, 48 epochs"),
+    "dgp_lr3e-4": ("skipless_init", [KO, SK, "optim.lr=0.0003", STOP],
+                   "pair, lr 3e-4 (0.3x), 48 epochs"),
+    "dgp_kb": ("skipless_init", [KO, SK, "dino.koleo_features=bottleneck", STOP],
+               "pair with KoLeo on the head's bottleneck, 48 epochs"),
+    "dgp_t02": ("skipless_init", [KO, SK, *T02, STOP],
+                "pair + teacher T 0.02, 48 epochs"),
+    "dgp_t02_s1": ("skipless_init", [KO, SK, *T02, "run.seed=1"],
+                   "pair + teacher T 0.02, 48 epochs, seed 1"),
+    "dgp_t02_s2": ("skipless_init", [KO, SK, *T02, "run.seed=2"],
+                   "pair + teacher T 0.02, 48 epochs, seed 2"),
+    "dgp_t02_s3": ("skipless_init", [KO, SK, *T02, "run.seed=3"],
+                   "pair + teacher T 0.02, 48 epochs, seed 3"),
+    "dgp_t02_s4": ("skipless_init", [KO, SK, *T02, "run.seed=4"],
+                   "pair + teacher T 0.02, 48 epochs, seed 4"),
+    "dgp_t01_s3": ("skipless_init", [KO, SK, *T01, "run.seed=3", STOP],
+                   "pair + teacher T 0.01 (the remedy), 48 epochs, seed 3"),
+    "dgp_t01_s2": ("skipless_init", [KO, SK, *T01, "run.seed=2", STOP],
+                   "pair + teacher T 0.01 (the remedy), 48 epochs, seed 2"),
+    "dgp_t01_s0": ("skipless_init", [KO, SK, *T01, "run.seed=0", STOP],
+                   "pair + teacher T 0.01 (the remedy), 48 epochs, seed 0"),
+    "dgp_t01_s1": ("skipless_init", [KO, SK, *T01, "run.seed=1", STOP],
+                   "pair + teacher T 0.01 (the remedy), 48 epochs, seed 1"),
 }  # fmt: skip
 KNN = "knn.jsonl"
+# arms that are training seeds of one recipe: summarised across seeds (seed -> arm)
+SEED_GROUPS = {
+    "pair + teacher T 0.02": {
+        0: "dgp_t02",
+        **{s: f"dgp_t02_s{s}" for s in range(1, 5)},
+    },
+    "pair + teacher T 0.01 (the remedy)": {s: f"dgp_t01_s{s}" for s in range(5)},
+}
 
 
 def command(name: str, runs: Path) -> list[str]:
@@ -80,11 +122,11 @@ def command(name: str, runs: Path) -> list[str]:
             "run.progress=false", "--out", f"runs/remedy/{name}"]  # fmt: skip
 
 
-def patterns_command(seed: int, variant: str = "skipless_init") -> list[str]:
+def patterns_command(seed: int, variant: str = "skipless_init", remedy: str = REMEDY) -> list[str]:
     return [sys.executable, "-m", "dino_skipless.pretrain", "--config",
             "configs/quickstart_cpu.yaml", "--variant", variant, *PATTERNS,
-            f"run.seed={seed}", *REMEDY, "run.progress=false", "--out",
-            f"runs/patterns_remedy/{variant}/seed{seed}"]  # fmt: skip
+            f"run.seed={seed}", *REMEDIES[remedy], "run.progress=false", "--out",
+            f"runs/patterns_remedy_{remedy}/{variant}/seed{seed}"]  # fmt: skip
 
 
 def _fmt_test(t: dict) -> str:
@@ -94,12 +136,16 @@ def _fmt_test(t: dict) -> str:
 
 
 def pattern_check(
-    remedy_runs: Path, baseline_runs: Path, seeds: list[int], variants: list[str]
+    remedy_runs: Path,
+    baseline_runs: Path,
+    seeds: list[int],
+    variants: list[str],
+    remedy: str = REMEDY,
 ) -> tuple[dict, str]:
     """The remedy against the published loss on the pattern world, per variant and seed (the
     online k-NN monitor's last evaluation; both runs of a seed share the init and the queries,
     so each seed gets an exact McNemar test), then across seeds (paired t-test by seed)."""
-    rows, record = [], {"remedy": REMEDY, "variants": {}}
+    rows, record = [], {"remedy": REMEDIES[remedy], "variants": {}}
     finals: dict[str, dict[str, dict[int, float]]] = {}
     for variant in variants:
         per_seed: dict[int, dict] = {}
@@ -117,7 +163,7 @@ def pattern_check(
             per_seed[seed] = {"remedy_top1": vs["final_top1"], "published_top1": vs["init_top1"],
                               "init_top1": own["remedy"]["init_top1"], "remedy_vs_published": vs,
                               "own_init": own, "remedy_collapsed_at_step": alarm,
-                              "command": " ".join(["python", *patterns_command(seed, variant)[1:]])}  # fmt: skip
+                              "command": " ".join(["python", *patterns_command(seed, variant, remedy)[1:]])}  # fmt: skip
             for k, top1 in (("remedy", vs["final_top1"]), ("published", vs["init_top1"])):
                 finals.setdefault(k, {}).setdefault(variant, {})[seed] = top1
             rows.append([
@@ -132,7 +178,7 @@ def pattern_check(
                 finals["remedy"][variant], finals["published"][variant]
             )
         record["variants"][variant] = rec
-    text = "# The remedy on the pattern world\n\n" + markdown_table(
+    text = f"# The remedy on the pattern world: {' '.join(REMEDIES[remedy])}\n\n" + markdown_table(
         ["variant", "seed", "own init", "published loss (gain, z)", "remedy (gain, z)",
          "remedy − published (McNemar)", "remedy's collapse alarm"], rows,
     )  # fmt: skip
@@ -167,15 +213,18 @@ def summarise(run: Path) -> dict | None:
     knn = read_jsonl(run / "knn.jsonl")
     summary = load_json(run / "summary.json") if (run / "summary.json").exists() else {}
     collapse = summary.get("collapse") or {}
-    # the alarm as the run logged it (log.jsonl's ``collapsed``), also for a run cut short
+    # the alarm as the run logged it (log.jsonl's ``collapsed``; log.txt's message for a run
+    # stopped by it, run.on_collapse=stop, which ends before the step is logged)
     alarmed = [r["step"] for r in log if r.get("collapsed")]
+    text = (run / "log.txt").read_text() if (run / "log.txt").exists() else ""
+    alarmed += [int(m) for m in re.findall(r"DINO COLLAPSE at step (\d+)", text)]
     rec = {
         "steps": log[-1]["step"] + 1,
         "finished": bool(summary.get("finished")),
         "info_first": info[0],
         "info_min": min(info),
         "info_last": info[-1],
-        "collapsed_at_step": collapse.get("collapsed_at_step", alarmed[0] if alarmed else None),
+        "collapsed_at_step": collapse.get("collapsed_at_step", min(alarmed) if alarmed else None),
         "collapsed_at_end": collapse.get("collapsed_at_end", bool(log[-1].get("collapsed"))),
     }
     if len(knn) >= 2:
@@ -186,6 +235,36 @@ def summarise(run: Path) -> dict | None:
         peak = max(knn[1:], key=lambda r: r["knn_top1"])
         rec |= {"knn_peak": peak["knn_top1"], "knn_peak_epoch": peak["epoch"]}
     return rec
+
+
+def seed_lines(records: dict) -> list[str]:
+    """Per ``SEED_GROUPS`` recipe with >= 2 finished seeds: the k-NN gain over each run's own
+    init across seeds (paired t by seed), how many runs learned (>= 3 s.e., each run's McNemar
+    test) and how many raised the collapse alarm. Stored in ``records["seeds"]``."""
+    lines, out = [], {}
+    for what, arms in SEED_GROUPS.items():
+        recs = {s: records[a] for s, a in arms.items() if a in records and records[a]["finished"]}
+        # a seed stopped at the alarm (run.on_collapse=stop) did not learn; it has no final k-NN
+        stopped = [s for s, a in arms.items() if a in records and not records[a]["finished"]
+                   and records[a]["collapsed_at_step"] is not None]  # fmt: skip
+        if len(recs) < 2:
+            continue
+        c = compare_seeds({s: r["knn_last"] for s, r in recs.items()},
+                          {s: r["knn_init"] for s, r in recs.items()})  # fmt: skip
+        learned = sum(r["knn_z"] is not None and r["knn_z"] >= 3 for r in recs.values())
+        alarms = sum(r["collapsed_at_step"] is not None for r in recs.values())
+        out[what] = c | {"learned": learned, "alarms": alarms, "seeds": sorted(recs),
+                         "stopped_at_alarm": stopped}  # fmt: skip
+        n = len(recs) + len(stopped)
+        lines.append(
+            f"- {what}, {len(recs)} finished training seeds: k-NN gain over its own init "
+            f"{c['diff']:+.1f} ± {c['se']:.1f} ({c['test']}, t {c['t']:.2f}, p {c['p']:.2g}); "
+            f"learned (>= 3 s.e.) in {learned} of {n}; collapse alarm in {alarms + len(stopped)}"
+            + (f" ({len(stopped)} stopped at it: seeds {stopped})" if stopped else "")
+        )
+    if out:
+        records["seeds"] = out
+    return lines
 
 
 def main(argv=None) -> int:
@@ -205,6 +284,7 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", type=Path, default=Path("results/small_scale/runs"))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--variants", nargs="+", default=["skipless_init", "skip"])
+    p.add_argument("--remedy", choices=list(REMEDIES), default=REMEDY)
     args = p.parse_args(argv)
     if args.patterns is not None:
         seeds = list(range(args.seeds))
@@ -213,9 +293,12 @@ def main(argv=None) -> int:
                 for s in seeds:
                     run = args.patterns / v / f"seed{s}"
                     if not (run / "summary.json").exists():
-                        subprocess.run([*patterns_command(s, v)[:-1], str(run)], check=True)
-        record, text = pattern_check(args.patterns, args.baseline, seeds, args.variants)
-        write_report(args.out / "patterns", record, text)
+                        cmd = patterns_command(s, v, args.remedy)
+                        subprocess.run([*cmd[:-1], str(run)], check=True)
+        record, text = pattern_check(
+            args.patterns, args.baseline, seeds, args.variants, args.remedy
+        )
+        write_report(args.out / f"patterns_{args.remedy}", record, text)
         print(text)
         return 0
     if args.train:
@@ -249,12 +332,14 @@ def main(argv=None) -> int:
         ["arm (variant)", "steps", "target info first / min / last (nats)", "collapse alarm",
          "k-NN init → last (paired)", "k-NN best (epoch)"], rows,
     )  # fmt: skip
+    lines = seed_lines(records)
+    text = table + ("\n\n" + "\n".join(lines) if lines else "")
     write_report(
         args.out / "screen",
         records,
-        "# Low-information images: the remedy screen\n\n" + table + "\n",
+        "# Low-information images: the remedy screen\n\n" + text + "\n",
     )
-    print(table)
+    print(text)
     return 0
 
 

@@ -75,10 +75,12 @@ def test_message_names_the_remedy_as_overrides_that_exist():
 
     msg = CollapseMonitor(3, 0.1).message(6, 3.0, 3.01)
     overrides = dict(kv.split("=", 1) for kv in re.findall(r"\b(dino\.[a-z_]+=[\w.]+)", msg))
-    assert overrides == {"dino.koleo_weight": "0.1", "dino.centering": "sinkhorn_knopp"}
+    assert overrides == {"dino.koleo_weight": "0.1", "dino.centering": "sinkhorn_knopp",
+                         "dino.teacher_temp": "0.01", "dino.warmup_teacher_temp": "0.01"}  # fmt: skip
     cfg = build_config(None, overrides)
     cfg.validate()
     assert cfg.dino.koleo_weight == 0.1 and cfg.dino.centering == "sinkhorn_knopp"
+    assert cfg.dino.teacher_temp == cfg.dino.warmup_teacher_temp == 0.01
 
 
 def test_window_zero_never_fires_and_bad_config_is_refused(tmp_path):

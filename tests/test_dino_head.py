@@ -134,6 +134,42 @@ def test_multicrop_wrapper_equals_per_crop_calls():
     assert "head.last_layer.weight_g" in keys and "backbone.cls_token" in keys
 
 
+def test_koleo_features_are_the_backbone_cls_or_the_normalised_bottleneck():
+    """``dino.koleo_features``: the trainer's student loss adds the KoLeo term of each global
+    view's backbone CLS features or of the head's L2-normalised bottleneck, computed here by
+    hand from the modules (``head.mlp``, then F.normalize)."""
+    from dino_skipless.dino.loss import DINOLoss, koleo_loss
+    from dino_skipless.dino.trainer import _student_loss
+
+    torch.manual_seed(0)
+    backbone = tiny_vit("skipless_init")
+    head = DINOHead(in_dim=backbone.embed_dim, out_dim=10, hidden_dim=32, bottleneck_dim=8)
+    model = MultiCropWrapper(backbone, head)
+    b = 4
+    crops = [torch.randn(b, 3, 32, 32) for _ in range(2)] + [torch.randn(b, 3, 16, 16)]
+    teacher_out = torch.randn(2 * b, 10)
+    loss_fn = DINOLoss(10, n_crops=3, warmup_teacher_temp=0.04, teacher_temp=0.04,
+                       warmup_teacher_temp_epochs=0, n_epochs=1)  # fmt: skip
+    with torch.no_grad():
+        cls = torch.cat([backbone(c) for c in crops[:2]])
+        z = F.normalize(head.mlp(cls), dim=-1)
+        dino = copy.deepcopy(loss_fn)(model(crops), teacher_out, 0)  # it updates its centre
+        for features, f in (("backbone", cls), ("bottleneck", z)):
+            ref = dino + 0.1 * (koleo_loss(f[:b]) + koleo_loss(f[b:]))
+            got = _student_loss(
+                model, copy.deepcopy(loss_fn), (0.1, features), crops, teacher_out, 0
+            )
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(  # weight 0: the DINO loss alone
+            _student_loss(model, loss_fn, (0.0, "bottleneck"), crops, teacher_out, 0), dino
+        )
+        out, bottleneck = model(crops, return_features="bottleneck")
+        torch.testing.assert_close(bottleneck[: 2 * b], z, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, model(crops))
+    with pytest.raises(ValueError, match="'backbone' or 'bottleneck'"):
+        model(crops, return_features="cls")
+
+
 def _targets(head, x, center, bf16: bool) -> torch.Tensor:
     """The DINO teacher target of ``x``: centred, sharpened (T = 0.04) softmax of the head."""
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

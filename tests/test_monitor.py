@@ -188,8 +188,11 @@ def test_remedies_train_end_to_end(tmp_path, image_dir):
                                     **{"dino.centering": "sinkhorn_knopp"})).losses  # fmt: skip
     ko = train(tiny_pretrain_config(tmp_path / "ko", image_dir,
                                     **{"dino.koleo_weight": 0.1})).losses  # fmt: skip
-    for losses in (sk, ko):
+    kb = train(tiny_pretrain_config(tmp_path / "kb", image_dir, **{
+        "dino.koleo_weight": 0.1, "dino.koleo_features": "bottleneck"})).losses  # fmt: skip
+    for losses in (sk, ko, kb):
         assert len(losses) == len(ref) and all(np.isfinite(losses)) and losses != ref
+    assert kb != ko  # the term spreads another feature
     # the first step's KoLeo term is added to the same DINO loss (same weights, same crops)
     assert ko[0] > ref[0]
 

@@ -227,6 +227,11 @@ def test_monitor_and_remedy_values_are_range_checked():
         with pytest.raises(ConfigError, match=re.escape(want)):
             build_config(overrides={key: value})
     build_config(overrides={"monitor.knn_holdout_fraction": 0.0, "monitor.knn_every": 0})
+    with pytest.raises(ConfigError, match=re.escape("dino.koleo_features")):
+        build_config(overrides={"dino.koleo_features": "cls"})
+    assert build_config(overrides={"dino.koleo_features": "bottleneck"}).dino.koleo_features == (
+        "bottleneck"
+    )
 
 
 def test_resume_may_change_how_the_monitor_scores_not_what_it_holds_out():

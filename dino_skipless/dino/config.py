@@ -41,7 +41,7 @@ from ..ranges import (
 )
 from .augment import AugConfig
 from .decode import ON_ERROR
-from .loss import CENTERINGS
+from .loss import CENTERINGS, KOLEO_FEATURES
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 ON_NONFINITE = ("stop", "skip")
@@ -88,9 +88,11 @@ class DINOConfig:
     # How the teacher's target is made. "centering" (DINO, the published recipe): EMA centre +
     # sharpened softmax. "sinkhorn_knopp" (DINOv2 / SwAV, not in DINO): the batch is spread
     # evenly over the prototypes by sk_iterations rounds of Sinkhorn-Knopp. With koleo_weight
-    # 0.1 it is the best arm measured when the random teacher starts with almost no information
-    # about low-variety images: on digits it learns over 10 epochs, but over 48 it only delays
-    # the collapse (README, "A remedy for low-information images"); the collapse alarm names it.
+    # 0.1 and a sharper teacher (teacher_temp = warmup_teacher_temp = 0.01) it is the remedy
+    # when the random teacher starts with almost no information about low-variety images: on
+    # upscaled digits it learns over the whole 48-epoch quickstart, where the published loss
+    # and the pair alone collapse (README, "A remedy for low-information images", with the
+    # seeds); the collapse alarm names it.
     centering: str = "centering"
     sk_iterations: PositiveInt = 3  # DINOv2 SinkhornKnoppTeacher n_iterations=3
     # Teacher temperature chosen from the measured information at the start (not in DINO):
@@ -102,6 +104,12 @@ class DINOConfig:
     # DINOv2's KoLeo term on the student's CLS features of each global view (DINOv2
     # dino.koleo_loss_weight 0.1; not in DINO, so 0 = off by default): spreads the images apart.
     koleo_weight: NonNegFloat = 0.0
+    # What the KoLeo term spreads: "backbone" (DINOv2: the backbone's CLS features) or
+    # "bottleneck" (not in DINOv2: the head's L2-normalised bottleneck, from which the prototype
+    # logits are computed). On low-variety images the collapse happens in the head: the
+    # backbone's features of different digits stay apart under KoLeo while the bottleneck
+    # becomes one shared direction (README, "A remedy for low-information images").
+    koleo_features: str = "backbone"
 
 
 @dataclass
@@ -267,6 +275,7 @@ class PretrainConfig:
         check_choice("data.decode_on", d.decode_on, DECODE_ON)
         check_choice("data.world", self.data.world, WORLDS)
         check_choice("dino.centering", self.dino.centering, CENTERINGS)
+        check_choice("dino.koleo_features", self.dino.koleo_features, KOLEO_FEATURES)
         device_only = [
             f"data.{k}={v}"
             for k, v, off in (

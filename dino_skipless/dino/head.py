@@ -103,12 +103,19 @@ class DINOHead(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fp32:
-            return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
-        with torch.autocast(x.device.type, enabled=False):
-            x = F.normalize(self.mlp(x.float()), dim=-1, p=2)
-            return self.last_layer(x)
+    def forward(
+        self, x: torch.Tensor, return_bottleneck: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Prototype logits ``(B, K)``; with ``return_bottleneck`` also the L2-normalised
+        bottleneck ``(B, bottleneck_dim)`` they are computed from."""
+        if self.fp32:
+            with torch.autocast(x.device.type, enabled=False):
+                z = F.normalize(self.mlp(x.float()), dim=-1, p=2)
+                out = self.last_layer(z)
+        else:
+            z = F.normalize(self.mlp(x), dim=-1, p=2)
+            out = self.last_layer(z)
+        return (out, z) if return_bottleneck else out
 
 
 class MultiCropWrapper(nn.Module):
@@ -126,10 +133,15 @@ class MultiCropWrapper(nn.Module):
     def forward(
         self,
         x: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...],
-        return_backbone: bool = False,
+        return_features: str | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Head outputs ``(sum_crops B, K)``; with ``return_backbone`` also the backbone's CLS
-        features ``(sum_crops B, D)`` (the KoLeo term reads the student's)."""
+        """Head outputs ``(sum_crops B, K)``; with ``return_features`` also the features the
+        KoLeo term reads (``dino.koleo_features``): ``"backbone"``, the backbone's CLS features
+        ``(sum_crops B, D)``, or ``"bottleneck"``, the head's L2-normalised bottleneck."""
+        if return_features not in (None, "backbone", "bottleneck"):
+            raise ValueError(
+                f"return_features: 'backbone' or 'bottleneck', got {return_features!r}"
+            )
         crops = [x] if isinstance(x, torch.Tensor) else list(x)
         if not crops:
             raise ValueError("MultiCropWrapper: got an empty list of crops")
@@ -147,6 +159,8 @@ class MultiCropWrapper(nn.Module):
             outputs.append(out)
             start = end
         feats = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        if return_backbone:
+        if return_features == "backbone":
             return self.head(feats), feats
+        if return_features == "bottleneck":
+            return self.head(feats, return_bottleneck=True)
         return self.head(feats)

@@ -20,6 +20,7 @@ from torch import nn
 # "sinkhorn_knopp": DINOv2 / SwAV's equipartition of the batch over the prototypes, the remedy
 # when the random teacher starts with almost no information about the images.
 CENTERINGS = ("centering", "sinkhorn_knopp")
+KOLEO_FEATURES = ("backbone", "bottleneck")  # dino.koleo_features
 
 
 def _check_shapes(

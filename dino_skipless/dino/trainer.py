@@ -531,31 +531,36 @@ def _teacher_forward(teacher: nn.Module, crops: list[torch.Tensor]) -> torch.Ten
     return teacher(crops)
 
 
+def _koleo(cfg: PretrainConfig) -> tuple[float, str]:
+    return cfg.dino.koleo_weight, cfg.dino.koleo_features
+
+
 def _student_loss(
     student: nn.Module,
     loss_fn: DINOLoss,
-    koleo: float,
+    koleo: tuple[float, str],
     crops: list[torch.Tensor],
     teacher_out: torch.Tensor,
     epoch: int,
     teacher_temp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The student forward and the DINO loss (+ ``dino.koleo_weight`` x DINOv2's KoLeo term on
-    the student's CLS features of each global view)."""
+    the student's ``dino.koleo_features`` of each global view; ``koleo`` = (weight, features))."""
     temp = {} if teacher_temp is None else {"teacher_temp": teacher_temp}  # eager: the epoch's
-    if not koleo:
+    weight, features = koleo
+    if not weight:
         return loss_fn(student(crops), teacher_out, epoch, **temp)
-    student_out, feats = student(crops, return_backbone=True)
+    student_out, feats = student(crops, return_features=features)
     g = len(crops[0])
     loss = loss_fn(student_out, teacher_out, epoch, **temp)
-    return loss + koleo * (koleo_loss(feats[:g]) + koleo_loss(feats[g : 2 * g]))
+    return loss + weight * (koleo_loss(feats[:g]) + koleo_loss(feats[g : 2 * g]))
 
 
 def _forward_and_loss(
     student: nn.Module,
     teacher: nn.Module,
     loss_fn: DINOLoss,
-    koleo: float,
+    koleo: tuple[float, str],
     crops: list[torch.Tensor],
     teacher_temp: torch.Tensor,
 ) -> torch.Tensor:
@@ -612,7 +617,7 @@ def train_one_epoch(r: RunState, epoch: int) -> bool:
                     with torch.no_grad():
                         teacher_out = r.teacher_fwd(crops[:2])
                     loss = _student_loss(
-                        r.student_fwd, r.loss_fn, cfg.dino.koleo_weight, crops, teacher_out, epoch
+                        r.student_fwd, r.loss_fn, _koleo(cfg), crops, teacher_out, epoch
                     )
             if cfg.run.on_nonfinite == "skip":  # decided before the update: waits every step
                 loss_value = all_reduce_mean(loss.detach()).item()
@@ -737,7 +742,7 @@ def _forward_modules(
         return (
             student_fwd,
             teacher_fwd,
-            functools.partial(step, student_fwd, teacher, loss_fn, cfg.dino.koleo_weight),
+            functools.partial(step, student_fwd, teacher, loss_fn, _koleo(cfg)),
         )
     if cfg.run.compile:
         student_fwd = compile(student_fwd)
