@@ -103,6 +103,8 @@ ARMS: dict[str, tuple[str, list[str], str]] = {
                    "pair + teacher T 0.01 (the remedy), 48 epochs, seed 0"),
     "dgp_t01_s1": ("skipless_init", [KO, SK, *T01, "run.seed=1", STOP],
                    "pair + teacher T 0.01 (the remedy), 48 epochs, seed 1"),
+    "dgp_t01_s4": ("skipless_init", [KO, SK, *T01, "run.seed=4", STOP],
+                   "pair + teacher T 0.01 (the remedy), 48 epochs, seed 4"),
 }  # fmt: skip
 KNN = "knn.jsonl"
 # arms that are training seeds of one recipe: summarised across seeds (seed -> arm)
