@@ -17,6 +17,7 @@ world (``--n`` of them), resized to the global crop size, no augmentation.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,13 @@ def energy_share(f: torch.Tensor) -> float:
 
 def images(cfg, n: int) -> torch.Tensor:
     d = cfg.data
-    root = d.path or pretrain_root(d.world, d.synthetic_n, d.synthetic_size, d.synthetic_seed)
+    # config.yaml records --data portably ($SKIPLESS_CACHE/..., ~/...); a missing folder gets
+    # ImageFolderDataset's error with the expected layout
+    root = (
+        Path(os.path.expandvars(d.path)).expanduser()
+        if d.path
+        else pretrain_root(d.world, d.synthetic_n, d.synthetic_size, d.synthetic_seed)
+    )
     paths = [p for p, _ in ImageFolderDataset(root).samples]
     size = cfg.aug.global_size
     pick = paths[:: max(1, len(paths) // n)][:n]
@@ -63,6 +70,10 @@ def stages(teacher, x: torch.Tensor, temp: float) -> dict:
 
 
 def diagnose(run: Path, n: int) -> dict:
+    missing = [f for f in ("config.yaml", "checkpoint.pt") if not (run / f).is_file()]
+    if missing:
+        raise SystemExit(f"{run}: no {' or '.join(missing)}; expected a pretraining run folder "
+                         "(python -m dino_skipless.pretrain --out RUN)")  # fmt: skip
     cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
     torch.manual_seed(cfg.run.seed)
     _, teacher = build_student_teacher(cfg)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .loss import KOLEO_FEATURES
+
 
 class WeightNormLinear(nn.Module):
     """Bias-free linear layer with weight normalisation ``W = g * v / ||v||`` (per output row).
@@ -138,10 +140,9 @@ class MultiCropWrapper(nn.Module):
         """Head outputs ``(sum_crops B, K)``; with ``return_features`` also the features the
         KoLeo term reads (``dino.koleo_features``): ``"backbone"``, the backbone's CLS features
         ``(sum_crops B, D)``, or ``"bottleneck"``, the head's L2-normalised bottleneck."""
-        if return_features not in (None, "backbone", "bottleneck"):
-            raise ValueError(
-                f"return_features: 'backbone' or 'bottleneck', got {return_features!r}"
-            )
+        if return_features is not None and return_features not in KOLEO_FEATURES:
+            want = " or ".join(repr(f) for f in KOLEO_FEATURES)
+            raise ValueError(f"return_features: {want}, got {return_features!r}")
         crops = [x] if isinstance(x, torch.Tensor) else list(x)
         if not crops:
             raise ValueError("MultiCropWrapper: got an empty list of crops")
