@@ -20,7 +20,8 @@ takes at 3,000 images/s.
 Outliers (``--big``, on by default): the device part's peak memory and time at batch ``--batch``
 with and without one 1500 x 1125 image among the 500 x 375 ones, with and without
 ``data.decode_max_side``. Peak memory on a CPU is the forked child's peak resident set minus its
-size before the call; on CUDA ``torch.cuda.max_memory_allocated``.
+size before the call (the peak reset at the fork, every tensor mmapped so that a freed one leaves
+the resident set); on CUDA ``torch.cuda.max_memory_allocated``.
 
 Launches (``--ops``, on by default): the aten ops one batch of augmentation dispatches
 (top-level, as the profiler lists them; independent of device and sizes) next to the ViT-S/16
@@ -36,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -56,6 +56,7 @@ from dino_skipless.dino.augment_device import (  # noqa: E402
     SeededDecode,
     collate_decoded,
     device_multicrop,
+    sample_params,
 )
 from dino_skipless.dino.opcount import count_aten_ops  # noqa: E402
 from dino_skipless.dino.sampling import SeededMultiCrop  # noqa: E402
@@ -113,9 +114,30 @@ def device_ms(batch: dict, cfg: AugConfig, device: torch.device, repeats: int) -
     return (clock() - t0) * 1e3 / repeats
 
 
-def _rss_gib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+def _status_gib(key: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak) of this process, GiB."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+    return kib / 2**20
+
+
+def _reset_peak_rss() -> None:
+    """A forked child inherits its parent's peak resident set: start it at the current one
+    (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _mmap_every_tensor() -> None:
+    """glibc: serve every allocation over 64 KiB by mmap (a fixed threshold, so not the
+    dynamic one that earlier frees raised), so freed tensors leave the resident set and its
+    peak is the live tensors' peak, not the heap's fragmentation."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: the plain resident set
+        pass
 
 
 def peak_gib_and_ms(batch: dict, cfg: AugConfig, device: torch.device) -> tuple[float, float]:
@@ -134,12 +156,13 @@ def peak_gib_and_ms(batch: dict, cfg: AugConfig, device: torch.device) -> tuple[
     pid = os.fork()
     if pid == 0:  # the child's peak resident set is this call's alone
         try:
-            start = _rss_gib()
+            _mmap_every_tensor()
+            _reset_peak_rss()
+            start = _status_gib("VmRSS")
             t0 = time.process_time()
             device_multicrop(batch, cfg, device)
             ms = (time.process_time() - t0) * 1e3
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            os.write(write, json.dumps([peak - start, ms]).encode())
+            os.write(write, json.dumps([_status_gib("VmHWM") - start, ms]).encode())
         finally:
             os._exit(0)
     os.close(write)
@@ -168,15 +191,18 @@ def outliers(args, cfg: AugConfig, device: torch.device, tmp: Path) -> list[list
         decode = SeededDecode(ds, cfg, seed=0, max_side=cap)
         batch = collate_decoded([decode[(0, i)] for i in range(len(ds))], cfg)
         gib, ms = peak_gib_and_ms(batch, cfg, device)
-        canvas = "x".join(str(v) for v in batch["canvas"].shape[1:3])
+        canvas = " + ".join(
+            f"{c.shape[0]}x{c.shape[1]}x{c.shape[2]}" for c in batch["canvases"]
+        )  # B x H x W of each canvas
         base = base or (gib, ms)
         rows.append([name, canvas, gib, ms, f"{gib / base[0]:.2f}x", f"{ms / base[1]:.2f}x"])
     return rows
 
 
-def op_counts(cfg: AugConfig, items: list, device: torch.device) -> tuple[int, int]:
-    """(augmentation, ViT-S/16 student forward) top-level aten ops for one batch (counted on
-    two images: the count does not depend on the batch or image sizes)."""
+def op_counts(cfg: AugConfig, items: list, device: torch.device) -> tuple[int, int, int]:
+    """(augmentation on one canvas, on two canvases (one 1500 x 1125 outlier added), ViT-S/16
+    student forward) top-level aten ops for one batch (the count depends on the number of
+    canvases, not on the batch or image sizes)."""
     from dino_skipless.dino.config import build_config
     from dino_skipless.dino.trainer import build_student_teacher
 
@@ -188,7 +214,12 @@ def op_counts(cfg: AugConfig, items: list, device: torch.device) -> tuple[int, i
     with torch.no_grad():
         model = count_aten_ops(lambda: student(crops))[0]
     aug = count_aten_ops(lambda: device_multicrop(batch, cfg, device))[0]
-    return aug, model
+    w, h = BIG
+    big = (torch.zeros(h, w, 3, dtype=torch.uint8), sample_params(cfg, h, w), items[0][2])
+    two = collate_decoded([*items, big], cfg)
+    assert len(two["canvases"]) == 2, [c.shape for c in two["canvases"]]
+    aug_two = count_aten_ops(lambda: device_multicrop(two, cfg, device))[0]
+    return aug, aug_two, model
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -319,9 +350,12 @@ def main(argv: list[str] | None = None) -> dict:
         ]
     if ops:
         print(
-            f"\naten ops per batch (top-level): augmentation {ops[0]}, ViT-S/16 student forward {ops[1]}"
+            f"\naten ops per batch (top-level): augmentation {ops[0]} (one canvas), {ops[1]} (two"
+            f" canvases: an outlier); ViT-S/16 student forward {ops[2]}"
         )
-        result["aten_ops"] = {"augmentation": ops[0], "student_forward": ops[1]}
+        result["aten_ops"] = dict(
+            zip(("augmentation", "augmentation_2_canvases", "student_forward"), ops)
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result

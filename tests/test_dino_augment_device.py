@@ -384,11 +384,74 @@ def test_portrait_images_lie_transposed_on_a_landscape_canvas():
     land = (torch.zeros(60, 80, 3, dtype=torch.uint8), p, torch.ones(2, dtype=torch.float64))
     port = (torch.zeros(80, 60, 3, dtype=torch.uint8), p, torch.ones(2, dtype=torch.float64))
     batch = collate_decoded([land, port], cfg)
-    assert tuple(batch["canvas"].shape) == (2, 60, 80, 3)
+    assert [tuple(c.shape) for c in batch["canvases"]] == [(2, 60, 80, 3)]
     plan = batch["plan"]
     torch.testing.assert_close(plan[1, :, dev_aug.P_Y0], plan[0, :, dev_aug.P_X0])
     torch.testing.assert_close(plan[1, :, dev_aug.P_XLEN], plan[0, :, dev_aug.P_YLEN])
     assert plan[:, :, dev_aug.P_TRANS].tolist() == [[0.0] * 3, [1.0] * 3]
+
+
+def _padded(hw, groups):
+    return sum(len(g) * max(hw[k][0] for k in g) * max(hw[k][1] for k in g) for g in groups)
+
+
+def test_canvas_groups_is_the_least_padding_of_every_split():
+    """canvas_groups against a brute force over every split of the (w, h)-sorted images into
+    1-3 contiguous canvases, with the same per-canvas penalty; each image in exactly one."""
+    import itertools
+
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        n = int(rng.integers(1, 9))
+        hw = [tuple(sorted(map(int, rng.integers(10, 200, size=2)))) for _ in range(n)]
+        if trial % 3 == 0:
+            hw[int(rng.integers(n))] = (900, 1200)  # an outlier
+        groups = dev_aug.canvas_groups(hw, max_groups=3)
+        assert sorted(k for g in groups for k in g) == list(range(n))
+        order = sorted(range(n), key=lambda k: (hw[k][1], hw[k][0], k))
+        penalty = dev_aug.CANVAS_SAVING * sum(h * w for h, w in hw)
+        best = min(
+            _padded(hw, [order[i:j] for i, j in zip((0, *cuts), (*cuts, n))]) + penalty * len(cuts)
+            for m in range(min(3, n))
+            for cuts in itertools.combinations(range(1, n), m)
+        )
+        assert _padded(hw, groups) + penalty * (len(groups) - 1) == pytest.approx(best)
+    hw = [(375, 500)] * 63 + [(1125, 1500)]  # one outlier: a canvas of its own
+    assert sorted(map(len, dev_aug.canvas_groups(hw))) == [1, 63]
+    assert dev_aug.canvas_groups([(375, 500)] * 8) == [list(range(8))]  # equal sizes: one
+    assert len(dev_aug.canvas_groups(hw, max_groups=1)) == 1
+
+
+@pytest.mark.parametrize("max_canvases", [2, 1])
+def test_an_outlier_gets_its_own_canvas_and_changes_no_crop(monkeypatch, max_canvases):
+    """A 4x larger image lies on a canvas of its own (or, with one canvas allowed, pads the
+    others); either way each sample's crops equal those it gets alone, in batch order."""
+    monkeypatch.setattr(dev_aug, "MAX_CANVASES", max_canvases)
+    cfg = AugConfig(global_size=16, local_size=8, n_local=2)
+    sizes = [(40, 30), (160, 120), (30, 40), (40, 30)]  # (w, h); sample 1 is the outlier
+    items = []
+    for k, (w, h) in enumerate(sizes):
+        _seeded(k)
+        pixels = torch.from_numpy(np.array(_smooth(w, h, seed=k)))
+        items.append((pixels, sample_params(cfg, h, w), torch.ones(2, dtype=torch.float64)))
+    batch = collate_decoded(items, cfg)
+    if max_canvases == 1:
+        assert [tuple(c.shape[:3]) for c in batch["canvases"]] == [(4, 120, 160)]
+        assert "order" not in batch  # batch order on the canvas
+    else:
+        assert [tuple(c.shape[:3]) for c in batch["canvases"]] == [(3, 30, 40), (1, 120, 160)]
+        assert batch["order"].tolist() == [0, 2, 3, 1]
+        assert batch["order"][batch["inverse"]].tolist() == [0, 1, 2, 3]
+    together = device_multicrop(batch, cfg, "cpu")
+    # the taps sized by the longest crop side give the crops of taps sized by the canvas
+    assert 0 < batch["window"][1] < batch["window"][0] <= 160
+    unsized = device_multicrop({**batch, "window": (0.0, 0.0)}, cfg, "cpu")
+    for x, y in zip(together, unsized):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    for k, item in enumerate(items):
+        alone = device_multicrop(collate_decoded([item], cfg), cfg, "cpu")
+        for x, y in zip(together, alone):
+            torch.testing.assert_close(x[k], y[0], atol=1e-5, rtol=0)
 
 
 def test_decode_max_side_caps_big_images_and_stays_close(tmp_path):
@@ -435,6 +498,7 @@ def test_decode_on_device_matches_the_worker_decode(tmp_path):
     enc = collate_decoded([device[(0, i)] for i in range(4)], cfg)
     assert [t.dim() for t in enc["encoded"]] == [1, 1, 3, 1]  # the PNG comes decoded
     assert enc["hw"] == [(48, 64), (56, 40), (40, 50), (67, 100)]
+    assert enc["groups"] == [[0, 1, 2], [3]]  # the larger decode on a canvas of its own
     a = device_multicrop(collate_decoded([worker[(0, i)] for i in range(4)], cfg), cfg, "cpu")
     b = device_multicrop(enc, cfg, "cpu")
     for x, y in zip(a, b):
@@ -443,20 +507,21 @@ def test_decode_on_device_matches_the_worker_decode(tmp_path):
 
 def test_augmentation_op_count_is_at_most_the_model_forwards():
     """Launch-bound no more: the aten ops one batch of crops costs (top-level, as the profiler
-    lists them; independent of the batch and image sizes) are no more than the ViT-S/16
-    student's forward on those crops (382 vs 430 when written; the residual-free variant, whose
-    forward has the fewest ops)."""
+    lists them; independent of the batch and image sizes, but each canvas adds its resampling)
+    are no more than the ViT-S/16 student's forward on those crops (427 with two canvases vs 430
+    when written; the residual-free variant, whose forward has the fewest ops)."""
     from dino_skipless.dino.opcount import count_aten_ops
     from dino_skipless.dino.trainer import build_student_teacher
 
     cfg = AugConfig(global_size=32, local_size=16, n_local=8)  # the paper's 2 + 8 views
     items = []
-    for seed in range(4):
+    for seed, (w, h) in enumerate([(50, 40)] * 3 + [(200, 160)]):  # an outlier: the worst case
         _seeded(seed)
-        items.append(_one_batch(_smooth(50, 40, seed=seed), sample_params(cfg, 40, 50)))
+        items.append(_one_batch(_smooth(w, h, seed=seed), sample_params(cfg, h, w)))
     batch = collate_decoded(
-        [(im["canvas"][0], im["params"][0], im["scale"][0]) for im in items], cfg
+        [(im["canvases"][0][0], im["params"][0], im["scale"][0]) for im in items], cfg
     )
+    assert len(batch["canvases"]) == dev_aug.MAX_CANVASES  # each canvas adds its own ops
     crops = device_multicrop(batch, cfg, "cpu")
     # ViT-S/16's graph (12 blocks, patch 16, the 3-layer head) at a width that builds in a blink
     shape = {"model.arch": "vit_mini", "model.depth": 12, "model.patch_size": 16}

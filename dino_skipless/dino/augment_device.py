@@ -21,12 +21,16 @@ GPU needs ~150-250 loader cores. Here the work is split in two:
   then ColorJitter in each view's sampled order as masked batched ops (see ``_jitter``),
   grayscale, a Gaussian blur with per-view sigma as one grouped convolution, solarisation at 128
   and normalisation. No op depends on a per-sample loop, so the op count per batch is fixed
-  (``scripts/bench_loader.py`` prints it next to the model forward's).
+  for a given number of canvases (``scripts/bench_loader.py`` prints it next to the model
+  forward's).
 
-Cost and memory scale with the canvas and the crops, not with outliers: ``data.decode_max_side``
-caps the decoded image (longer side, antialiased, before cropping), and portrait images are
-stored transposed on the canvas (their crops are transposed back), so a canvas of 4:3 and 3:4
-images is as large as one of 4:3 images.
+Cost and memory follow each image's own pixels and the crops, not the batch's largest image: the
+resampling's cost grows with the canvas the images are padded to, so ``collate_decoded`` puts an
+outsized image on a canvas of its own (``canvas_groups``: at most ``MAX_CANVASES``, chosen for the
+least padding; a batch of 63 500 x 375 images and one 1500 x 1125 costs 1.1x the plain batch
+instead of 9x). Portrait images are stored transposed on the canvas (their crops are transposed
+back), so a canvas of 4:3 and 3:4 images is as large as one of 4:3 images. ``data.
+decode_max_side`` also caps the decoded image (longer side, antialiased, before cropping).
 
 Why own torch code rather than a library: Kornia's ``augmentation`` module samples its own
 parameters on the device (so crops would no longer equal the CPU path's or be reproducible from
@@ -309,7 +313,8 @@ N_PASSES, HUE_AFTER = 6, 3
 P_A, P_B, P_C = slice(7, 13), slice(13, 19), slice(19, 25)
 P_HUE_ON, P_HUE, P_GRAY, P_BLUR, P_SOLAR = 25, 26, 27, 28, 29
 P_KERNEL = 30  # the view's Gaussian taps (2 blur_half + 1 columns; a delta when not blurred)
-C_GRAY, C_MEAN, C_STD, C_HSV = slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 12)
+# normalisation (x - mean) / std as x * C_SCALE + C_SHIFT: one addcmul per crop size
+C_GRAY, C_SHIFT, C_SCALE, C_HSV = slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 12)
 HSV_OFFSETS = (5.0, 3.0, 1.0)
 
 
@@ -381,45 +386,109 @@ def plan_rows(
 def batch_consts(cfg: AugConfig) -> torch.Tensor:
     """The constants the device ops need, shipped with each batch (no tensor is created on the
     device during a step)."""
-    return torch.tensor([*GRAY_WEIGHTS, *cfg.mean, *cfg.std, *HSV_OFFSETS], dtype=torch.float32)
+    shift = [-m / s for m, s in zip(cfg.mean, cfg.std)]
+    scale = [1.0 / s for s in cfg.std]
+    return torch.tensor([*GRAY_WEIGHTS, *shift, *scale, *HSV_OFFSETS], dtype=torch.float32)
+
+
+# A second canvas must save this share of the batch's pixels to be worth its ~40 extra aten ops;
+# with two at most, the augmentation still dispatches fewer ops than the model forward.
+CANVAS_SAVING = 0.1
+MAX_CANVASES = 2
+
+
+def canvas_groups(hw: list[tuple[int, int]], max_groups: int = MAX_CANVASES) -> list[list[int]]:
+    """Split a batch's images (``(h, w)`` as they lie on the canvas, ``h <= w``) into at most
+    ``max_groups`` canvases so that the padded pixels ``sum n_g x max h_g x max w_g`` plus
+    ``CANVAS_SAVING`` x (the batch's pixels) per further canvas is least.
+
+    One 1500 x 1125 image among 500 x 375 ones would otherwise pad all of them to its size (and
+    the resampling's cost grows with the padded canvas, ~9x): in a canvas of its own it costs
+    its own pixels. The search is exact over contiguous runs of the images sorted by (w, h), a
+    dynamic programme of ``max_groups x B`` numpy steps. Groups are lists of batch indices, in
+    that sorted order."""
+    n = len(hw)
+    order = sorted(range(n), key=lambda k: (hw[k][1], hw[k][0], k))
+    h = np.array([hw[k][0] for k in order], dtype=np.float64)
+    w = np.array([hw[k][1] for k in order], dtype=np.float64)
+    penalty = CANVAS_SAVING * float((h * w).sum())
+    # cost[i, j]: images i..j on one canvas (j >= i); sorted by w, so max w is w[j]
+    cost = np.full((n, n), np.inf)
+    for j in range(n):
+        tallest = np.maximum.accumulate(h[j::-1])[::-1]  # max h over i..j, for i = 0..j
+        cost[: j + 1, j] = np.arange(j + 1, 0, -1) * tallest * w[j]
+    best = cost[0].copy()  # best[j]: images 0..j on k canvases
+    cuts = [np.zeros(n, dtype=np.int64)]
+    totals = [best[-1]]
+    for _ in range(1, min(max_groups, n)):
+        # start the last canvas at i (1..j): the best of images 0..i-1 on one canvas fewer
+        cand = best[:-1, None] + cost[1:, :]  # (i - 1, j)
+        cut = np.argmin(cand, axis=0) + 1
+        best = np.concatenate([[np.inf], cand[cut[1:] - 1, np.arange(1, n)]])
+        cuts.append(np.concatenate([[0], cut[1:]]))
+        totals.append(best[-1])
+    k = int(np.argmin([t + penalty * i for i, t in enumerate(totals)]))
+    bounds, j = [], n - 1
+    for level in range(k, -1, -1):
+        i = int(cuts[level][j]) if level else 0
+        bounds.append((i, j))
+        j = i - 1
+    return [[order[t] for t in range(i, j + 1)] for i, j in reversed(bounds)]
 
 
 def collate_decoded(batch: list, cfg: AugConfig | None = None) -> dict:
-    """A batch for ``device_multicrop``: the uint8 images on one ``(B, H, W, 3)`` canvas (top-left
-    aligned, portraits transposed, the padding gets zero resampling weight) or, for encoded
-    JPEGs, the list to decode on the device; the ``(B, n_views, N_PLAN)`` plan; with ``cfg``, the
-    constants of ``batch_consts`` (the trainer's loader passes it: otherwise ``device_multicrop``
-    copies them from pageable memory, a host sync on CUDA). ``params`` and ``scale`` stay on the
-    CPU for inspection."""
+    """A batch for ``device_multicrop``: the uint8 images on ``(B_g, H_g, W_g, 3)`` canvases, one
+    per group of ``canvas_groups`` (top-left aligned, portraits transposed, the padding gets
+    zero resampling weight) or, for encoded JPEGs, the list to decode on the device; the
+    ``(B, n_views, N_PLAN)`` plan, its rows in canvas order; with more than one canvas,
+    ``order`` (the batch index of each canvas slot) and ``inverse`` (its inverse permutation,
+    which puts the crops back in batch order); with ``cfg``, the constants of ``batch_consts``
+    (the trainer's loader passes it: otherwise ``device_multicrop`` copies them from pageable
+    memory, a host sync on CUDA). ``params`` and ``scale`` stay on the CPU, in batch order, for
+    inspection."""
     images, params, scales = zip(*[b[:3] for b in batch])
     half = blur_half(cfg or AugConfig())
     hw = [tuple(im["hw"]) if isinstance(im, dict) else tuple(im.shape[:2]) for im in images]
     trans = [h > w for h, w in hw]
     plan = torch.stack([plan_rows(p, s, t, half) for p, s, t in zip(params, scales, trans)])
-    height = max(min(h, w) for h, w in hw)
-    width = max(max(h, w) for h, w in hw)
+    groups = canvas_groups([(min(h, w), max(h, w)) for h, w in hw], MAX_CANVASES)
+    groups = [sorted(g) for g in groups]  # one canvas: the batch order, nothing to undo
+    shapes = [(max(min(hw[k]) for k in g), max(max(hw[k]) for k in g)) for g in groups]
     out = {
-        "plan": plan,
         **({"consts": batch_consts(cfg)} if cfg is not None else {}),
         "params": torch.stack(params),
         "scale": torch.stack(scales),
     }
+    if len(groups) > 1:
+        order = torch.tensor([k for g in groups for k in g], dtype=torch.int64)
+        out.update(order=order, inverse=torch.argsort(order))
+        plan = plan[order]
+    out["plan"] = plan
+    # the longest crop side of the global and the local views (host numbers: they size the
+    # resampling taps, which an outsized canvas would otherwise inflate for every view)
+    out["window"] = tuple(
+        float(plan[:, sl, P_YLEN : P_XLEN + 1].max()) if plan[:, sl].numel() else 0.0
+        for sl in (slice(0, 2), slice(2, None))
+    )
     if any(isinstance(im, dict) for im in images):
         out["encoded"] = [im["jpeg"] if isinstance(im, dict) else im for im in images]
-        out["hw"], out["canvas_hw"] = hw, (height, width)
+        out["hw"], out["groups"], out["canvas_hw"] = hw, groups, shapes
         return out
-    canvas = torch.zeros(len(images), height, width, 3, dtype=torch.uint8)
-    for k, (im, t) in enumerate(zip(images, trans)):
-        im = im.transpose(0, 1) if t else im
-        canvas[k, : im.shape[0], : im.shape[1]] = im
-    out["canvas"] = canvas
+    canvases = []
+    for g, (height, width) in zip(groups, shapes):
+        canvas = torch.zeros(len(g), height, width, 3, dtype=torch.uint8)
+        for slot, k in enumerate(g):
+            im = images[k].transpose(0, 1) if trans[k] else images[k]
+            canvas[slot, : im.shape[0], : im.shape[1]] = im
+        canvases.append(canvas)
+    out["canvases"] = canvases
     return out
 
 
-def _decode_canvas(batch: dict, device: torch.device) -> torch.Tensor:
+def _decode_canvases(batch: dict, device: torch.device) -> list[torch.Tensor]:
     """``data.decode_on: device``: decode the batch's JPEGs with ``torchvision.io.decode_jpeg``
     on ``device`` (nvJPEG on CUDA, in one batched call), shrink those above
-    ``data.decode_max_side`` (antialiased bicubic), lay them on the canvas."""
+    ``data.decode_max_side`` (antialiased bicubic), lay them on their group's canvas."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     items, hw = batch["encoded"], batch["hw"]
@@ -427,19 +496,24 @@ def _decode_canvas(batch: dict, device: torch.device) -> torch.Tensor:
     decoded = dict(
         zip(jpeg, decode_jpeg([items[k] for k in jpeg], mode=ImageReadMode.RGB, device=device))
     )
-    canvas = torch.zeros(len(items), *batch["canvas_hw"], 3, dtype=torch.uint8, device=device)
-    for k, (h, w) in enumerate(hw):
-        if k in decoded:
-            im = decoded[k]
-            if tuple(im.shape[1:]) != (h, w):
-                im = F.interpolate(im[None].float(), size=(h, w), mode="bicubic", antialias=True)
-                im = im[0].round_().clamp_(0, 255).to(torch.uint8)
-            im = im.permute(1, 2, 0)
-        else:
-            im = items[k].to(device, non_blocking=True)
-        im = im.transpose(0, 1) if h > w else im
-        canvas[k, : im.shape[0], : im.shape[1]] = im
-    return canvas
+    canvases = []
+    for group, shape in zip(batch["groups"], batch["canvas_hw"]):
+        canvas = torch.zeros(len(group), *shape, 3, dtype=torch.uint8, device=device)
+        for slot, k in enumerate(group):
+            h, w = hw[k]
+            if k in decoded:
+                im = decoded[k]
+                if tuple(im.shape[1:]) != (h, w):
+                    im = im[None].float()
+                    im = F.interpolate(im, size=(h, w), mode="bicubic", antialias=True)
+                    im = im[0].round_().clamp_(0, 255).to(torch.uint8)
+                im = im.permute(1, 2, 0)
+            else:
+                im = items[k].to(device, non_blocking=True)
+            im = im.transpose(0, 1) if h > w else im
+            canvas[slot, : im.shape[0], : im.shape[1]] = im
+        canvases.append(canvas)
+    return canvases
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,13 +521,62 @@ def _decode_canvas(batch: dict, device: torch.device) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _bicubic(x: torch.Tensor) -> torch.Tensor:
+def _bicubic_(x: torch.Tensor) -> torch.Tensor:
     """PIL's bicubic kernel (a = -0.5), Resample.c ``bicubic_filter``, for |x| <= 2 (PIL's 0
-    beyond: every tap ``resample_weights`` keeps lies within the support)."""
-    x = x.abs()
-    near = ((1.5 * x - 2.5) * x) * x + 1.0  # ((a + 2) x - (a + 3)) x^2 + 1
-    far = (((x - 5.0) * x + 8.0) * x - 4.0) * -0.5  # ((x - 5) x + 8) x - 4) a
+    beyond: every tap ``resample_taps`` keeps lies within the support). Overwrites ``x``: the
+    tap tensors are the resampling's largest temporaries."""
+    x = x.abs_()
+    near = (x * 1.5).sub_(2.5).mul_(x).mul_(x).add_(1.0)  # ((a + 2) x - (a + 3)) x^2 + 1
+    far = (x - 5.0).mul_(x).add_(8.0).mul_(x).sub_(4.0).mul_(-0.5)  # ((x - 5) x + 8) x - 4) a
     return torch.where(x < 1.0, near, far)
+
+
+def resample_taps(
+    start: torch.Tensor,
+    length: torch.Tensor,
+    out_size: int,
+    in_size: int,
+    flip: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, weight)``, each ``(N, out_size, taps)``: output pixel x of row n averages input
+    pixels ``index[n, x]`` of the interval ``[start, start + length)`` with ``weight[n, x]``, as
+    PIL's antialiased bicubic ``resize`` of that crop (Resample.c ``precompute_coeffs``: support
+    2 x max(scale, 1), window rounded and clipped to the crop); ``flip`` (bool (N,)) reverses
+    the output pixels. ``in_size`` bounds the crops' lengths: ``taps = 4 ceil(in / out) + 3``.
+
+    Taps past a window carry weight 0 and index the window's last pixel, so every index lies
+    inside the crop box (and so on the image).
+    float64 for the ``(N, out)`` window bounds, which must round exactly as PIL's doubles;
+    float32 for the ``(N, out, taps)`` tensors, which dominate the memory (an outsized image
+    raises ``taps`` for every view of its group)."""
+    start, length = (
+        t[:, None] if t.dtype == torch.float64 else t.double()[:, None] for t in (start, length)
+    )
+    scale = length / out_size
+    fscale = scale.clamp(min=1.0)
+    x = torch.arange(0.5, out_size, dtype=torch.float64, device=start.device)
+    if flip is not None:
+        x = torch.where(flip[:, None], out_size - x, x)  # output pixel out - 1 - x
+    centre = start + x * scale
+    support = 2.0 * fscale  # PIL's order of operations: the bounds round as its doubles
+    lo = torch.floor(centre - support + 0.5).maximum(start.round())
+    hi = torch.floor(centre + support + 0.5).minimum((start + length).round())
+    taps = 4 * math.ceil(max(in_size / out_size, 1.0)) + 3
+    k = torch.arange(taps, dtype=torch.float32, device=start.device)
+    # tap k is input pixel lo + k, at (lo + k - (centre - 0.5)) / fscale from the centre
+    first = ((lo - (centre - 0.5)) / fscale).float()[..., None]
+    w = _bicubic_(torch.addcmul(first, k, fscale.reciprocal().float()[..., None]))
+    count = (hi - lo).float()[..., None]  # taps in the window
+    w.mul_(k < count)
+    # taps past the window (weight 0) index its last pixel: every index lies in the crop
+    index = torch.minimum(k, count - 1.0).add_(lo.float()[..., None]).long()
+    return index, w.div_(w.sum(-1, keepdim=True))
+
+
+def dense_weights(index: torch.Tensor, weight: torch.Tensor, in_size: int) -> torch.Tensor:
+    """``(N, out, in_size)`` matrices from ``resample_taps``' ``(N, out, taps)`` (only the taps
+    are computed: no ``(N, out, in)`` temporaries)."""
+    return weight.new_zeros(*weight.shape[:2], in_size).scatter_add_(2, index, weight)
 
 
 def resample_weights(
@@ -463,32 +586,8 @@ def resample_weights(
     in_size: int,
     flip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(N, out_size, in_size)`` float32: row x averages the input interval ``[start, start +
-    length)`` onto output pixel x as PIL's antialiased bicubic ``resize`` of that crop
-    (Resample.c ``precompute_coeffs``: support 2 x max(scale, 1), window rounded and clipped to
-    the crop); ``flip`` (bool (N,)) reverses the output pixels.
-
-    Only each row's taps are computed, ``(N, out, taps)`` with ``taps <= 4 in / out + 3``, and
-    scattered into the dense matrix (no ``(N, out, in)`` temporaries; float64 only for the
-    ``(N, out)`` window bounds, which must round exactly as PIL's doubles)."""
-    start, length = start.double()[:, None], length.double()[:, None]
-    scale = length / out_size
-    fscale = scale.clamp(min=1.0)
-    x = torch.arange(out_size, dtype=torch.float64, device=start.device) + 0.5
-    if flip is not None:
-        x = torch.where(flip[:, None], out_size - x, x)  # output pixel out - 1 - x
-    centre = start + x * scale
-    support = 2.0 * fscale  # PIL's order of operations: the bounds round as its doubles
-    lo = torch.floor(centre - support + 0.5).maximum(start.round())
-    hi = torch.floor(centre + support + 0.5).minimum((start + length).round())
-    taps = 4 * math.ceil(max(in_size / out_size, 1.0)) + 3
-    u = lo[..., None] + torch.arange(taps, dtype=torch.float64, device=start.device)
-    w = _bicubic(((u - (centre - 0.5)[..., None]) / fscale[..., None]).float())
-    w = w * (u < hi[..., None])
-    w = w / w.sum(-1, keepdim=True)
-    dense = torch.zeros(len(start), out_size, in_size, device=start.device)
-    # taps past the window carry weight 0: adding them at a clamped index changes nothing
-    return dense.scatter_add_(2, u.clamp(max=in_size - 1).long(), w)
+    """``(N, out_size, in_size)`` float32 resampling matrices of ``resample_taps``."""
+    return dense_weights(*resample_taps(start, length, out_size, in_size, flip), in_size)
 
 
 def rgb_to_grayscale(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -606,21 +705,39 @@ def photometric(x: torch.Tensor, p: torch.Tensor, cfg: AugConfig) -> torch.Tenso
     return photometric_plan(x, plan.to(x.device), batch_consts(cfg).to(x.device))
 
 
-def resized_crops(canvas: torch.Tensor, plan: torch.Tensor, size: int) -> torch.Tensor:
-    """``(V, B, 3, size, size)`` crops + flips from the float ``(B, H, W, 3)`` canvas (values in
-    0-255) for the ``(B, V, width)`` plan: per sample one matmul with all its views' row
-    weights, then one batched matmul per view with its column weights."""
+def resized_crops(
+    canvases: list[torch.Tensor], plan: torch.Tensor, size: int, window: float = 0.0
+) -> torch.Tensor:
+    """``(V, B, 3, size, size)`` crops + flips from the float ``(B_g, H_g, W_g, 3)`` canvases
+    (values in 0-255, ``sum B_g = B``, in plan order) for the ``(B, V, width)`` plan;
+    ``window``: the plan's longest crop side if known (else the canvases' longest side).
+
+    The taps of every view are computed once; then per canvas one matmul per sample with all
+    its views' row weights and one batched matmul per view with its column weights, each over
+    that canvas's own size."""
     b, v = plan.shape[:2]
-    _, hh, ww, _ = canvas.shape
     n = b * v
-    # sample-major (the row pass runs per image); rows then columns of every view
-    start, length, flip = (
-        plan[:, :, P_Y0 : P_FLIPX + 1].reshape(n, 3, 2).permute(1, 2, 0).reshape(3, 2 * n)
+    # sample-major rows then columns of every view: (2, b, v, size, taps)
+    start, length, flip = (  # float64 once: the window bounds round as PIL's doubles
+        plan[:, :, P_Y0 : P_FLIPX + 1].double().reshape(n, 3, 2).permute(1, 2, 0).reshape(3, 2 * n)
     )
-    w = resample_weights(start, length, size, max(hh, ww), flip > 0.5)
-    wy = (w[:n, :, :hh] / 255.0).reshape(b, v * size, hh)
-    rows = torch.bmm(wy, canvas.view(b, hh, ww * 3)).view(b, v, size, ww, 3)
-    out = torch.einsum("bvswc,bvpw->vbcsp", rows, w[n:, :, :ww].reshape(b, v, size, ww))
+    longest = window or max(max(c.shape[1:3]) for c in canvases)
+    index, weight = resample_taps(start, length, size, longest, flip > 0.5)
+    weight[:n].div_(255.0)  # the row pass maps 0-255 to 0-1
+    iy, ix = index.view(2, b, v * size, -1).unbind(0)
+    wy, wx = weight.view(2, b, v * size, -1).unbind(0)
+    if len(canvases) > 1:
+        counts = [c.shape[0] for c in canvases]
+        iy, ix, wy, wx = (t.split(counts) for t in (iy, ix, wy, wx))
+    else:
+        iy, ix, wy, wx = [iy], [ix], [wy], [wx]
+    parts = []
+    for canvas, *taps in zip(canvases, iy, ix, wy, wx):
+        bk, hh, ww, _ = canvas.shape
+        rows = torch.bmm(dense_weights(taps[0], taps[2], hh), canvas.view(bk, hh, ww * 3))
+        cols = dense_weights(taps[1], taps[3], ww).view(bk, v, size, ww)
+        parts.append(torch.einsum("bvswc,bvpw->vbcsp", rows.view(bk, v, size, ww, 3), cols))
+    out = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
     trans = plan[:, :, P_TRANS].t().reshape(v, b, 1, 1, 1) > 0.5
     return torch.where(trans, out.transpose(-1, -2), out).clamp_(0.0, 1.0)
 
@@ -629,26 +746,35 @@ def device_multicrop(batch: dict, cfg: AugConfig, device: torch.device | str) ->
     """``[global1, global2, local_1..local_n]``, each ``(B, 3, s, s)`` float32 normalised on
     ``device``, from a ``collate_decoded`` batch (what ``MultiCropAugmentation`` + the default
     collate give on the CPU path). Host-to-device copies only, and non-blocking: the loader's
-    ``pin_memory`` pins the batch."""
+    ``pin_memory`` pins the batch.
+
+    Each canvas is resampled on its own (so the cost follows each image's pixels, not the
+    largest's); the crops of every canvas then go through one photometric pass in canvas order
+    and are put back in batch order by ``inverse``."""
     device = torch.device(device)
     if "encoded" in batch:
-        canvas = _decode_canvas(batch, device)
+        canvases = _decode_canvases(batch, device)
     else:
-        canvas = batch["canvas"].to(device, non_blocking=True)
+        canvases = [c.to(device, non_blocking=True) for c in batch["canvases"]]
     plan = batch["plan"].to(device, non_blocking=True)
+    regroup = "inverse" in batch  # known on the host: no device value is read
+    if regroup:
+        inverse = batch["inverse"].to(device, non_blocking=True)
     consts = batch["consts"] if "consts" in batch else batch_consts(cfg)
     consts = consts.to(device, non_blocking=True)
-    canvas = canvas.float()
-    mean, std = consts[C_MEAN].view(1, 3, 1, 1), consts[C_STD].view(1, 3, 1, 1)
+    canvases = [c.float() for c in canvases]
+    shift, scale = consts[C_SHIFT].view(1, 3, 1, 1), consts[C_SCALE].view(1, 3, 1, 1)
     b = plan.shape[0]
     out: list[torch.Tensor] = []
     groups = [(cfg.global_size, 0, 2), (cfg.local_size, 2, 2 + int(cfg.n_local))]
-    for size, first, last in groups:
+    windows = batch.get("window", (0.0, 0.0))
+    for (size, first, last), window in zip(groups, windows):
         if last <= first:
             continue
         v = last - first
         group = plan[:, first:last]
-        x = resized_crops(canvas, group, size).reshape(v * b, 3, size, size)
+        x = resized_crops(canvases, group, size, window).reshape(v * b, 3, size, size)
         x = photometric_plan(x, group.transpose(0, 1).reshape(v * b, -1), consts)  # view-major
-        out.extend(((x - mean) / std).view(v, b, 3, size, size).unbind(0))
+        x = torch.addcmul(shift, x, scale).view(v, b, 3, size, size)
+        out.extend((x.index_select(1, inverse) if regroup else x).unbind(0))
     return out

@@ -157,7 +157,8 @@ class DataConfig:
     augment_on: str = "auto"
     decode_draft: NonNegInt = 0  # device path: JPEG draft decode keeping sides >= N px (0 = off)
     # Device path: shrink a decoded image whose longer side exceeds N px to N (antialiased, crop
-    # boxes rescaled), so one outsized image cannot grow the batch's canvas (0 = off).
+    # boxes rescaled), bounding each image's decode, transfer and resampling (0 = off). An
+    # outsized image no longer pads the batch either way: it gets a canvas of its own.
     decode_max_side: NonNegInt = 0
     # Device path: "device" decodes JPEGs in the training process on run.device
     # (torchvision.io.decode_jpeg, nvJPEG on CUDA); "cpu": PIL in the loader workers.
