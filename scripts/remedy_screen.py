@@ -105,6 +105,16 @@ ARMS: dict[str, tuple[str, list[str], str]] = {
                    "pair + teacher T 0.01 (the remedy), 48 epochs, seed 1"),
     "dgp_t01_s4": ("skipless_init", [KO, SK, *T01, "run.seed=4", STOP],
                    "pair + teacher T 0.01 (the remedy), 48 epochs, seed 4"),
+    # which part of the remedy does the work: each half of the pair with the sharper teacher
+    "dgt01_sk_s0": ("skipless_init", [SK, *T01, "run.seed=0", STOP],
+                    "Sinkhorn-Knopp + teacher T 0.01 (no KoLeo), 48 epochs, seed 0"),
+    "dgt01_ko_s0": ("skipless_init", [KO, *T01, "run.seed=0", STOP],
+                    "KoLeo 0.1 + teacher T 0.01 (centring), 48 epochs, seed 0"),
+    # the other variant
+    "digits_published_skip": ("skip", [STOP], "published (centring, T 0.04), 48 epochs"),
+    **{f"dgp_t01_skip_s{s}": ("skip", [KO, SK, *T01, f"run.seed={s}", STOP],
+                              f"pair + teacher T 0.01 (the remedy), 48 epochs, seed {s}")
+       for s in range(3)},
 }  # fmt: skip
 KNN = "knn.jsonl"
 # arms that are training seeds of one recipe: summarised across seeds (seed -> arm)
@@ -114,6 +124,7 @@ SEED_GROUPS = {
         **{s: f"dgp_t02_s{s}" for s in range(1, 5)},
     },
     "pair + teacher T 0.01 (the remedy)": {s: f"dgp_t01_s{s}" for s in range(5)},
+    "pair + teacher T 0.01 (the remedy), skip": {s: f"dgp_t01_skip_s{s}" for s in range(3)},
 }
 
 
