@@ -110,6 +110,8 @@ ARMS: dict[str, tuple[str, list[str], str]] = {
                     "Sinkhorn-Knopp + teacher T 0.01 (no KoLeo), 48 epochs, seed 0"),
     "dgt01_ko_s0": ("skipless_init", [KO, *T01, "run.seed=0", STOP],
                     "KoLeo 0.1 + teacher T 0.01 (centring), 48 epochs, seed 0"),
+    "dgt01_c_s0": ("skipless_init", [*T01, "run.seed=0", STOP],
+                   "teacher T 0.01 alone (centring, no KoLeo), 48 epochs, seed 0"),
     # the other variant
     "digits_published_skip": ("skip", [STOP], "published (centring, T 0.04), 48 epochs"),
     **{f"dgp_t01_skip_s{s}": ("skip", [KO, SK, *T01, f"run.seed={s}", STOP],

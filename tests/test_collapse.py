@@ -64,8 +64,12 @@ def test_streak_logic_by_hand():
     m2 = CollapseMonitor(3, 0.1)
     m2.load_state_dict(state)
     assert m2.summary() == m.summary()
-    assert "DINO COLLAPSE" in m.message(6, 3.0, 3.01) and "uniform" in m.message(6, 3.0, 3.01)
-    assert "one-dimension" in m.message(6, 0.01, 0.02)
+    assert "DINO COLLAPSE" in m.message(6, 6.5, 6.51, 1024)
+    assert "uniform collapse, ~665 of 1024" in m.message(6, 6.5, 6.51, 1024)  # e^6.5 = 665
+    assert "one-dimension" in m.message(6, 0.01, 0.02, 1024)
+    # the same peaked target for every image (entropy 1.236, measured on digits at T 0.01) is
+    # neither uniform (ln 1024 = 6.93) nor one-dimensional: e^1.236 = 3.44 prototypes
+    assert "collapse onto ~3.4 of 1024 prototypes" in m.message(6, 1.236, 1.237, 1024)
 
 
 def test_message_names_the_remedy_as_overrides_that_exist():
@@ -73,7 +77,7 @@ def test_message_names_the_remedy_as_overrides_that_exist():
     override of the pretraining config (a renamed key would otherwise advise nothing)."""
     import re
 
-    msg = CollapseMonitor(3, 0.1).message(6, 3.0, 3.01)
+    msg = CollapseMonitor(3, 0.1).message(6, 3.0, 3.01, 1024)
     overrides = dict(kv.split("=", 1) for kv in re.findall(r"\b(dino\.[a-z_]+=[\w.]+)", msg))
     assert overrides == {"dino.koleo_weight": "0.1", "dino.centering": "sinkhorn_knopp",
                          "dino.teacher_temp": "0.01", "dino.warmup_teacher_temp": "0.01"}  # fmt: skip
@@ -111,6 +115,7 @@ def test_collapsing_run_warns_in_log_summary_and_records(tmp_path, image_dir, ca
     log_txt = (tmp_path / "c" / "log.txt").read_text()
     assert "DINO COLLAPSE at step 2" in log_txt and "THIS RUN COLLAPSED" in log_txt
     assert "teacher_temp" in log_txt  # says what to try
+    assert "uniform collapse" in log_txt  # T = 10: flat over the head's out_dim prototypes
     recs = [json.loads(x) for x in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
     assert all(r["teacher_info"] < 0.05 for r in recs)
     assert [r["collapsed"] for r in recs][:4] == [False, False, True, True]

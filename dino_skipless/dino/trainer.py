@@ -351,7 +351,7 @@ def check_collapse(r: RunState, it: int, ent: tuple[float, float]) -> None:
         return
     if not r.collapse.update(it, *ent):
         return
-    msg = r.collapse.message(it, *ent)
+    msg = r.collapse.message(it, *ent, r.cfg.dino.out_dim)
     if r.cfg.run.on_collapse == "stop":
         msg += f" Stopping (run.on_collapse=stop). {_on_disk(r)}."
         raise CollapseError(msg)
