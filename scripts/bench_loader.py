@@ -24,8 +24,9 @@ size before the call (the peak reset at the fork, every tensor mmapped so that a
 the resident set); on CUDA ``torch.cuda.max_memory_allocated``.
 
 Launches (``--ops``, on by default): the aten ops one batch of augmentation dispatches
-(top-level, as the profiler lists them; independent of device and sizes) next to the ViT-S/16
-student forward on the same crops.
+(top-level, as the profiler lists them; independent of device and sizes, but one more canvas
+adds its resampling), on one canvas and on two (an outlier added), next to the ViT-S/16 student
+forward on the same crops.
 
     python scripts/bench_loader.py                       # CPU as the device
     python scripts/bench_loader.py --device cuda --json bench_loader.json
