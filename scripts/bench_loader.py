@@ -124,9 +124,12 @@ def _status_gib(key: str) -> float:
 
 def _reset_peak_rss() -> None:
     """A forked child inherits its parent's peak resident set: start it at the current one
-    (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    (Linux >= 4.0; elsewhere the peak may include the parent's, and says so)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as e:
+        print(f"warning: cannot reset the peak resident set ({e}); peaks may be too high")
 
 
 def _mmap_every_tensor() -> None:
